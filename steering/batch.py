@@ -1,0 +1,124 @@
+"""The running batch: a left-padded KV cache that rows join and leave at step boundaries.
+
+Contract: a `Batch` holds, for B rows, a transformers `DynamicCache` whose every layer has shape
+(B, heads, S, head_dim), an attention mask (B, S) with 0 on each row's left padding, the next position
+id of each row (B,), and the token each row feeds to its next decode step (B,). Left padding is zeros
+in the cache and 0 in the mask, so it never takes part in attention: a row's logits do not depend on
+the other rows (up to float rounding of differently shaped matmuls).
+
+- `Batch.prefill(...)` runs a left-padded prompt batch and returns the final hidden state at each
+  row's last prompt token; `Batch.decode(...)` feeds one token per row.
+- `merge` pads the shorter batch on the left and concatenates rows; `select` keeps rows; `trim` drops
+  leading columns that are padding in every row.
+- `without_last_column(rows)` copies the cache of some rows minus the current position: what a
+  recompute of the current position sees (used by gated LoRA).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+__all__ = ["Batch", "forward_hidden"]
+
+
+def forward_hidden(
+    model, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
+) -> torch.Tensor:
+    """Run the decoder (not the LM head); return the final hidden state of the last column. -> (B, d)."""
+    out = model.get_decoder()(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
+    )
+    return out.last_hidden_state[:, -1]
+
+
+def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+@dataclass
+class Batch:
+    cache: DynamicCache
+    mask: torch.Tensor  # (B, S) int64
+    positions: torch.Tensor  # (B,) next position id
+    tokens: torch.Tensor  # (B,) input of the next decode step
+    current: torch.Tensor  # (B,) token at the last column (the input of the last forward)
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[0]
+
+    @classmethod
+    def prefill(cls, model, prompts: list[list[int]], pad_id: int) -> tuple[Batch, torch.Tensor]:
+        """Left-pad and run prompts. Returns the batch (`tokens` to be set by the caller) and hidden (B, d)."""
+        device = model.device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, S)
+        cache = DynamicCache()
+        hidden = forward_hidden(model, ids, mask, positions, cache)
+        batch = cls(cache, mask, positions[:, -1] + 1, ids[:, -1].clone(), ids[:, -1].clone())
+        return batch, hidden
+
+    def decode(self, model) -> torch.Tensor:
+        """Feed `tokens` at `positions`; grow the cache and mask by one column. -> hidden (B, d)."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)
+        hidden = forward_hidden(model, self.tokens[:, None], self.mask, self.positions[:, None], self.cache)
+        self.positions = self.positions + 1
+        self.current = self.tokens
+        return hidden
+
+    def last_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token and position id of each row's current (last) column. -> (B,), (B,)."""
+        return self.current, self.positions - 1
+
+    def without_last_column(self, rows: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+        """Cache and mask of `rows`, minus the current column. -> cache, mask (R, S)."""
+        data = [(k[rows, :, :-1], v[rows, :, :-1]) for k, v in _kv(self.cache)]
+        return DynamicCache(ddp_cache_data=data), self.mask[rows]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (int64 indices, in the new order)."""
+        self.cache.batch_select_indices(rows)
+        self.mask, self.positions = self.mask[rows], self.positions[rows]
+        self.tokens, self.current = self.tokens[rows], self.current[rows]
+
+    def merge(self, other: Batch) -> None:
+        """Append the rows of `other` after ours, left-padding whichever is shorter."""
+        s1, s2 = self.mask.shape[1], other.mask.shape[1]
+        width = max(s1, s2)
+        data = []
+        for (k1, v1), (k2, v2) in zip(_kv(self.cache), _kv(other.cache), strict=True):
+            k = torch.cat([_pad_left(k1, width - s1, 2), _pad_left(k2, width - s2, 2)], dim=0)
+            v = torch.cat([_pad_left(v1, width - s1, 2), _pad_left(v2, width - s2, 2)], dim=0)
+            data.append((k, v))
+        self.cache = DynamicCache(ddp_cache_data=data)
+        self.mask = torch.cat([_pad_left(self.mask, width - s1, 1), _pad_left(other.mask, width - s2, 1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.current = torch.cat([self.current, other.current])
+
+    def trim(self) -> None:
+        """Drop leading columns that are padding in every row."""
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else self.mask.shape[1]
+        if start == 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+        self.mask = self.mask[:, start:]

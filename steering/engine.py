@@ -1,0 +1,278 @@
+"""The transformers decode engine: continuous batching with per-row sampling and gated correction.
+
+One `Engine.step()` runs one decode forward for the running rows, prefills the requests admitted at
+this step boundary (left-padded, then merged into the running batch), and for every row: computes the
+base logits from the final hidden state, the entropy gate, the correction where it applies, and samples
+one token. It returns the `TokenEvent`s produced. `submit` and `cancel` may be called from other threads.
+
+Per row, with h the final hidden state at the current position and `logits = W_U h` (float32):
+- mode `off`: the base distribution; the gate never fires.
+- mode `gated`: fires where H(softmax(logits)) > threshold; mode `always`: fires at every token.
+- `head` adapter, where fired: logits[c] += scale * W_U[c] (B A h) on the base top-k candidates c.
+  No extra forward pass; the KV cache is the base model's.
+- `lora` adapter, mode `always`: the row runs with the LoRA applied in every forward, prefill
+  included; its KV cache is the adapted model's (exactly PEFT's model with the adapter on).
+- `lora` adapter, mode `gated`: the row runs the base model, so its KV cache holds base keys and
+  values at every position, fired or not. Where the gate fires, only the current position is
+  recomputed with the LoRA on: its query, key and value come from the adapted layers, it attends to
+  the base cache of all earlier positions plus its own adapted key/value, and its logits replace the
+  base logits for sampling. That recomputation's key/value is then discarded: nothing adapted ever
+  enters the cache. So gated LoRA changes which token is chosen at fired positions and nothing else,
+  as the `head` adapter does; it is not the adapted model's distribution on an adapted prefix. The
+  trace's entropy and base token are the base model's. (With `always`, no base pass runs, so the
+  trace's entropy is the adapted model's.)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from .adapters import HeadAdapter, LoraAdapter
+from .batch import Batch, forward_hidden
+from .gate import entropy, topk_candidates
+from .lora import LoraRouter
+from .manifest import base_identity
+from .request import Completion, Request, TokenEvent
+from .rows import Row
+from .sampling import sample
+
+__all__ = ["Engine"]
+
+_UNSUPPORTED_CONFIG = ("final_logit_softcapping", "logits_scaling", "logit_scale")
+
+
+class Engine:
+    """Decode many requests together on one transformers causal LM."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, name: str | None = None):
+        for key in _UNSUPPORTED_CONFIG:
+            if getattr(model.config, key, None) not in (None, 1.0):
+                raise ValueError(f"models with {key} are not supported: their logits are not W_U h")
+        layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError("only full-attention models are supported (no sliding-window layers)")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_model_len = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        self.identity = base_identity(model, tokenizer, name)
+        self.lm_head = model.get_output_embeddings()
+        self.lora = LoraRouter(model)
+        self.adapters: dict[str, HeadAdapter | LoraAdapter] = {}
+        self.eos_ids = _eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad or 0)
+        self._lock = threading.Lock()
+        self._waiting: deque[Row] = deque()
+        self._cancelled: set[str] = set()
+        self._retired: set[str] = set()
+        self._rows: list[Row] = []
+        self._batch: Batch | None = None
+
+    # ---- adapters ------------------------------------------------------------------------------------
+    def add_adapter(self, adapter: HeadAdapter | LoraAdapter) -> None:
+        """Validate against this model and register under `adapter.name` (AdapterError if unfit)."""
+        adapter.validate(self.model, self.tokenizer)
+        with self._lock:
+            if adapter.name in self.adapters:
+                raise ValueError(f"an adapter named {adapter.name!r} is already loaded: remove it first")
+            if isinstance(adapter, LoraAdapter):
+                self.lora.add(adapter)
+            self.adapters[adapter.name] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister now; requests already using it finish with it, then its weights are released."""
+        with self._lock:
+            if name not in self.adapters:
+                raise KeyError(f"no adapter named {name!r} is loaded")
+            self._retired.add(name)
+            del self.adapters[name]
+        self._release_retired()
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> str:
+        """Queue a request; it joins the running batch at the next step. ValueError if it cannot run."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty: send at least one token")
+        if n + request.sampling.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({n} tokens) plus max_tokens ({request.sampling.max_tokens}) exceeds the model's "
+                f"context of {self.max_model_len} tokens: shorten the prompt or lower max_tokens"
+            )
+        with self._lock:
+            adapter = None
+            if request.steering.mode != "off" or request.steering.adapter:
+                adapter = self.adapters.get(request.steering.adapter or "")
+                if adapter is None:
+                    loaded = ", ".join(sorted(self.adapters)) or "none"
+                    raise ValueError(f"unknown adapter {request.steering.adapter!r}; loaded adapters: {loaded}")
+            self._waiting.append(Row(request, adapter, self.tokenizer))
+        return request.request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request at the next step boundary; its last event has finish_reason 'cancelled'."""
+        with self._lock:
+            self._cancelled.add(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._rows or self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ---- the step ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Advance every running request by one token and admit waiting ones. Returns the events."""
+        events = self._take_cancellations()
+        self._evict_finished()
+        if self._batch is not None:
+            with self.lora.route(self._lora_routes(self._rows)):
+                hidden = self._batch.decode(self.model)  # (B, d)
+            events += self._advance(self._rows, self._batch, hidden)
+        new = self._admit()
+        if new:
+            with self.lora.route(self._lora_routes(new)):
+                batch, hidden = Batch.prefill(self.model, [r.request.prompt_ids for r in new], self.pad_id)
+            events += self._advance(new, batch, hidden)
+            if self._batch is None:
+                self._batch = batch
+            else:
+                self._batch.merge(batch)
+            self._rows = self._rows + new
+        self._evict_finished()
+        return events
+
+    def _advance(self, rows: list[Row], batch: Batch, hidden: torch.Tensor) -> list[TokenEvent]:
+        logits = self.lm_head(hidden).float()  # (B, V) base (adapted for lora-always rows)
+        h = entropy(logits)  # (B,)
+        tau = torch.tensor([r.gate_tau for r in rows], device=h.device)  # (B,)
+        fired = h > tau  # (B,)
+        steered = self._steer(rows, batch, hidden, logits, fired.tolist())
+        tokens = sample(steered, [r.params for r in rows], [r.generator for r in rows])  # (B,)
+        batch.tokens = tokens
+        return [
+            r.record(tok, ent, f, base, logits[i], steered[i], self.eos_ids, self.max_model_len)
+            for i, (r, tok, ent, f, base) in enumerate(
+                zip(rows, tokens.tolist(), h.tolist(), fired.tolist(), logits.argmax(-1).tolist(), strict=True)
+            )
+        ]
+
+    def _steer(self, rows, batch: Batch, hidden, logits: torch.Tensor, fired: list[bool]) -> torch.Tensor:
+        """Apply each fired row's adapter. Returns `logits` itself when nothing needs changing."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, (row, f) in enumerate(zip(rows, fired, strict=True)):
+            if f and not row.lora_always:
+                groups.setdefault((row.adapter.name, row.cand_k), []).append(i)
+        if not groups:
+            return logits
+        out = logits.clone()
+        for (name, k), idx in groups.items():
+            adapter = rows[idx[0]].adapter
+            sel = torch.tensor(idx, device=logits.device)
+            if isinstance(adapter, HeadAdapter):
+                cand = topk_candidates(logits[sel], k)  # (n, k)
+                delta = adapter.delta(hidden[sel], cand, self.lm_head.weight)  # (n, k)
+                out[sel] = logits[sel].scatter_add(1, cand, delta)
+            else:
+                out[sel] = self._recompute_current(batch, sel, name)
+        return out
+
+    def _recompute_current(self, batch: Batch, sel: torch.Tensor, name: str) -> torch.Tensor:
+        """Logits of the current position of rows `sel` with LoRA `name` on, over the base cache."""
+        cache, mask = batch.without_last_column(sel)
+        current, position = batch.last_inputs()
+        with self.lora.route({name: torch.arange(len(sel), device=sel.device)}):
+            h = forward_hidden(self.model, current[sel, None], mask, position[sel, None], cache)
+        return self.lm_head(h).float()
+
+    def _lora_routes(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        routes: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            if r.lora_always:
+                routes.setdefault(r.adapter.name, []).append(i)
+        return {k: torch.tensor(v, device=self.model.device) for k, v in routes.items()}
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------
+    def _admit(self) -> list[Row]:
+        with self._lock:
+            room = self.max_batch_size - len(self._rows)
+            return [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+
+    def _take_cancellations(self) -> list[TokenEvent]:
+        with self._lock:
+            ids, self._cancelled = self._cancelled, set()
+            events = [r.cancel() for r in self._waiting if r.request_id in ids]
+            self._waiting = deque(r for r in self._waiting if r.request_id not in ids)
+        events += [r.cancel() for r in self._rows if r.request_id in ids and not r.finished]
+        return events
+
+    def _evict_finished(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if not r.finished]
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._batch = None
+        else:
+            self._batch.select(torch.tensor(keep, device=self.model.device))
+            self._batch.trim()
+        self._release_retired()
+
+    def _release_retired(self) -> None:
+        with self._lock:
+            in_use = {r.adapter.name for r in [*self._rows, *self._waiting] if r.adapter is not None}
+            for name in self._retired - in_use:
+                self.lora.remove(name)
+            self._retired &= in_use
+
+    # ---- conveniences ----------------------------------------------------------------------------------
+    def iter_events(self, requests: Iterable[Request]) -> Iterator[TokenEvent]:
+        """Submit `requests` and yield every event the engine produces (theirs and any other running
+        request's) as it is produced, until all of `requests` have finished."""
+        pending = {self.submit(r) for r in requests}
+        while pending:
+            for event in self.step():
+                if event.finished:
+                    pending.discard(event.request_id)
+                yield event
+
+    def generate(self, requests: Iterable[Request]) -> list[Completion]:
+        """Run `requests` to completion (beside whatever else is running); results in the order given."""
+        requests = list(requests)
+        parts: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
+        for event in self.iter_events(requests):
+            if event.request_id in parts:
+                parts[event.request_id].append(event)
+        return [_completion(rid, evs) for rid, evs in parts.items()]
+
+
+def _completion(request_id: str, events: list[TokenEvent]) -> Completion:
+    tokens = [e.token_id for e in events if e.token_id is not None]
+    return Completion(
+        request_id=request_id, token_ids=tokens, text="".join(e.text for e in events),
+        finish_reason=events[-1].finish_reason, report=events[-1].report,
+        logprobs=[e.logprob for e in events if e.logprob is not None],
+    )
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return frozenset(ids)

@@ -1,0 +1,44 @@
+"""Gate math: pure functions of the base model's logits at one position.
+
+Contract (DESIGN.md, "Words"):
+- `entropy(logits)` is the Shannon entropy in nats of softmax(logits) over the full vocabulary, per row,
+  computed in float32 whatever the input dtype. Masked logits (-inf) contribute exactly 0.
+- `gate_mask(h, tau)` is `h > tau`, elementwise. tau = +inf never fires; the comparison is strict, so a
+  row whose entropy equals tau does not fire.
+- `topk_candidates(logits, k)` are the indices of the k largest base logits per row (the candidate set c
+  on which a `head` adapter may move logits), ordered by decreasing logit.
+
+Shapes: logits (B, V); entropies and thresholds (B,); candidates (B, k).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["MODES", "entropy", "gate_mask", "topk_candidates"]
+
+MODES = ("off", "gated", "always")
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-row entropy H(softmax(logits)) in nats, float32. (B, V) -> (B,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
+    p = logp.exp()
+    # p * logp is 0 * -inf = nan where a logit is -inf: those terms are exactly 0.
+    plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=p.dtype, device=p.device))
+    return -plogp.sum(dim=-1)
+
+
+def gate_mask(h: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+    """Where the gate fires: `h > tau` (strict). h (B,), tau scalar or (B,) -> bool (B,)."""
+    if not torch.is_tensor(tau):
+        tau = torch.tensor(float(tau), dtype=torch.float32, device=h.device)
+    return h > tau.to(dtype=torch.float32, device=h.device)
+
+
+def topk_candidates(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest logits per row, by decreasing logit. (B, V) -> (B, k) int64."""
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    k = min(k, logits.shape[-1])
+    return torch.topk(logits.float(), k, dim=-1, sorted=True).indices

@@ -1,0 +1,93 @@
+"""One request's state inside the engine: its gate settings, generator, text stream and report.
+
+Contract: a `Row` is created at submit time from a validated request and its resolved adapter; it
+turns the engine's per-token outcome (token, entropy, fired, base argmax) into a `TokenEvent`, decides
+when the request finishes ("stop" on EOS, a stop token id or a stop string; "length" at max_tokens or
+the model's context), and keeps the `GateReport`. `gate_tau` folds the mode into one threshold:
++inf for off (never fires), the threshold for gated, -inf for always (fires at every token).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .adapters import HeadAdapter, LoraAdapter
+from .detok import TextStream
+from .request import GateReport, Request, TokenEvent, TraceEntry
+from .sampling import make_generator, top_logprobs
+
+__all__ = ["Row"]
+
+DEFAULT_TOP_K = 5
+
+
+class Row:
+    def __init__(self, request: Request, adapter: HeadAdapter | LoraAdapter | None, tokenizer: Any):
+        steering, self.request, self.adapter = request.steering, request, adapter
+        manifest = adapter.manifest if adapter is not None else None
+        tau = steering.threshold if steering.threshold is not None else (manifest.gate.tau if manifest else math.inf)
+        self.gate_tau = {"off": math.inf, "gated": float(tau), "always": -math.inf}[steering.mode]
+        self.cand_k = steering.top_k or (manifest.top_k if manifest else DEFAULT_TOP_K)
+        self.lora_always = isinstance(adapter, LoraAdapter) and steering.mode == "always"
+        self.generator = make_generator(request.sampling.seed)
+        self.stream = TextStream(tokenizer, request.sampling.stop)
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.report = GateReport(
+            adapter=adapter.name if adapter is not None else None,
+            mode=steering.mode,
+            threshold=float(tau) if steering.mode != "off" else None,
+            trace=[] if steering.trace else None,
+        )
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def params(self):
+        return self.request.sampling
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def record(
+        self, token: int, ent: float, fired: bool, base_token: int,
+        base_logits: torch.Tensor, steered_logits: torch.Tensor, eos_ids: frozenset[int], max_len: int,
+    ) -> TokenEvent:
+        """Account for one generated token and return its event (the last one carries the report)."""
+        sp = self.params
+        if self.report.trace is not None:
+            self.report.trace.append(TraceEntry(len(self.token_ids), ent, fired, base_token, token))
+        self.token_ids.append(token)
+        self.report.tokens += 1
+        self.report.gate_fired += int(fired)
+        logprob, top = self._logprobs(token, base_logits, steered_logits)
+        stop_token = (token in eos_ids and not sp.ignore_eos) or token in sp.stop_token_ids
+        text = "" if stop_token else self.stream.push(token)
+        if stop_token or self.stream.stopped:
+            self.finish_reason = "stop"
+        elif len(self.token_ids) >= sp.max_tokens or len(self.request.prompt_ids) + len(self.token_ids) >= max_len:
+            self.finish_reason = "length"
+        if self.finish_reason:
+            text += self.stream.finish()
+        return TokenEvent(
+            self.request_id, token, text, logprob, top, self.finish_reason,
+            self.report if self.finish_reason else None,
+        )
+
+    def cancel(self) -> TokenEvent:
+        self.finish_reason = "cancelled"
+        return TokenEvent(self.request_id, None, self.stream.finish(), finish_reason="cancelled", report=self.report)
+
+    def _logprobs(self, token: int, base: torch.Tensor, steered: torch.Tensor):
+        n = self.params.logprobs
+        if n is None:
+            return None, None
+        logits = base if self.params.logprobs_source == "base" else steered
+        chosen, values, indices = top_logprobs(logits[None], torch.tensor([token], device=logits.device), n)
+        return float(chosen[0]), list(zip(indices[0].tolist(), values[0].tolist(), strict=True))

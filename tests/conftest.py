@@ -1,0 +1,91 @@
+"""Shared fixtures: a tiny random Llama with a real (trained-in-code) byte-level BPE tokenizer.
+
+Nothing here touches a network: the tokenizer is trained on a few lines of text at fixture time and the
+model is randomly initialised with a fixed seed and a large init range, so that next-token entropies
+spread over roughly 1.4-4.2 nats and greedy text does not loop: the gate has something to decide.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "How many clips did Natalia sell altogether in April and May? The answer is \\boxed{72}.",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting.",
+    "Let x be the number of apples. Then 3x + 5 = 20, so x = 5. Solve step by step.",
+    "Überraschung: 東京 and émigré test multi-byte characters in the byte-level tokenizer.",
+]
+
+
+def make_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def make_model(tokenizer, seed: int = 0, layers: int = 2, hidden: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"],
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tokenizer):
+    return make_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def prompts(tokenizer):
+    texts = ["Natalia sold clips", "Solve step by step. 3x + 5 =", "How many", "Weng earns $12 an hour for"]
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def make_lora(model, tokenizer, directory, name: str = "tiny-lora", seed: int = 1, r: int = 4):
+    """Save a random PEFT LoRA (q/k/v/o) for `model` plus our adapter.json; return the PeftModel."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from reasonmaxxer.steering.manifest import GateSpec, Manifest, base_identity
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(copy.deepcopy(model), config).eval()
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(3.0)  # strong enough to change greedy tokens of the tiny model
+    peft_model.save_pretrained(str(directory))
+    Manifest(
+        kind="lora", name=name, base_model=base_identity(model, tokenizer), gate=GateSpec(tau=3.0),
+        params={"r": r, "lora_alpha": 2 * r},
+    ).save(directory)
+    return peft_model
+
+
+@pytest.fixture(scope="session")
+def lora_setup(tiny_model, tokenizer, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("lora")
+    return directory, make_lora(tiny_model, tokenizer, directory)
