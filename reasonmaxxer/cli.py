@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--trace", action="store_true", help="print every token's entropy and whether the gate fired")
     p.set_defaults(func=_generate)
+
+    from reasonmaxxer.training.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

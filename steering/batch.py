@@ -20,8 +20,78 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-__all__ = ["Batch", "forward_hidden"]
+__all__ = ["Batch", "GrowingLayer", "forward_hidden", "new_cache"]
+
+HEADROOM = 256  # columns allocated ahead, so that decode steps write in place instead of re-copying the cache
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values live in buffers with spare columns on the sequence axis.
+
+    `update` writes the new columns in place and returns views of the filled part, so a decode step
+    costs O(new tokens) instead of DynamicLayer's O(cache) `torch.cat`; the buffers grow by HEADROOM
+    columns when full. Assigning `keys`/`values` (as DynamicLayer's own methods do) stores the tensor
+    as the new buffer with no spare room.
+    """
+
+    def __init__(self) -> None:
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._n = 0
+        super().__init__()
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self._n]
+
+    @keys.setter
+    def keys(self, t: torch.Tensor | None) -> None:
+        self._k = t if t is not None and t.dim() == 4 else None
+        self._n = 0 if self._k is None else t.shape[2]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self._n]
+
+    @values.setter
+    def values(self, t: torch.Tensor | None) -> None:
+        self._v = t if t is not None and t.dim() == 4 else None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self._k, self._v, self._n = key_states.device, None, None, 0
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, end = self._n, self._n + key_states.shape[2]
+        if self._k is None or end > min(self._k.shape[2], self._v.shape[2]):
+            self._k, self._v = self._grow(self._k, key_states, end), self._grow(self._v, value_states, end)
+        self._k[:, :, n:end] = key_states
+        self._v[:, :, n:end] = value_states
+        self._n = end
+        return self.keys, self.values
+
+    def _grow(self, old: torch.Tensor | None, new: torch.Tensor, end: int) -> torch.Tensor:
+        b, h, _, d = new.shape
+        buf = new.new_empty((b, h, end + HEADROOM, d))
+        if old is not None and self._n:
+            buf[:, :, : self._n] = old[:, :, : self._n]
+        return buf
+
+
+def new_cache(data: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+    """A DynamicCache made of GrowingLayers, empty or holding `data` [(keys, values) per layer]."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowingLayer
+    for k, v in data or []:
+        layer = GrowingLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
+    return cache
 
 
 def forward_hidden(
@@ -70,7 +140,7 @@ class Batch:
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, S)
-        cache = DynamicCache()
+        cache = new_cache()
         hidden = forward_hidden(model, ids, mask, positions, cache)
         batch = cls(cache, mask, positions[:, -1] + 1, ids[:, -1].clone(), ids[:, -1].clone())
         return batch, hidden
@@ -90,7 +160,7 @@ class Batch:
     def without_last_column(self, rows: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
         """Cache and mask of `rows`, minus the current column. -> cache, mask (R, S)."""
         data = [(k[rows, :, :-1], v[rows, :, :-1]) for k, v in _kv(self.cache)]
-        return DynamicCache(ddp_cache_data=data), self.mask[rows]
+        return new_cache(data), self.mask[rows]
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (int64 indices, in the new order)."""
@@ -107,7 +177,7 @@ class Batch:
             k = torch.cat([_pad_left(k1, width - s1, 2), _pad_left(k2, width - s2, 2)], dim=0)
             v = torch.cat([_pad_left(v1, width - s1, 2), _pad_left(v2, width - s2, 2)], dim=0)
             data.append((k, v))
-        self.cache = DynamicCache(ddp_cache_data=data)
+        self.cache = new_cache(data)
         self.mask = torch.cat([_pad_left(self.mask, width - s1, 1), _pad_left(other.mask, width - s2, 1)])
         self.positions = torch.cat([self.positions, other.positions])
         self.tokens = torch.cat([self.tokens, other.tokens])

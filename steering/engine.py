@@ -111,7 +111,7 @@ class Engine:
                 if adapter is None:
                     loaded = ", ".join(sorted(self.adapters)) or "none"
                     raise ValueError(f"unknown adapter {request.steering.adapter!r}; loaded adapters: {loaded}")
-            self._waiting.append(Row(request, adapter, self.tokenizer))
+            self._waiting.append(Row(request, adapter, self.tokenizer, self.model.device))
         return request.request_id
 
     def cancel(self, request_id: str) -> None:
@@ -158,14 +158,16 @@ class Engine:
         logits = self.lm_head(hidden).float()  # (B, V) base (adapted for lora-always rows)
         h = entropy(logits)  # (B,)
         tau = torch.tensor([r.gate_tau for r in rows], device=h.device)  # (B,)
-        fired = h > tau  # (B,)
-        steered = self._steer(rows, batch, hidden, logits, fired.tolist())
-        tokens = sample(steered, [r.params for r in rows], [r.generator for r in rows])  # (B,)
+        fired = (h > tau).tolist()
+        base_top = logits.argmax(dim=-1)  # (B,)
+        steered = self._steer(rows, batch, hidden, logits, fired)
+        params, gens = [r.params for r in rows], [r.generator for r in rows]
+        tokens = sample(steered, params, gens, argmax=base_top if steered is logits else None)  # (B,)
         batch.tokens = tokens
         return [
-            r.record(tok, ent, f, base, logits[i], steered[i], self.eos_ids, self.max_model_len)
-            for i, (r, tok, ent, f, base) in enumerate(
-                zip(rows, tokens.tolist(), h.tolist(), fired.tolist(), logits.argmax(-1).tolist(), strict=True)
+            r.record(tok, ent, f, top, logits[i], steered[i], self.eos_ids, self.max_model_len)
+            for i, (r, tok, ent, f, top) in enumerate(
+                zip(rows, tokens.tolist(), h.tolist(), fired, base_top.tolist(), strict=True)
             )
         ]
 

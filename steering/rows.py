@@ -25,14 +25,16 @@ DEFAULT_TOP_K = 5
 
 
 class Row:
-    def __init__(self, request: Request, adapter: HeadAdapter | LoraAdapter | None, tokenizer: Any):
+    def __init__(
+        self, request: Request, adapter: HeadAdapter | LoraAdapter | None, tokenizer: Any, device: Any = "cpu"
+    ):
         steering, self.request, self.adapter = request.steering, request, adapter
         manifest = adapter.manifest if adapter is not None else None
         tau = steering.threshold if steering.threshold is not None else (manifest.gate.tau if manifest else math.inf)
         self.gate_tau = {"off": math.inf, "gated": float(tau), "always": -math.inf}[steering.mode]
         self.cand_k = steering.top_k or (manifest.top_k if manifest else DEFAULT_TOP_K)
         self.lora_always = isinstance(adapter, LoraAdapter) and steering.mode == "always"
-        self.generator = make_generator(request.sampling.seed)
+        self.generator = make_generator(request.sampling.seed, device)
         self.stream = TextStream(tokenizer, request.sampling.stop)
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None

@@ -97,10 +97,11 @@ def logits_to_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
 
 
 def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator],
+    argmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row. logits (B, V) float32 -> tokens (B,) int64."""
-    tokens = logits.argmax(dim=-1)  # (B,) greedy rows keep this
+    """One token per row. logits (B, V) float32 -> tokens (B,) int64. `argmax`: logits.argmax(-1) if known."""
+    tokens = (logits.argmax(dim=-1) if argmax is None else argmax.clone())  # (B,) greedy rows keep this
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens

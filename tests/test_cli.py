@@ -1,0 +1,44 @@
+"""The `reasonmaxxer` console script, run as a user would (a real subprocess)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from reasonmaxxer.steering.adapters import HeadAdapter
+from reasonmaxxer.steering.models import load_model
+
+CLI = [sys.executable, "-m", "reasonmaxxer.cli"]
+
+
+def run(*args, timeout=300):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_prepare_model_prints_the_folder():
+    out = run("prepare-model")
+    assert out.returncode == 0, out.stderr
+    folder = Path(out.stdout.strip().splitlines()[-1])
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def test_prepare_unknown_model_fails_clearly():
+    out = run("prepare-model", "gpt-17")
+    assert out.returncode == 2
+    assert "Unknown model 'gpt-17'" in out.stderr and "smollm2-135m-instruct" in out.stderr
+
+
+def test_generate_with_a_gated_adapter_prints_text_and_report(tmp_path):
+    model, tok = load_model("smollm2-135m-instruct", dtype="float32")
+    HeadAdapter.create(model, tok, "cli-head", tau=0.5, b_std=0.5).save(tmp_path / "cli-head")
+    out = run("generate", "What is 2+3?", "--adapter", str(tmp_path / "cli-head"), "--max-tokens", "12", "--trace")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    assert "'adapter': 'cli-head', 'mode': 'gated'" in out.stderr and "'tokens': " in out.stderr
+    assert "H=" in out.stderr
+
+
+def test_generate_refuses_a_bad_adapter(tmp_path):
+    (tmp_path / "bad").mkdir()
+    out = run("generate", "hi", "--adapter", str(tmp_path / "bad"), "--max-tokens", "4")
+    assert out.returncode == 2
+    assert "adapter.json is missing" in out.stderr

@@ -1,0 +1,89 @@
+"""Fitting: problem selection, and head / LoRA fits that move probability the way the loss says."""
+
+import copy
+
+import pytest
+import torch
+
+from reasonmaxxer.steering.adapters import HeadAdapter, LoraAdapter
+from reasonmaxxer.steering.engine import Engine
+from reasonmaxxer.steering.request import Request
+from reasonmaxxer.steering.sampling import SamplingParams
+from reasonmaxxer.training.fit import FitArgs, fit, prepare_items, select_problems
+
+
+def _records(rates: dict[str, list[float]]):
+    return [{"problem_id": pid, "reward": r} for pid, rs in rates.items() for r in rs]
+
+
+def test_select_problems_keeps_the_mixed_ones_closest_to_half():
+    records = _records({"a": [1, 1, 1, 1], "b": [0, 0, 0, 0], "c": [1, 0, 0, 0], "d": [1, 1, 0, 0],
+                        "e": [1, 1, 1, 0]})
+    kept = select_problems(records, 2)
+    assert [r["problem_id"] for r in kept] == ["d"] * 4 + ["c"] * 4  # c and e tie at 0.25 away: c by id
+    with pytest.raises(ValueError, match="none of the 2 problems has mixed outcomes"):
+        select_problems(_records({"a": [1, 1], "b": [0, 0]}), 5)
+
+
+@pytest.fixture(scope="module")
+def rollouts(tiny_model, tokenizer, prompts):
+    """Real sampled completions of the tiny model, rewarded so that every problem is mixed."""
+    engine = Engine(tiny_model, tokenizer)
+    records = []
+    for p, prompt in enumerate(prompts):
+        reqs = [Request(prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=100 * p + k)) for k in range(4)]
+        for k, c in enumerate(engine.generate(reqs)):
+            records.append({"problem_id": f"p{p}", "sample": k, "prompt_ids": prompt, "completion_ids": c.token_ids,
+                            "reward": float(k % 2 == 0)})
+    return records
+
+
+def _decision_logp_shift(model, items, adapter) -> tuple[float, float, float]:
+    """Mean change of log p at decision tokens for positive / negative advantage rollouts, and mean anchor KL."""
+    from reasonmaxxer.training.loss import head_kl, head_log_probs
+
+    w_u = model.get_output_embeddings().weight
+    pos, neg, kls = [], [], []
+    for it in items:
+        s, d = it.scored, it.decision
+        delta = adapter.delta(s.hidden, s.cand, w_u)
+        shift = head_log_probs(s.cand_logits, delta, s.lse, s.token_logit, s.token_slot) - (s.token_logit - s.lse)
+        (pos if it.advantage > 0 else neg).append(shift[d])
+        kls.append(head_kl(s.cand_logits[it.anchor], delta[it.anchor], s.lse[it.anchor]))
+    return torch.cat(pos).mean().item(), torch.cat(neg).mean().item(), torch.cat(kls).mean().item()
+
+
+def test_head_fit_raises_good_tokens_and_lowers_bad_ones(tiny_model, tokenizer, rollouts):
+    args = FitArgs(kind="head", name="t-head", target_fire_rate=0.2, rank=8, lr=3e-3, epochs=6, accumulation=2,
+                   warmup=2, keep_problems=10)
+    adapter, _ = fit(tiny_model, tokenizer, rollouts, args, progress=False)
+    assert isinstance(adapter, HeadAdapter) and adapter.B.abs().sum() > 0
+    history = adapter.manifest.provenance["losses"]
+    assert history[-1]["decision"] < history[0]["decision"]
+    items, tau, _ = prepare_items(tiny_model, select_problems(rollouts, 10), args, progress=False)
+    assert tau == pytest.approx(adapter.manifest.gate.tau)
+    up, down, kl = _decision_logp_shift(tiny_model, items, adapter)
+    assert up > 0 > down
+    assert kl < 0.05
+    assert adapter.manifest.gate.measured_fire_rate == pytest.approx(0.2, abs=0.02)
+
+
+def test_lora_fit_returns_a_servable_adapter_and_restores_the_model(tiny_model, tokenizer, rollouts, prompts):
+    model = copy.deepcopy(tiny_model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = FitArgs(kind="lora", name="t-lora", target_fire_rate=0.2, rank=4, lora_alpha=8, lr=1e-3,
+                   accumulation=4, warmup=1, checkpoints=2)
+    seen = []
+    adapter, report = fit(model, tokenizer, rollouts, args, callback=lambda step, a: seen.append(step) or -step,
+                          progress=False)
+    assert isinstance(adapter, LoraAdapter) and seen == [2, 4]
+    assert report["chosen_checkpoint"] == {"step": 2, "value": -2}
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    engine = Engine(model, tokenizer)
+    engine.add_adapter(adapter)
+    from reasonmaxxer.steering.request import SteeringParams
+
+    out = engine.generate([Request(prompts[0], SamplingParams(max_tokens=4, temperature=0.0),
+                                   SteeringParams("t-lora", "always"))])[0]
+    assert len(out.token_ids) == 4

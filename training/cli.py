@@ -1,0 +1,216 @@
+"""`reasonmaxxer rollouts` and `reasonmaxxer fit`: argument parsing and the one-command pipelines.
+
+Contract: `add_commands(subparsers)` registers both subcommands; each runs to completion, shows
+progress bars, prints a short summary at the end, and raises ValueError / FileNotFoundError with a
+message that says what to do on bad input (the top-level CLI turns those into exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .fit import FitArgs
+
+__all__ = ["add_commands"]
+
+_FIT_FLAGS = {"seed": "fit_seed"}  # FitArgs fields whose flag would clash with a rollout flag
+
+
+def _problem_flags(p: argparse.ArgumentParser, prefix: str = "", required: bool = True) -> None:
+    dash = f"--{prefix}" if prefix else "--"
+    p.add_argument(f"{dash}problems", required=required, help="JSONL file of problems (or hf:NAME[:split])")
+    p.add_argument(f"{dash}preset", default=None, help="gsm8k, svamp, math500, ... (default: from the path)")
+    p.add_argument(f"{dash}question-field", default=None, help="question field(s), comma-separated to join")
+    p.add_argument(f"{dash}answer-field", default=None, help="gold answer field")
+    p.add_argument(f"{dash}limit", type=int, default=None, help="how many problems")
+    p.add_argument(f"{dash}offset", type=int, default=0, help="first problem (after the seeded shuffle, if any)")
+    p.add_argument(f"{dash}selection-seed", type=int, default=None, help="shuffle rows with this seed first")
+
+
+def _rollout_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--samples", type=int, default=20, help="rollouts per problem")
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "paper"])
+    p.add_argument("--concurrency", type=int, default=32, help="requests decoded together")
+    p.add_argument("--verifier-fallbacks", default="boxed",
+                   help="answer extractors in order: boxed, gsm8k, answer_is, last_number")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("rollouts", help="sample K rollouts per problem from the base and score them")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="known name, local folder or hub id")
+    p.add_argument("--dtype", default="bfloat16")
+    _problem_flags(p)
+    _rollout_flags(p)
+    p.add_argument("--out", required=True, help="rollout JSONL (resumed if it exists)")
+    p.set_defaults(func=run_rollouts_command)
+
+    p = sub.add_parser("fit", help="fit a correction adapter from rollouts (or run the rollouts first)")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="known name, local folder or hub id")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 for head, float32 for lora")
+    p.add_argument("--rollouts", default=None, help="rollout JSONL; with --problems it is written first")
+    _problem_flags(p, required=False)
+    _rollout_flags(p)
+    _problem_flags(p, prefix="val-", required=False)
+    p.add_argument("--val-samples", type=int, default=2, help="samples per validation problem")
+    p.add_argument("--out", required=True, help="adapter directory to write")
+    for f in fields(FitArgs):
+        if f.name == "lora_targets":
+            continue
+        flag = "--" + _FIT_FLAGS.get(f.name, f.name).replace("_", "-")
+        kind = type(f.default) if f.default is not None else float
+        p.add_argument(flag, dest="fit_" + f.name, type=kind, default=f.default, help=f.metadata.get("help", ""))
+    p.set_defaults(func=run_fit_command)
+
+
+def _load_problems(args, prefix: str = ""):
+    from .problems import load_problems
+
+    get = lambda k: getattr(args, prefix + k)  # noqa: E731
+    return load_problems(get("problems"), preset=get("preset"), question_field=get("question_field"),
+                         answer_field=get("answer_field"), offset=get("offset"), limit=get("limit"),
+                         seed=get("selection_seed"))
+
+
+def _rollout_config(args):
+    from .rollouts import RolloutConfig
+
+    return RolloutConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, prompt_style=args.prompt_style,
+                         concurrency=args.concurrency)
+
+
+def _verifier(args):
+    from .verifier import Verifier
+
+    return Verifier(fallbacks=tuple(x.strip() for x in args.verifier_fallbacks.split(",") if x.strip()))
+
+
+def _do_rollouts(args, model, tokenizer, out: Path) -> dict[str, Any]:
+    from reasonmaxxer.steering.engine import Engine
+
+    from .rollouts import run_rollouts
+
+    problems = _load_problems(args)
+    engine = Engine(model, tokenizer, max_batch_size=args.concurrency, name=args.model)
+    with _verifier(args) as verifier:
+        return run_rollouts(engine, problems, _rollout_config(args), out, verifier.score)
+
+
+def run_rollouts_command(args) -> int:
+    from reasonmaxxer.steering.models import load_model
+
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    summary = _do_rollouts(args, model, tokenizer, Path(args.out))
+    summary["wall_s"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _check_val_disjoint(meta: dict, val) -> None:
+    train = meta.get("problems", {})
+    if train.get("sha256") == val.selection.get("sha256"):
+        shared = set(train.get("indices", [])) & set(val.selection.get("indices", []))
+        if shared:
+            raise ValueError(
+                f"the validation problems share {len(shared)} rows with the training rollouts' problems: "
+                "pick another file or a disjoint --val-offset/--val-limit range"
+            )
+
+
+def run_fit_command(args) -> int:
+    from reasonmaxxer.steering.models import load_model
+
+    from .fit import fit
+    from .rollouts import load_rollouts
+
+    if not args.rollouts and not args.problems:
+        raise ValueError("fit needs --rollouts R.jsonl (from `reasonmaxxer rollouts`) or --problems FILE")
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dtype = args.dtype or ("bfloat16" if args.fit_kind == "head" else "float32")
+    model, tokenizer = load_model(args.model, dtype=dtype)
+    rollouts = Path(args.rollouts or Path(args.out).with_suffix(".rollouts.jsonl"))
+    if args.problems:
+        _do_rollouts(args, model, tokenizer, rollouts)
+        times["rollouts_s"] = time.perf_counter() - t0
+    meta, records = load_rollouts(rollouts)
+    if meta["model"]["fingerprint"] != _fingerprint(model, tokenizer, args.model):
+        raise ValueError(f"{rollouts} was made with model {meta['model']['name']!r}, not {args.model!r}: "
+                         "fit on the model the rollouts came from")
+    fit_args = FitArgs(**{f.name: getattr(args, "fit_" + f.name) for f in fields(FitArgs) if f.name != "lora_targets"})
+    validate, val_report = _validation(args, meta, model, tokenizer, fit_args)
+    adapter, report = fit(model, tokenizer, records, fit_args, callback=validate,
+                          provenance={"rollouts": str(rollouts), "rollout_meta": meta})
+    adapter.manifest.metrics["validation"] = val_report
+    adapter.save(args.out)
+    times.update(report["times"])
+    _print_summary(args.out, adapter, report, val_report, times)
+    return 0
+
+
+def _fingerprint(model, tokenizer, name: str) -> str:
+    from reasonmaxxer.steering.manifest import base_identity
+
+    return base_identity(model, tokenizer, name).fingerprint
+
+
+def _validation(args, meta, model, tokenizer, fit_args: FitArgs):
+    """A callback scoring each checkpoint's gated pass@1 on the validation split (or None)."""
+    report: dict[str, Any] = {}
+    if not args.val_problems:
+        return None, report
+    from reasonmaxxer.steering.engine import Engine
+    from reasonmaxxer.steering.models import load_model
+    from reasonmaxxer.steering.request import SteeringParams
+
+    from .rollouts import RolloutConfig, evaluate
+
+    val = _load_problems(args, prefix="val_")
+    _check_val_disjoint(meta, val)
+    # A separate model for LoRA (the fitted one is wrapped by PEFT while training).
+    val_model = model if fit_args.kind == "head" else load_model(args.model, dtype="bfloat16")[0]
+    engine = Engine(val_model, tokenizer, name=args.model)
+    config = RolloutConfig(samples=args.val_samples, temperature=args.temperature, top_p=args.top_p,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed + 1, prompt_style=args.prompt_style)
+    verifier = _verifier(args)
+    report.update(problems=val.selection, samples=args.val_samples,
+                  base=evaluate(engine, val, config, verifier.score, progress=True), checkpoints=[])
+
+    def callback(step: int, adapter) -> float:
+        engine.add_adapter(adapter)
+        try:
+            result = evaluate(engine, val, config, verifier.score, SteeringParams(adapter.name, "gated"), True)
+        finally:
+            engine.remove_adapter(adapter.name)
+        report["checkpoints"].append({"step": step, **result})
+        return result["pass@1"]
+
+    return callback, report
+
+
+def _print_summary(out, adapter, report, val_report, times) -> None:
+    data, final = report["data"], report["final"] or {}
+    print(f"\nwrote {out} ({adapter.manifest.kind}, tau {data['tau']:.3f}, fire rate {data['fire_rate']:.3%} "
+          f"of {data['completion_tokens']} completion tokens; {data['sequences']} sequences, "
+          f"{data['problems']} problems)")
+    print(f"final loss {final.get('loss', float('nan')):.4f} (decision {final.get('decision', float('nan')):.4f}, "
+          f"anchor {final.get('anchor', float('nan')):.5f}) after {report['steps']} steps")
+    if "diagnostics" in data:
+        d = data["diagnostics"]
+        print(f"on the training rollouts at decision points: log p {d['logp_shift_positive']:+.3f} (positive "
+              f"advantage), {d['logp_shift_negative']:+.3f} (negative); KL to base elsewhere {d['anchor_kl']:.4f}")
+    if val_report:
+        best = max(val_report["checkpoints"], key=lambda c: c["pass@1"])
+        print(f"validation pass@1: base {val_report['base']['pass@1']:.3f}, adapter (gated) {best['pass@1']:.3f} "
+              f"at step {best['step']}, fire rate {best['fire_rate']:.3%}")
+    print("wall time: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}s" for k, v in times.items()))

@@ -1,0 +1,226 @@
+"""Rollouts: K samples per problem from the frozen base, scored 0/1 by the verifier, written as JSONL.
+
+Contract:
+- The output file starts with one `{"meta": ...}` line (model identity, sampling settings, prompt
+  style, problem selection), then one line per rollout: problem id and row, sample index, seed,
+  question, gold answer, the exact `prompt_ids` and `completion_ids`, text, finish reason, `truncated`
+  (hit max tokens) and `reward` (1.0 or 0.0; truncated or missing answer = 0).
+- Each rollout is written and flushed as soon as it finishes, so an interrupted run loses at most the
+  rollouts in flight. Running again with the same arguments resumes: the meta line must match (else a
+  clear error), a torn last line is cut off, and only the missing (problem, sample) pairs run. Sample
+  seeds are a function of (seed, row, sample), so a resumed run draws what the uninterrupted run would.
+- `summarize(records)` gives pass@1, pass@k, the number of problems with mixed outcomes, and more.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from reasonmaxxer.steering.engine import Engine
+from reasonmaxxer.steering.request import Request, SteeringParams, TokenEvent
+from reasonmaxxer.steering.sampling import SamplingParams
+
+from .problems import Problem, ProblemSet
+from .prompts import build_prompt_ids, prompt_style_for
+
+__all__ = ["RolloutConfig", "evaluate", "generate", "load_rollouts", "run_rollouts", "summarize"]
+
+
+@dataclass
+class RolloutConfig:
+    samples: int = field(default=20, metadata={"help": "rollouts per problem (K)"})
+    temperature: float = field(default=0.6, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus mass"})
+    max_new_tokens: int = field(default=384, metadata={"help": "completion budget; hitting it scores 0"})
+    seed: int = field(default=0, metadata={"help": "base seed; sample seeds derive from (seed, row, sample)"})
+    prompt_style: str = field(default="auto", metadata={"help": "auto | chat | paper"})
+    concurrency: int = field(default=32, metadata={"help": "requests decoded together"})
+
+
+def sample_seed(seed: int, row: int, sample: int) -> int:
+    return (seed * 1_000_003 + row * 1009 + sample) % (2**63)
+
+
+def _meta(engine: Engine, problems: ProblemSet, config: RolloutConfig) -> dict[str, Any]:
+    settings = {k: v for k, v in asdict(config).items() if k != "concurrency"}
+    settings["prompt_style"] = prompt_style_for(engine.tokenizer, config.prompt_style)
+    return {"model": asdict(engine.identity), "sampling": settings, "problems": problems.selection}
+
+
+def _same_run(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Why two meta lines describe different runs, or None if they match."""
+    if old["model"]["fingerprint"] != new["model"]["fingerprint"]:
+        return f"it was made with model {old['model']['name']!r}, not {new['model']['name']!r}"
+    if old["sampling"] != new["sampling"]:
+        return f"its sampling settings differ ({old['sampling']} vs {new['sampling']})"
+    for key in ("sha256", "offset", "limit", "seed", "preset"):
+        if old["problems"].get(key) != new["problems"].get(key):
+            return f"its problem selection differs in {key!r}"
+    return None
+
+
+def load_rollouts(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Read a rollout file: (meta, records). A torn last line (interrupted write) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"rollout file {path} does not exist: run `reasonmaxxer rollouts` first")
+    lines = path.read_text().split("\n")
+    if not lines or not lines[0].startswith('{"meta"'):
+        raise ValueError(f"{path} is not a rollout file (its first line must be the meta line)")
+    meta = json.loads(lines[0])["meta"]
+    records = []
+    for i, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1 and any(x.strip() for x in lines[i:]):
+                raise ValueError(f"{path}:{i} is not valid JSON; the file is damaged") from None
+    return meta, records
+
+
+def _open_output(path: Path, meta: dict[str, Any]) -> tuple[Any, set[tuple[str, int]]]:
+    """Open for appending, resuming a matching earlier run. Returns (file, done pairs)."""
+    done: set[tuple[str, int]] = set()
+    if path.exists() and path.stat().st_size > 0:
+        old_meta, records = load_rollouts(path)
+        why = _same_run(old_meta, meta)
+        if why:
+            raise ValueError(f"{path} exists but {why}: pass another --out, or delete it to start over")
+        text = path.read_text()
+        if not text.endswith("\n"):  # cut a torn last line
+            path.write_text(text[: text.rfind("\n") + 1])
+        done = {(r["problem_id"], r["sample"]) for r in records}
+        return path.open("a"), done
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("w")
+    f.write(json.dumps({"meta": meta}) + "\n")
+    f.flush()
+    return f, done
+
+
+def _todo(problems: ProblemSet, samples: int, done: set[tuple[str, int]]) -> Iterator[tuple[Problem, int]]:
+    for p in problems.problems:
+        for k in range(samples):
+            if (p.id, k) not in done:
+                yield p, k
+
+
+def generate(
+    engine: Engine, items: Iterable[tuple[Problem, int]], config: RolloutConfig,
+    steering: SteeringParams | None = None,
+) -> Iterator[tuple[Problem, int, Request, list[int], TokenEvent]]:
+    """Decode (problem, sample) items, `config.concurrency` at a time; yield each as it finishes:
+    (problem, sample, request, completion ids, last event (finish reason, gate report))."""
+    inflight: dict[str, tuple[Problem, int, Request, list[int]]] = {}
+    queue = iter(items)
+    while True:
+        while len(inflight) < config.concurrency and (item := next(queue, None)) is not None:
+            req = _request(engine, config, *item, steering)
+            inflight[engine.submit(req)] = (*item, req, [])
+        if not inflight:
+            return
+        for event in engine.step():
+            if event.request_id not in inflight:
+                continue
+            problem, k, req, ids = inflight[event.request_id]
+            if event.token_id is not None:
+                ids.append(event.token_id)
+            if event.finished:
+                del inflight[event.request_id]
+                yield problem, k, req, ids, event
+
+
+def run_rollouts(
+    engine: Engine,
+    problems: ProblemSet,
+    config: RolloutConfig,
+    out: str | Path,
+    score: Callable[[str, str, bool], float],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate, score and append the missing rollouts; return `summarize` of the whole file."""
+    out = Path(out)
+    f, done = _open_output(out, _meta(engine, problems, config))
+    todo = list(_todo(problems, config.samples, done))
+    bar = tqdm(total=len(todo), desc="rollouts", unit="seq", disable=not progress)
+    start, tokens = time.perf_counter(), 0
+    with f:
+        for problem, k, req, ids, last in generate(engine, todo, config):
+            f.write(json.dumps(_record(engine, problem, k, req, ids, last.finish_reason, score)) + "\n")
+            f.flush()
+            tokens += len(ids)
+            bar.update(1)
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+    bar.close()
+    _, records = load_rollouts(out)
+    return summarize(records)
+
+
+def evaluate(
+    engine: Engine, problems: ProblemSet, config: RolloutConfig, score: Callable[[str, str, bool], float],
+    steering: SteeringParams | None = None, progress: bool = False,
+) -> dict[str, Any]:
+    """pass@1 (and the gate's fire rate) of `config.samples` samples per problem, nothing written."""
+    items = list(_todo(problems, config.samples, set()))
+    rewards, fired, tokens = [], 0, 0
+    for problem, _, _, ids, last in tqdm(generate(engine, items, config, steering), total=len(items),
+                                         desc="evaluate", unit="seq", disable=not progress):
+        text = engine.tokenizer.decode(ids, skip_special_tokens=True)
+        rewards.append(float(score(text, problem.answer, last.finish_reason == "length")))
+        tokens += len(ids)
+        fired += last.report.gate_fired
+    n = max(1, len(rewards))
+    return {"pass@1": sum(rewards) / n, "samples": len(rewards), "tokens": tokens, "fire_rate": fired / max(1, tokens)}
+
+
+def _request(
+    engine: Engine, config: RolloutConfig, problem: Problem, k: int, steering: SteeringParams | None = None
+) -> Request:
+    ids = build_prompt_ids(engine.tokenizer, problem.question, config.prompt_style)
+    sp = SamplingParams(
+        max_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+        seed=sample_seed(config.seed, problem.index, k),
+    )
+    return Request(ids, sp, steering or SteeringParams())
+
+
+def _record(
+    engine: Engine, problem: Problem, k: int, req: Request, completion: list[int], finish_reason: str,
+    score: Callable[[str, str, bool], float],
+) -> dict[str, Any]:
+    truncated = finish_reason == "length"
+    text = engine.tokenizer.decode(completion, skip_special_tokens=True)
+    return {
+        "problem_id": problem.id, "row": problem.index, "sample": k, "seed": req.sampling.seed,
+        "question": problem.question, "gold": problem.answer, "prompt_ids": req.prompt_ids,
+        "completion_ids": completion, "text": text, "finish_reason": finish_reason, "truncated": truncated,
+        "reward": float(score(text, problem.answer, truncated)),
+    }
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """pass@1, pass@k, problems with mixed outcomes, mean completion tokens, truncation rate."""
+    by_problem: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        by_problem[r["problem_id"]].append(r["reward"])
+    rates = [sum(v) / len(v) for v in by_problem.values()]
+    n = max(1, len(records))
+    return {
+        "problems": len(by_problem),
+        "rollouts": len(records),
+        "pass@1": sum(r["reward"] for r in records) / n,
+        "pass@k": sum(rate > 0 for rate in rates) / max(1, len(rates)),
+        "mixed_problems": sum(0 < rate < 1 for rate in rates),
+        "mean_completion_tokens": sum(len(r["completion_ids"]) for r in records) / n,
+        "truncated": sum(r["truncated"] for r in records) / n,
+    }
