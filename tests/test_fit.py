@@ -87,3 +87,34 @@ def test_lora_fit_returns_a_servable_adapter_and_restores_the_model(tiny_model, 
     out = engine.generate([Request(prompts[0], SamplingParams(max_tokens=4, temperature=0.0),
                                    SteeringParams("t-lora", "always"))])[0]
     assert len(out.token_ids) == 4
+
+
+def test_fit_cli_fails_early_and_clearly_on_bad_input(tiny_model, tokenizer, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    folder = tmp_path / "tiny"
+    tiny_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"q": "What is 2+3?", "a": "5"}) + "\n")
+    cli = [sys.executable, "-m", "reasonmaxxer.cli"]
+    made = subprocess.run([*cli, "rollouts", "--model", str(folder), "--problems", str(problems), "--question-field",
+                           "q", "--answer-field", "a", "--samples", "2", "--max-new-tokens", "4",
+                           "--out", str(tmp_path / "r.jsonl")], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    rollouts = str(tmp_path / "r.jsonl")
+    cases = [
+        (["--rollouts", rollouts, "--model", "smollm2-135m-instruct"], "fit on the model the rollouts"),
+        (["--rollouts", rollouts, "--model", str(folder)], "none of the 1 problems has mixed"),
+        (["--rollouts", str(tmp_path / "missing.jsonl"), "--model", str(folder)], "run `reasonmaxxer rollouts` first"),
+        (["--model", str(folder)], "fit needs --rollouts"),
+        (["--problems", str(problems), "--model", str(folder)], "--question-field"),
+    ]
+    for extra, message in cases:
+        out = subprocess.run([*cli, "fit", "--out", str(tmp_path / "ad"), *extra], capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 2, (extra, out.stderr[-2000:])
+        assert message in out.stderr, (message, out.stderr[-2000:])
+        assert not (tmp_path / "ad").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -150,7 +151,8 @@ def run_fit_command(args) -> int:
     fit_args = FitArgs(**{f.name: getattr(args, "fit_" + f.name) for f in fields(FitArgs) if f.name != "lora_targets"})
     validate, val_report = _validation(args, meta, model, tokenizer, fit_args)
     adapter, report = fit(model, tokenizer, records, fit_args, callback=validate,
-                          provenance={"rollouts": str(rollouts), "rollout_meta": meta})
+                          provenance={"model": args.model, "command": " ".join(["reasonmaxxer", *sys.argv[1:]]),
+                                      "rollouts": str(rollouts), "rollout_meta": meta})
     adapter.manifest.metrics["validation"] = val_report
     adapter.save(args.out)
     times.update(report["times"])
