@@ -59,6 +59,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from reasonmaxxer.server.app import create_app
+    from reasonmaxxer.server.settings import Settings
+
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v not in (None, [])}
+    settings = Settings(**given)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=settings.drain_timeout_s)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reasonmaxxer", description="Gated correction adapters for LLM reasoning (arXiv 2605.06241)."
@@ -97,6 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--trace", action="store_true", help="print every token's entropy and whether the gate fired")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible API (default: the default model and its adapter)")
+    p.add_argument("--model", default=None, help="known name, local folder or hub id (default smollm2-135m-instruct)")
+    p.add_argument("--served-name", dest="served_name", default=None, help="model id clients use")
+    p.add_argument("--adapter", dest="adapters", action="append", default=[], help="adapter directory (repeatable)")
+    p.add_argument("--no-bundled-adapter", dest="bundled_adapter", action="store_false", default=None,
+                   help="do not load the model's bundled adapter when no --adapter is given")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--api-key", dest="api_key", default=None, help="require Authorization: Bearer KEY")
+    p.add_argument("--closed-metrics", dest="metrics_open", action="store_false", default=None,
+                   help="/metrics needs the API key too")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--backend", default=None, choices=["transformers"])
+    p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None)
+    p.add_argument("--max-waiting", dest="max_waiting", type=int, default=None, help="queued requests before 503")
+    p.add_argument("--max-tokens-limit", dest="max_tokens_limit", type=int, default=None)
+    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None, help="SIGTERM grace (s)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
 
     from reasonmaxxer.training.cli import add_commands
 

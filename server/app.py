@@ -1,0 +1,183 @@
+"""The FastAPI app: `create_app(settings)` with a lifespan that loads the model, engine and adapters.
+
+Contract: nothing happens at import. `create_app(settings, state=None)` returns an app whose lifespan
+builds a `ServerState` (model, tokenizer, engine thread, adapters, metrics) unless one is passed (tests
+pass one built on a tiny model). Every error, including malformed JSON and validation failures, is
+answered with OpenAI's error object; an unexpected exception is a 500 and the server keeps serving.
+Authentication is a pure ASGI middleware on the raw request path: with an API key set, every route but
+`/health` (and `/metrics` when `metrics_open`) needs `Authorization: Bearer KEY`; the Host header and
+the URL's host are never consulted.
+"""
+
+from __future__ import annotations
+
+import hmac
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from reasonmaxxer.steering.async_engine import AsyncEngine
+
+from .metrics import Metrics
+from .serving import ApiError
+from .settings import Settings
+
+__all__ = ["ServerState", "build_state", "create_app", "error_response"]
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: AsyncEngine
+    tokenizer: Any
+    served_name: str
+    metrics: Metrics = field(init=False)
+    adapter_paths: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: self.engine.num_running, lambda: self.engine.num_waiting)
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self.engine.engine.adapters)
+
+    def close(self) -> None:
+        self.engine.close(drain=True, timeout=self.settings.drain_timeout_s)
+
+
+def build_state(settings: Settings) -> ServerState:
+    """Load the model, start the engine, load the adapters (the bundled one when none is given)."""
+    from reasonmaxxer.steering.adapters import load_adapter
+    from reasonmaxxer.steering.engine import Engine
+    from reasonmaxxer.steering.models import load_model
+
+    if settings.backend != "transformers":
+        raise ValueError(f"backend {settings.backend!r} is not available: use transformers")
+    model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+    name = settings.served_name or settings.model
+    engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, name=name)
+    paths = list(settings.adapters)
+    if not paths and settings.bundled_adapter:
+        from reasonmaxxer.training.bundled import default_adapter
+
+        bundled = default_adapter(settings.model)
+        paths = [str(bundled)] if bundled else []
+    state = ServerState(settings, AsyncEngine(engine, settings.max_waiting), tokenizer, name)
+    for path in paths:
+        adapter = load_adapter(path)
+        engine.add_adapter(adapter)
+        state.adapter_paths[adapter.name] = str(path)
+    return state
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                   code: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = param or (loc[0] if loc else None)
+        where = ".".join(loc) or "body"
+        if err.get("type") == "json_invalid":
+            parts.append(f"the body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
+        else:
+            parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request", param
+
+
+class AuthMiddleware:
+    """Bearer-token check on the raw ASGI path; /health is always open, /metrics by setting."""
+
+    def __init__(self, app, api_key: str | None, metrics_open: bool):
+        self.app, self.key, self.metrics_open = app, api_key, metrics_open
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.key or self._open(scope.get("path", "")):
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"authorization", b"").decode("latin-1")
+        if hmac.compare_digest(given.encode(), f"Bearer {self.key}".encode()):
+            return await self.app(scope, receive, send)
+        response = error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                                  "authentication_error", code="invalid_api_key")
+        return await response(scope, receive, send)
+
+    def _open(self, path: str) -> bool:
+        return path == "/health" or (self.metrics_open and path == "/metrics")
+
+
+def _install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_req: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_req: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_req: Request, exc: StarletteHTTPException):
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), type_)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_req: Request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+def create_app(settings: Settings | None = None, state: ServerState | None = None) -> FastAPI:
+    settings = settings or (state.settings if state else Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.server = state or build_state(settings)
+        try:
+            yield
+        finally:
+            app.state.server.close()
+
+    app = FastAPI(title="ReasonMaxxer", version=_version(), lifespan=lifespan)
+    _install_handlers(app)
+
+    from .routes import router
+
+    app.include_router(router)
+    app.add_middleware(AuthMiddleware, api_key=settings.api_key, metrics_open=settings.metrics_open)
+    app.add_middleware(StatusCounter)  # outermost: counts 401s too
+    return app
+
+
+class StatusCounter:
+    """Counts responses by status code (pure ASGI, so streaming and disconnects pass through untouched)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                server = getattr(scope["app"].state, "server", None) if "app" in scope else None
+                if server is not None:
+                    server.metrics.responses.labels(str(message["status"])).inc()
+            await send(message)
+
+        return await self.app(scope, receive, counting_send)
+
+
+def _version() -> str:
+    from reasonmaxxer import __version__
+
+    return __version__

@@ -1,0 +1,44 @@
+"""Prometheus metrics on an explicit registry (never the global one), one instance per app.
+
+Contract: `Metrics.observe_choice` counts generated and gate-fired tokens by model, adapter and mode and
+records the choice's fire rate; request latency and time to first token are histograms; running and
+waiting requests are gauges read from the engine at scrape time; responses are counted by status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Metrics"]
+
+_LATENCY = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class Metrics:
+    def __init__(self, running: Callable[[], int], waiting: Callable[[], int]):
+        self.registry = CollectorRegistry()
+        labels = ("model", "adapter", "mode")
+        r = self.registry
+        self.generated = Counter("reasonmaxxer_generated_tokens", "Tokens generated", labels, registry=r)
+        self.gate_fired = Counter("reasonmaxxer_gate_fired_tokens", "Tokens where the adapter was applied",
+                                  labels, registry=r)
+        self.fire_rate = Histogram("reasonmaxxer_request_fire_rate", "Per-choice gate fire rate", ("model", "mode"),
+                                   buckets=(0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0), registry=r)
+        self.latency = Histogram("reasonmaxxer_request_latency_seconds", "Request latency", ("endpoint",),
+                                 buckets=_LATENCY, registry=r)
+        self.ttft = Histogram("reasonmaxxer_time_to_first_token_seconds", "Time to first token", ("endpoint",),
+                              buckets=_LATENCY, registry=r)
+        self.responses = Counter("reasonmaxxer_responses", "Responses by status code", ("status",), registry=r)
+        Gauge("reasonmaxxer_requests_running", "Requests in the running batch", registry=r).set_function(running)
+        Gauge("reasonmaxxer_requests_waiting", "Requests waiting to join the batch", registry=r).set_function(waiting)
+
+    def observe_choice(self, model: str, report) -> None:
+        adapter, mode = report.adapter or "", report.mode
+        self.generated.labels(model, adapter, mode).inc(report.tokens)
+        self.gate_fired.labels(model, adapter, mode).inc(report.gate_fired)
+        self.fire_rate.labels(model, mode).observe(report.fire_rate)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,181 @@
+"""The HTTP protocol: pydantic models of the OpenAI API, in OpenAI's field order; our extensions last.
+
+Contract: request models validate types and ranges (pydantic raises, the app turns that into OpenAI's
+error object with status 400). Unknown top-level fields are ignored, as OpenAI-compatible servers do;
+unknown fields inside our own `steering` object are refused (a typo there would silently change
+nothing). Fields of the OpenAI API that this server does not implement are accepted only at their
+neutral value (e.g. `presence_penalty` 0, `echo` false) and refused otherwise with a message saying so.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "ErrorResponse",
+    "SteeringOptions",
+    "StreamOptions",
+    "make_id",
+    "now",
+]
+
+
+def make_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class SteeringOptions(BaseModel):
+    """Extension: how to steer this request (reachable from the SDK through `extra_body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str | None = Field(default=None, description="registered adapter name")
+    mode: Literal["off", "gated", "always"] | None = Field(default=None, description="default: gated with an adapter")
+    threshold: float | None = Field(default=None, description="entropy gate in nats; default: the adapter's tau")
+    top_k: int | None = Field(default=None, ge=1, le=1000, description="head adapters: candidates corrected")
+    trace: bool = Field(default=False, description="return the per-token trace")
+    logprobs: Literal["steered", "base"] = Field(default="steered", description="distribution logprobs report")
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, v: float | None) -> float | None:
+        if v is not None and (math.isnan(v) or v < 0):
+            raise ValueError("threshold must be a number >= 0 (nats); use a large value to disable the gate")
+        return v
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by both endpoints, OpenAI's first, then vLLM-style extensions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    n: int = Field(default=1, ge=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    # -- extensions ------------------------------------------------------------------------------------
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    ignore_eos: bool = False
+    steering: SteeringOptions | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by this server: leave it at 0")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by this server: it would change what the gate reads")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=16, ge=1)
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _completion_unsupported(self):
+        if self.best_of not in (None, 1):
+            raise ValueError("best_of is not supported: use n")
+        if self.echo:
+            raise ValueError("echo is not supported by this server")
+        if self.suffix:
+            raise ValueError("suffix is not supported by this server")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt must not be empty")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            parts = [p.get("text", "") for p in self.content if p.get("type") == "text"]
+            if len(parts) != len(self.content):
+                raise ValueError("only text content parts are supported")
+            return "".join(parts)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage]
+    logprobs: bool = False
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _chat_checks(self):
+        if not self.messages:
+            raise ValueError("messages must not be empty: send at least one message")
+        if self.tools:
+            raise ValueError("tools are not supported by this server")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def token_budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

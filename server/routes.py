@@ -1,0 +1,189 @@
+"""Routes: thin handlers that fetch the server state from `app.state` and hand work to `serving.py`.
+
+Contract: `/v1/completions` and `/v1/chat/completions` answer in OpenAI's shapes; every choice carries a
+`steering` gate report and `usage.steering` sums them; streams are server-sent events ending with
+`data: [DONE]`, each choice's last chunk carrying its `steering` and, with `stream_options.include_usage`,
+a last chunk with `usage`. A client that disconnects cancels its generation. Logprobs report the steered
+distribution (the one sampled from) unless `steering.logprobs` is "base".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from reasonmaxxer.steering.async_engine import EngineFull
+
+from .protocol import ChatCompletionRequest, CompletionRequest, make_id, now
+from .serving import ApiError, check_limits, plan, resolve_steering, stream_all, usage
+
+router = APIRouter()
+
+
+def _state(request: Request):
+    return request.app.state.server
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    s = _state(request)
+    return {"status": "ok", "running": s.engine.num_running, "waiting": s.engine.num_waiting}
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    from reasonmaxxer import __version__
+
+    return {"version": __version__}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    s = _state(request)
+    created = now()
+    data = [{"id": s.served_name, "object": "model", "created": created, "owned_by": "reasonmaxxer"}]
+    data += [{"id": a, "object": "model", "created": created, "owned_by": "reasonmaxxer", "parent": s.served_name}
+             for a in s.adapters]
+    return {"object": "list", "data": data}
+
+
+def _logprobs_n(body) -> int | None:
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
+
+def _prepare(request: Request, body, prompts: list[list[int]], max_tokens: int):
+    s = _state(request)
+    steering = resolve_steering(body.model, s.served_name, s.adapters, body.steering)
+    n_top = _logprobs_n(body)
+    check_limits(s.settings, body.n, max_tokens, body.stop_list, n_top)
+    return plan(body, prompts, max_tokens, n_top, steering, s.engine.engine.max_model_len)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    s = _state(request)
+    prompts = [p if isinstance(p, list) else s.tokenizer(p)["input_ids"] for p in body.prompts]
+    choices = _prepare(request, body, prompts, body.max_tokens or 16)
+    return await _respond(request, body, choices, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    s = _state(request)
+    try:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        ids = list(s.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False))
+    except ValueError as e:
+        raise ApiError(400, f"messages: {e}", param="messages") from e
+    context = s.engine.engine.max_model_len
+    max_tokens = body.token_budget or max(1, min(s.settings.max_tokens_limit, context - len(ids)))
+    choices = _prepare(request, body, [ids], max_tokens)
+    return await _respond(request, body, choices, chat=True)
+
+
+async def _respond(request: Request, body, choices, chat: bool):
+    if body.stream:
+        from .streaming import sse
+
+        engine = _state(request).engine
+        if engine.num_waiting >= engine.max_waiting:
+            raise ApiError(503, f"{engine.num_waiting} requests are already waiting: retry later", "server_error",
+                           code="overloaded")
+        return StreamingResponse(sse(request, body, choices, chat), media_type="text/event-stream")
+    s, start = _state(request), time.perf_counter()
+    endpoint = "chat" if chat else "completions"
+    first: list[float] = []
+    try:
+        async for _choice, event in _watch_disconnect(request, stream_all(s.engine, choices)):
+            if not first and event.token_id is not None:
+                first.append(time.perf_counter() - start)
+                s.metrics.ttft.labels(endpoint).observe(first[0])
+    except EngineFull as e:
+        raise ApiError(503, str(e), "server_error", code="overloaded") from e
+    s.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+    for c in choices:
+        s.metrics.observe_choice(s.served_name, c.report)
+    return JSONResponse(_body(s, body, choices, chat))
+
+
+async def _watch_disconnect(request: Request, events):
+    """Pass events through; stop (cancelling the generation) if the client goes away."""
+    iterator = events.__aiter__()
+    while True:
+        nxt = asyncio.ensure_future(iterator.__anext__())
+        while not nxt.done():
+            await asyncio.wait({nxt}, timeout=0.25)
+            if not nxt.done() and await request.is_disconnected():
+                nxt.cancel()
+                await iterator.aclose()
+                raise ApiError(499, "client disconnected")
+        try:
+            yield nxt.result()
+        except StopAsyncIteration:
+            return
+
+
+def _body(s, body, choices, chat: bool) -> dict[str, Any]:
+    from .formatting import chat_choice, completion_choice
+
+    prompts = {c.index // body.n: c.prompt_tokens for c in choices}
+    fmt = chat_choice if chat else completion_choice
+    return {
+        "id": make_id("chatcmpl" if chat else "cmpl"), "object": "chat.completion" if chat else "text_completion",
+        "created": now(), "model": body.model, "choices": [fmt(s.tokenizer, c) for c in choices],
+        "usage": usage(choices, prompts),
+    }
+
+
+class AdapterLoad(BaseModel):
+    path: str
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request) -> dict[str, Any]:
+    s = _state(request)
+    data = []
+    for name, adapter in sorted(s.engine.engine.adapters.items()):
+        m = adapter.manifest
+        data.append({"id": name, "object": "adapter", "kind": m.kind, "path": s.adapter_paths.get(name),
+                     "tau": m.gate.tau, "top_k": m.top_k, "measured_fire_rate": m.gate.measured_fire_rate,
+                     "base_model": m.base_model.name})
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/adapters", status_code=201)
+async def load_adapter_route(body: AdapterLoad, request: Request) -> dict[str, Any]:
+    from reasonmaxxer.steering.adapters import AdapterError, load_adapter
+
+    s = _state(request)
+    try:
+        adapter = await asyncio.to_thread(load_adapter, body.path)
+        await asyncio.to_thread(s.engine.engine.add_adapter, adapter)
+    except (AdapterError, ValueError) as e:
+        raise ApiError(400, str(e), param="path") from e
+    s.adapter_paths[adapter.name] = body.path
+    return {"id": adapter.name, "object": "adapter", "kind": adapter.manifest.kind, "loaded": True}
+
+
+@router.delete("/v1/adapters/{name}")
+async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
+    s = _state(request)
+    try:
+        s.engine.engine.remove_adapter(name)
+    except KeyError as e:
+        raise ApiError(404, f"no adapter named '{name}' is loaded", code="adapter_not_found") from e
+    s.adapter_paths.pop(name, None)
+    return {"id": name, "object": "adapter", "deleted": True}

@@ -1,0 +1,165 @@
+"""From an OpenAI request to engine requests and back: steering resolution, limits, choices, chunks.
+
+Contract: `plan(...)` turns a validated request into one engine `Request` per choice (prompt x n) or raises
+`ApiError` (status + OpenAI error type + message). `run_all` awaits every choice; `stream_all` yields
+(choice index, event) as events arrive and cancels every unfinished choice if the consumer stops.
+Choice i of a request with `seed` s samples with seed s + i, so n > 1 gives different, reproducible choices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from reasonmaxxer.steering.request import GateReport, Request, SteeringParams, TokenEvent
+from reasonmaxxer.steering.sampling import SamplingParams
+
+__all__ = ["ApiError", "Choice", "plan", "run_all", "stream_all", "usage"]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+@dataclass
+class Choice:
+    index: int
+    prompt_tokens: int
+    request: Request
+    events: list[TokenEvent]
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.events[-1].finish_reason if self.events else None
+
+    @property
+    def report(self) -> GateReport | None:
+        return self.events[-1].report if self.events else None
+
+
+def resolve_steering(model: str, served_name: str, adapters: Sequence[str], opts) -> SteeringParams:
+    """The steering of a request: by model id (base or adapter name), overridden by `steering`."""
+    if model == served_name:
+        adapter, mode = None, "off"
+    elif model in adapters:
+        adapter, mode = model, "gated"
+    else:
+        known = ", ".join([served_name, *adapters])
+        raise ApiError(404, f"The model '{model}' does not exist. Available models: {known}", code="model_not_found",
+                       param="model")
+    if opts is not None:
+        if opts.adapter is not None:
+            if opts.adapter not in adapters:
+                loaded = ", ".join(adapters) or "none"
+                raise ApiError(400, f"unknown adapter '{opts.adapter}'; loaded adapters: {loaded}", param="steering")
+            adapter, mode = opts.adapter, "gated"
+        mode = opts.mode or mode
+    try:
+        return SteeringParams(adapter=adapter, mode=mode, threshold=None if opts is None else opts.threshold,
+                              top_k=None if opts is None else opts.top_k, trace=bool(opts and opts.trace))
+    except ValueError as e:
+        raise ApiError(400, str(e), param="steering") from e
+
+
+def check_limits(settings, n: int, max_tokens: int, stop: list[str], top_logprobs: int | None) -> None:
+    if n > settings.max_n:
+        raise ApiError(400, f"n is {n}; this server allows at most {settings.max_n}", param="n")
+    if max_tokens > settings.max_tokens_limit:
+        raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens_limit}",
+                       param="max_tokens")
+    if len(stop) > settings.max_stop:
+        raise ApiError(400, f"{len(stop)} stop strings; this server allows at most {settings.max_stop}", param="stop")
+    if any(not s for s in stop):
+        raise ApiError(400, "stop strings must not be empty", param="stop")
+    if top_logprobs is not None and top_logprobs > settings.max_top_logprobs:
+        raise ApiError(400, f"{top_logprobs} top logprobs asked; this server allows at most "
+                       f"{settings.max_top_logprobs}", param="top_logprobs")
+
+
+def plan(body, prompts: list[list[int]], max_tokens: int, logprobs: int | None, steering: SteeringParams,
+         context: int) -> list[Choice]:
+    source = body.steering.logprobs if body.steering is not None else "steered"
+    choices = []
+    for p, ids in enumerate(prompts):
+        if not ids:
+            raise ApiError(400, "the prompt is empty: send some text", param="prompt")
+        if len(ids) + max_tokens > context:
+            raise ApiError(400, f"this model's maximum context length is {context} tokens; the prompt has {len(ids)} "
+                           f"and max_tokens asks for {max_tokens}: shorten the prompt or lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        for j in range(body.n):
+            i = p * body.n + j
+            sp = SamplingParams(
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                min_p=body.min_p, seed=None if body.seed is None else body.seed + i, stop=body.stop_list,
+                ignore_eos=body.ignore_eos, logprobs=logprobs, logprobs_source=source,
+            )
+            choices.append(Choice(i, len(ids), Request(list(ids), sp, steering), []))
+    return choices
+
+
+async def stream_all(engine, choices: list[Choice]) -> AsyncIterator[tuple[Choice, TokenEvent]]:
+    """Events of every choice as they arrive; unfinished choices are cancelled if the consumer stops."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(choice: Choice) -> None:
+        try:
+            async for event in engine.stream(choice.request):
+                choice.events.append(event)
+                await queue.put((choice, event))
+        except Exception as e:  # handed to the consumer
+            await queue.put((choice, e))
+        finally:
+            await queue.put((choice, done))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            choice, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield choice, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def run_all(engine, choices: list[Choice]) -> list[Choice]:
+    async for _ in stream_all(engine, choices):
+        pass
+    return choices
+
+
+def usage(choices: list[Choice], prompt_counts: dict[int, int]) -> dict[str, Any]:
+    completion = sum(c.report.tokens for c in choices if c.report)
+    fired = sum(c.report.gate_fired for c in choices if c.report)
+    prompt = sum(prompt_counts.values())
+    return {
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+        "steering": {"tokens": completion, "gate_fired": fired, "fire_rate": fired / completion if completion else 0.0},
+    }
+
+
+def steering_report(report: GateReport | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    out = report.to_dict()
+    if out.get("threshold") is not None and math.isinf(out["threshold"]):
+        out["threshold"] = "inf"
+    return out

@@ -1,0 +1,36 @@
+"""Server settings: flags of `reasonmaxxer serve` and `REASONMAXXER_*` environment variables.
+
+Contract: every field has a default that serves the default model with its bundled adapter on
+127.0.0.1:8000; an environment variable `REASONMAXXER_<FIELD>` sets a field, a command-line flag
+overrides it. Limits bound what one request may ask for (over a limit: HTTP 400 saying which).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REASONMAXXER_", extra="ignore")
+
+    model: str = Field(default="smollm2-135m-instruct", description="known name, local folder or hub id")
+    served_name: str | None = Field(default=None, description="model id clients use (default: --model)")
+    adapters: list[str] = Field(default_factory=list, description="adapter directories to load at start")
+    bundled_adapter: bool = Field(default=True, description="load the model's bundled adapter when none given")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = Field(default=None, description="require `Authorization: Bearer KEY`")
+    metrics_open: bool = Field(default=True, description="serve /metrics without the API key")
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    backend: str = Field(default="transformers", description="transformers (vllm: see its issue)")
+    max_batch_size: int = Field(default=32, ge=1, description="requests decoded together")
+    max_waiting: int = Field(default=256, ge=0, description="queued requests before 503")
+    max_tokens_limit: int = Field(default=4096, ge=1, description="largest max_tokens a request may ask")
+    max_n: int = Field(default=16, ge=1)
+    max_top_logprobs: int = Field(default=20, ge=0)
+    max_stop: int = Field(default=16, ge=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: wait this long for requests")

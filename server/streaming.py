@@ -1,0 +1,54 @@
+"""Server-sent events for `stream: true`: chunks as tokens arrive, the gate report in each choice's last
+chunk, an optional usage chunk, then `data: [DONE]`. If the client goes away, Starlette cancels this
+generator and `stream_all` cancels the generations (their slots free within one decode step)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .formatting import chat_logprobs, completion_logprobs
+from .protocol import make_id, now
+from .serving import steering_report, stream_all, usage
+
+__all__ = ["sse"]
+
+
+def _event(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def sse(request, body, choices, chat: bool) -> AsyncIterator[str]:
+    s = request.app.state.server
+    endpoint = "chat" if chat else "completions"
+    head = {"id": make_id("chatcmpl" if chat else "cmpl"), "object": "chat.completion.chunk" if chat
+            else "text_completion", "created": now(), "model": body.model}
+    start, first = time.perf_counter(), True
+    if chat:
+        for c in choices:
+            yield _event({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                               "logprobs": None, "finish_reason": None}]})
+    async for choice, event in stream_all(s.engine, choices):
+        if first and event.token_id is not None:
+            first = False
+            s.metrics.ttft.labels(endpoint).observe(time.perf_counter() - start)
+        if not (event.text or event.finished or event.logprob is not None):
+            continue
+        piece: dict[str, Any] = {"index": choice.index, "finish_reason": event.finish_reason}
+        if chat:
+            piece["delta"] = {"content": event.text} if event.text else {}
+            piece["logprobs"] = chat_logprobs(s.tokenizer, [event])
+        else:
+            piece["text"] = event.text
+            piece["logprobs"] = completion_logprobs(s.tokenizer, [event])
+        if event.finished:
+            piece["steering"] = steering_report(event.report)
+            s.metrics.observe_choice(s.served_name, event.report)
+        yield _event({**head, "choices": [piece]})
+    s.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+    if body.stream_options is not None and body.stream_options.include_usage:
+        prompts = {c.index // body.n: c.prompt_tokens for c in choices}
+        yield _event({**head, "choices": [], "usage": usage(choices, prompts)})
+    yield "data: [DONE]\n\n"

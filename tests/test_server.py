@@ -1,0 +1,236 @@
+"""The OpenAI-compatible server, tested as users reach it: the official `openai` SDK and raw HTTP against a
+real uvicorn server on a free local port, serving a tiny random model with a `head` adapter."""
+
+import copy
+import json
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from reasonmaxxer.server.app import ServerState, create_app
+from reasonmaxxer.server.settings import Settings
+from reasonmaxxer.steering.adapters import HeadAdapter
+from reasonmaxxer.steering.async_engine import AsyncEngine
+from reasonmaxxer.steering.engine import Engine
+
+TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(app):
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{port}"
+
+
+def _state(tiny_model, tokenizer, **settings):
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = TEMPLATE
+    engine = Engine(tiny_model, tok, max_batch_size=8, name="tiny")
+    engine.add_adapter(HeadAdapter.create(tiny_model, tok, "tiny-head", rank=8, tau=3.0, b_std=2.0, seed=1))
+    s = Settings(model="tiny", max_tokens_limit=64, max_n=4, max_stop=4, max_top_logprobs=5, **settings)
+    return ServerState(s, AsyncEngine(engine, s.max_waiting), tok, "tiny"), s
+
+
+@pytest.fixture(scope="module")
+def live(tiny_model, tokenizer):
+    state, settings = _state(tiny_model, tokenizer)
+    server, thread, url = _serve(create_app(settings, state))
+    yield SimpleNamespace(url=url, state=state, client=openai.OpenAI(base_url=url + "/v1", api_key="none"))
+    server.should_exit = True
+    thread.join(10)
+
+
+def _steering(obj) -> dict:
+    return obj.model_extra["steering"]
+
+
+def test_models_lists_base_and_adapters(live):
+    assert [m.id for m in live.client.models.list()] == ["tiny", "tiny-head"]
+
+
+def test_completion_and_chat_non_stream(live):
+    c = live.client.completions.create(model="tiny", prompt="Natalia sold", max_tokens=8, temperature=0)
+    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 8
+    rep = _steering(c.choices[0])
+    assert rep["mode"] == "off" and rep["gate_fired"] == 0 and rep["tokens"] == 8
+    assert c.usage.model_extra["steering"] == {"tokens": 8, "gate_fired": 0, "fire_rate": 0.0}
+    chat = live.client.chat.completions.create(model="tiny-head", messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=10, temperature=0)
+    rep = _steering(chat.choices[0])
+    assert rep["adapter"] == "tiny-head" and rep["mode"] == "gated" and rep["threshold"] == 3.0
+    assert 0 <= rep["gate_fired"] <= rep["tokens"] == chat.usage.completion_tokens
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content is not None
+
+
+def test_n_and_seed(live):
+    kw = dict(model="tiny", prompt="How many", max_tokens=8, temperature=1.0, seed=5, n=3)
+    a = live.client.completions.create(**kw)
+    b = live.client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1
+    assert a.usage.model_extra["steering"]["tokens"] == sum(_steering(c)["tokens"] for c in a.choices)
+
+
+def test_streams_match_non_stream_and_end_with_reports(live):
+    kw = dict(model="tiny", prompt="Weng earns", max_tokens=12, temperature=0)
+    full = live.client.completions.create(**kw).choices[0].text
+    chunks = list(live.client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    last = [c for c in chunks if c.choices][-1]
+    assert last.choices[0].finish_reason == "length" and _steering(last.choices[0])["tokens"] == 12
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    body = dict(model="tiny-head", messages=[{"role": "user", "content": "3x + 5"}], max_tokens=10, temperature=0)
+    whole = live.client.chat.completions.create(**body).choices[0].message.content
+    parts = list(live.client.chat.completions.create(**body, stream=True))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == whole
+    assert _steering(parts[-1].choices[0])["adapter"] == "tiny-head"
+
+
+def test_extra_body_steering(live):
+    base = dict(model="tiny", prompt="Natalia sold clips", max_tokens=16, temperature=0)
+    off = live.client.completions.create(**base)
+    never = live.client.completions.create(**base, extra_body={"steering": {"adapter": "tiny-head",
+                                                                            "threshold": 1e9}})
+    assert never.choices[0].text == off.choices[0].text and _steering(never.choices[0])["gate_fired"] == 0
+    always = live.client.completions.create(**base, extra_body={"steering": {"adapter": "tiny-head", "mode": "always",
+                                                                             "trace": True}})
+    rep = _steering(always.choices[0])
+    assert rep["gate_fired"] == rep["tokens"] == 16 and len(rep["trace"]) == 16
+    assert always.choices[0].text != off.choices[0].text
+    lp = live.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                             temperature=0, logprobs=True, top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def test_gate_fired_counter_rises_by_the_reported_sum(live):
+    before = _metric(live.url, "reasonmaxxer_gate_fired_tokens_total")
+    tokens_before = _metric(live.url, "reasonmaxxer_generated_tokens_total")
+    reported = generated = 0
+    for mode in ("gated", "always", "off"):
+        r = live.client.completions.create(model="tiny", prompt="Solve step by step", max_tokens=10, temperature=0,
+                                           n=2, extra_body={"steering": {"adapter": "tiny-head", "mode": mode}})
+        reported += r.usage.model_extra["steering"]["gate_fired"]
+        generated += r.usage.completion_tokens
+    assert reported > 0
+    assert _metric(live.url, "reasonmaxxer_gate_fired_tokens_total") - before == reported
+    assert _metric(live.url, "reasonmaxxer_generated_tokens_total") - tokens_before == generated
+
+
+BAD = [
+    ("completions", "{not json", 400, "not valid JSON"),
+    ("completions", {"model": "tiny", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ("completions", {"model": "gpt-9", "prompt": "x"}, 404, "does not exist"),
+    ("completions", {"model": "tiny", "prompt": "x", "steering": {"adapter": "nope"}}, 400, "unknown adapter"),
+    ("completions", {"model": "tiny-head", "prompt": "x", "steering": {"mode": "sometimes"}}, 400, "mode"),
+    ("completions", {"model": "tiny-head", "prompt": "x", "steering": {"threshold": -1}}, 400, "threshold"),
+    ("completions", '{"model": "tiny-head", "prompt": "x", "steering": {"threshold": NaN}}', 400, "threshold"),
+    ("completions", {"model": "tiny-head", "prompt": "x", "steering": {"treshold": 1}}, 400, "treshold"),
+    ("completions", {"model": "tiny", "prompt": "clips " * 300, "max_tokens": 8}, 400, "maximum context length"),
+    ("completions", {"model": "tiny", "prompt": "x", "max_tokens": 65}, 400, "at most 64"),
+    ("completions", {"model": "tiny", "prompt": "x", "n": 5}, 400, "n is 5"),
+    ("completions", {"model": "tiny", "prompt": "x", "logprobs": 6}, 400, "top logprobs"),
+    ("completions", {"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop strings"),
+    ("completions", {"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 6,
+                          "logprobs": True}, 400, "top logprobs"),
+]
+
+
+@pytest.mark.parametrize("route, payload, status, message", BAD)
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(live, route, payload, status, message):
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    r = httpx.post(f"{live.url}/v1/{route}", content=data, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"] and "param" in err
+    ok = httpx.post(f"{live.url}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_sdk_raises_its_own_exception_types(live):
+    with pytest.raises(openai.NotFoundError):
+        live.client.completions.create(model="gpt-9", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        live.client.completions.create(model="tiny", prompt="x", extra_body={"steering": {"mode": "sometimes"}})
+
+
+def test_dropped_stream_frees_its_slot(live):
+    def running() -> int:
+        return httpx.get(live.url + "/health").json()["running"]
+
+    with httpx.stream("POST", live.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 60,
+                                                                  "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+        assert running() == 1
+    deadline = time.time() + 10
+    while running() and time.time() < deadline:
+        time.sleep(0.05)
+    assert running() == 0
+
+
+def test_admin_refuses_a_corrupt_adapter_and_loads_a_good_one(live, tiny_model, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter.json").write_text("{oops")
+    r = httpx.post(live.url + "/v1/adapters", json={"path": str(tmp_path / "bad")})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert httpx.post(live.url + "/v1/completions", json={"model": "tiny-head", "prompt": "x",
+                                                          "max_tokens": 2}).status_code == 200
+    HeadAdapter.create(tiny_model, live.state.tokenizer, "second", b_std=0.5).save(tmp_path / "second")
+    r = httpx.post(live.url + "/v1/adapters", json={"path": str(tmp_path / "second")})
+    assert r.status_code == 201, r.text
+    assert "second" in [m.id for m in live.client.models.list()]
+    assert [a["id"] for a in httpx.get(live.url + "/v1/adapters").json()["data"]] == ["second", "tiny-head"]
+    assert httpx.delete(live.url + "/v1/adapters/second").status_code == 200
+    assert httpx.delete(live.url + "/v1/adapters/second").status_code == 404
+    assert "second" not in [m.id for m in live.client.models.list()]
+
+
+@pytest.mark.parametrize("metrics_open", [True, False])
+def test_auth(tiny_model, tokenizer, metrics_open):
+    state, settings = _state(tiny_model, tokenizer, api_key="sekret", metrics_open=metrics_open)
+    server, thread, url = _serve(create_app(settings, state))
+    try:
+        assert httpx.get(url + "/health").status_code == 200
+        r = httpx.get(url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(url + "/v1/models", headers={"Host": "localhost"}).status_code == 401
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert httpx.get(url + "/metrics").status_code == (200 if metrics_open else 401)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
+        assert openai.OpenAI(base_url=url + "/v1", api_key="sekret").models.list().data[0].id == "tiny"
+    finally:
+        server.should_exit = True
+        thread.join(10)
