@@ -30,6 +30,8 @@ class Metrics:
                                  buckets=_LATENCY, registry=r)
         self.ttft = Histogram("reasonmaxxer_time_to_first_token_seconds", "Time to first token", ("endpoint",),
                               buckets=_LATENCY, registry=r)
+        self.cancelled = Counter("reasonmaxxer_cancelled_requests", "Choices cancelled before finishing (client left)",
+                                 registry=r)
         self.responses = Counter("reasonmaxxer_responses", "Responses by status code", ("status",), registry=r)
         Gauge("reasonmaxxer_requests_running", "Requests in the running batch", registry=r).set_function(running)
         Gauge("reasonmaxxer_requests_waiting", "Requests waiting to join the batch", registry=r).set_function(waiting)

@@ -10,6 +10,7 @@ distribution (the one sampled from) unless `steering.logprobs` is "base".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -107,7 +108,7 @@ async def _respond(request: Request, body, choices, chat: bool):
     endpoint = "chat" if chat else "completions"
     first: list[float] = []
     try:
-        async for _choice, event in _watch_disconnect(request, stream_all(s.engine, choices)):
+        async for _choice, event in _watch_disconnect(request, stream_all(s.engine, choices, s.metrics.cancelled.inc)):
             if not first and event.token_id is not None:
                 first.append(time.perf_counter() - start)
                 s.metrics.ttft.labels(endpoint).observe(first[0])
@@ -120,20 +121,30 @@ async def _respond(request: Request, body, choices, chat: bool):
 
 
 async def _watch_disconnect(request: Request, events):
-    """Pass events through; stop (cancelling the generation) if the client goes away."""
+    """Pass events through; if the client goes away, stop (cancelling the generation) and answer 499."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
     iterator = events.__aiter__()
-    while True:
-        nxt = asyncio.ensure_future(iterator.__anext__())
-        while not nxt.done():
-            await asyncio.wait({nxt}, timeout=0.25)
-            if not nxt.done() and await request.is_disconnected():
-                nxt.cancel()
+    try:
+        while True:
+            nxt = asyncio.ensure_future(iterator.__anext__())
+            await asyncio.wait({nxt, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done():
+                nxt.cancel()  # runs the generator's cleanup: the engine cancels its requests
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await nxt
                 await iterator.aclose()
                 raise ApiError(499, "client disconnected")
-        try:
-            yield nxt.result()
-        except StopAsyncIteration:
-            return
+            try:
+                yield nxt.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        watcher.cancel()
 
 
 def _body(s, body, choices, chat: bool) -> dict[str, Any]:

@@ -108,8 +108,9 @@ def plan(body, prompts: list[list[int]], max_tokens: int, logprobs: int | None, 
     return choices
 
 
-async def stream_all(engine, choices: list[Choice]) -> AsyncIterator[tuple[Choice, TokenEvent]]:
-    """Events of every choice as they arrive; unfinished choices are cancelled if the consumer stops."""
+async def stream_all(engine, choices: list[Choice], on_cancel=None) -> AsyncIterator[tuple[Choice, TokenEvent]]:
+    """Events of every choice as they arrive; unfinished choices are cancelled if the consumer stops
+    (`on_cancel(n)` is then told how many)."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -135,8 +136,12 @@ async def stream_all(engine, choices: list[Choice]) -> AsyncIterator[tuple[Choic
             else:
                 yield choice, item
     finally:
+        # No await before the cancellations: under anyio a cancelled scope re-raises at every await.
+        unfinished = sum(1 for c in choices if c.finish_reason is None)
         for t in tasks:
             t.cancel()
+        if unfinished and on_cancel is not None:
+            on_cancel(unfinished)
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

@@ -30,23 +30,27 @@ async def sse(request, body, choices, chat: bool) -> AsyncIterator[str]:
         for c in choices:
             yield _event({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                "logprobs": None, "finish_reason": None}]})
-    async for choice, event in stream_all(s.engine, choices):
-        if first and event.token_id is not None:
-            first = False
-            s.metrics.ttft.labels(endpoint).observe(time.perf_counter() - start)
-        if not (event.text or event.finished or event.logprob is not None):
-            continue
-        piece: dict[str, Any] = {"index": choice.index, "finish_reason": event.finish_reason}
-        if chat:
-            piece["delta"] = {"content": event.text} if event.text else {}
-            piece["logprobs"] = chat_logprobs(s.tokenizer, [event])
-        else:
-            piece["text"] = event.text
-            piece["logprobs"] = completion_logprobs(s.tokenizer, [event])
-        if event.finished:
-            piece["steering"] = steering_report(event.report)
-            s.metrics.observe_choice(s.served_name, event.report)
-        yield _event({**head, "choices": [piece]})
+    events = stream_all(s.engine, choices, s.metrics.cancelled.inc)
+    try:
+        async for choice, event in events:
+            if first and event.token_id is not None:
+                first = False
+                s.metrics.ttft.labels(endpoint).observe(time.perf_counter() - start)
+            if not (event.text or event.finished or event.logprob is not None):
+                continue
+            piece: dict[str, Any] = {"index": choice.index, "finish_reason": event.finish_reason}
+            if chat:
+                piece["delta"] = {"content": event.text} if event.text else {}
+                piece["logprobs"] = chat_logprobs(s.tokenizer, [event])
+            else:
+                piece["text"] = event.text
+                piece["logprobs"] = completion_logprobs(s.tokenizer, [event])
+            if event.finished:
+                piece["steering"] = steering_report(event.report)
+                s.metrics.observe_choice(s.served_name, event.report)
+            yield _event({**head, "choices": [piece]})
+    finally:
+        await events.aclose()  # a client that left: cancel its generations now
     s.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
     if body.stream_options is not None and body.stream_options.include_usage:
         prompts = {c.index // body.n: c.prompt_tokens for c in choices}

@@ -42,10 +42,13 @@ def _serve(app):
     return server, thread, f"http://127.0.0.1:{port}"
 
 
-def _state(tiny_model, tokenizer, **settings):
+def _state(tiny_model, tokenizer, step_delay: float = 0.0, **settings):
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = TEMPLATE
     engine = Engine(tiny_model, tok, max_batch_size=8, name="tiny")
+    if step_delay:  # a decode step as slow as a real model's, so a client can leave mid-generation
+        fast_step = engine.step
+        engine.step = lambda: (time.sleep(step_delay), fast_step())[1]
     engine.add_adapter(HeadAdapter.create(tiny_model, tok, "tiny-head", rank=8, tau=3.0, b_std=2.0, seed=1))
     s = Settings(model="tiny", max_tokens_limit=64, max_n=4, max_stop=4, max_top_logprobs=5, **settings)
     return ServerState(s, AsyncEngine(engine, s.max_waiting), tok, "tiny"), s
@@ -53,7 +56,7 @@ def _state(tiny_model, tokenizer, **settings):
 
 @pytest.fixture(scope="module")
 def live(tiny_model, tokenizer):
-    state, settings = _state(tiny_model, tokenizer)
+    state, settings = _state(tiny_model, tokenizer, step_delay=0.01)
     server, thread, url = _serve(create_app(settings, state))
     yield SimpleNamespace(url=url, state=state, client=openai.OpenAI(base_url=url + "/v1", api_key="none"))
     server.should_exit = True
@@ -197,6 +200,7 @@ def test_dropped_stream_frees_its_slot(live):
     while running() and time.time() < deadline:
         time.sleep(0.05)
     assert running() == 0
+    assert _metric(live.url, "reasonmaxxer_cancelled_requests_total") >= 1
 
 
 def test_admin_refuses_a_corrupt_adapter_and_loads_a_good_one(live, tiny_model, tmp_path):
@@ -231,6 +235,33 @@ def test_auth(tiny_model, tokenizer, metrics_open):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
         assert openai.OpenAI(base_url=url + "/v1", api_key="sekret").models.list().data[0].id == "tiny"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_non_stream_client_that_leaves_frees_its_slot(live):
+    cancelled = _metric(live.url, "reasonmaxxer_cancelled_requests_total")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(live.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 64,
+                                                       "ignore_eos": True, "n": 4}, timeout=0.3)
+    deadline = time.time() + 10
+    while httpx.get(live.url + "/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(live.url + "/health").json()["running"] == 0
+    assert _metric(live.url, "reasonmaxxer_cancelled_requests_total") - cancelled == 4
+
+
+def test_full_queue_answers_503(tiny_model, tokenizer):
+    state, settings = _state(tiny_model, tokenizer, max_waiting=0)
+    server, thread, url = _serve(create_app(settings, state))
+    try:
+        for stream in (False, True):
+            r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "stream": stream})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+        assert httpx.get(url + "/health").status_code == 200
+        text = httpx.get(url + "/metrics").text
+        assert 'reasonmaxxer_responses_total{status="503"} 2.0' in text
     finally:
         server.should_exit = True
         thread.join(10)
