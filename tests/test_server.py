@@ -265,3 +265,17 @@ def test_full_queue_answers_503(tiny_model, tokenizer):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_python_client_reads_gate_reports(live):
+    from reasonmaxxer.clients.client import SteeringClient
+
+    client = SteeringClient(live.url)
+    assert client.models() == ["tiny", "tiny-head"]
+    base = client.complete("tiny", "Natalia sold", max_tokens=8, temperature=0)[0]
+    assert base.steering["mode"] == "off" and base.gate_fired == 0 and base.completion_tokens == 8
+    steered = client.chat("tiny", [{"role": "user", "content": "hi"}], adapter="tiny-head", mode="always",
+                          max_tokens=6, temperature=0, n=2, seed=1)
+    assert len(steered) == 2 and all(a.gate_fired == a.completion_tokens == 6 and a.fire_rate == 1.0 for a in steered)
+    traced = client.complete("tiny-head", "x", trace=True, max_tokens=4, temperature=0)[0]
+    assert len(traced.steering["trace"]) == 4
