@@ -132,9 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=_serve)
 
+    from reasonmaxxer.clients.cli import add_command
     from reasonmaxxer.training.cli import add_commands
 
     add_commands(sub)
+    add_command(sub)
     return parser
 
 

@@ -1,0 +1,180 @@
+"""The A/B comparison: the same prompts with the same seeds to every arm, scored, with statistics.
+
+Contract: `run_ab(client, model, problems, arms, config, out_dir, score)` sends, for every problem and
+sample, one chat request per arm (same messages, same seed: the arms are paired), `config.concurrency` at a
+time, scores each answer with `score(text, gold, truncated)`, and appends it to `out_dir/samples.jsonl`
+as soon as it is scored. Running again with the same arguments resumes: done (arm, problem, sample)
+triples are skipped, nothing is duplicated; a changed configuration is refused (`out_dir/meta.json`).
+`aggregate(...)` gives per arm pass@1 with a 95% interval (problem-level bootstrap), the paired difference
+against `base` with its interval and an exact McNemar p-value, fire rate (mean and histogram), tokens per
+answer, tokens/s and latency percentiles, plus a few problems where the arms disagree. `write_outputs`
+writes `ab.json` (schema: `ab.schema.json` beside this file) and a self-contained `report.html`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, percentiles
+
+__all__ = ["AbConfig", "Arm", "aggregate", "parse_arms", "run_ab"]
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    adapter: str | None = None
+    mode: str = "off"
+    threshold: float | None = None
+
+
+def parse_arms(spec: str, thresholds: Sequence[float] = ()) -> list[Arm]:
+    """`base,ADAPTER:gated,ADAPTER:always`; each gated arm also runs at every threshold of the sweep."""
+    arms: list[Arm] = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item == "base":
+            arms.append(Arm("base"))
+            continue
+        adapter, _, mode = item.partition(":")
+        mode = mode or "gated"
+        if mode not in ("gated", "always"):
+            raise ValueError(f"arm {item!r}: mode must be gated or always (write ADAPTER:gated or ADAPTER:always)")
+        arms.append(Arm(item if ":" in item else f"{adapter}:{mode}", adapter, mode))
+        if mode == "gated":
+            arms += [Arm(f"{adapter}:gated@{t:g}", adapter, "gated", t) for t in thresholds]
+    if not arms:
+        raise ValueError("no arms: pass --arms base,ADAPTER:gated,...")
+    if len({a.name for a in arms}) != len(arms):
+        raise ValueError(f"arms repeat: {[a.name for a in arms]}")
+    return arms
+
+
+@dataclass
+class AbConfig:
+    samples: int = 1
+    max_tokens: int = 384
+    temperature: float = 0.6
+    top_p: float = 0.95
+    seed: int = 0
+    concurrency: int = 8
+
+
+def _meta(model: str, problems, arms: list[Arm], config: AbConfig) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "model": model, "arms": [asdict(a) for a in arms],
+            "config": asdict(config), "problems": {k: problems.selection.get(k) for k in
+                                                     ("path", "sha256", "preset", "offset", "limit", "seed", "count")}}
+
+
+def _open(out_dir: Path, meta: dict[str, Any]) -> tuple[Any, set[tuple[str, str, int]]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path, samples = out_dir / "meta.json", out_dir / "samples.jsonl"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if {k: v for k, v in old.items() if k != "config"} != {k: v for k, v in meta.items() if k != "config"} or \
+                {k: v for k, v in old["config"].items() if k != "concurrency"} != \
+                {k: v for k, v in meta["config"].items() if k != "concurrency"}:
+            raise ValueError(f"{out_dir} holds a run with other settings: pass another --out or delete it")
+    else:
+        meta_path.write_text(json.dumps(meta, indent=2))
+    done: set[tuple[str, str, int]] = set()
+    if samples.exists():
+        text = samples.read_text()
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            samples.write_text(text)
+        for line in text.splitlines():
+            r = json.loads(line)
+            done.add((r["arm"], r["problem_id"], r["sample"]))
+    return samples.open("a"), done
+
+
+def run_ab(client, model: str, problems, arms: list[Arm], config: AbConfig, out_dir: str | Path,
+           score: Callable[[str, str, bool], float], progress: bool = True) -> list[dict[str, Any]]:
+    """Run the missing (arm, problem, sample) requests; return every record of the run."""
+    out_dir = Path(out_dir)
+    f, done = _open(out_dir, _meta(model, problems, arms, config))
+    todo = [(arm, p, k) for p in problems.problems for k in range(config.samples) for arm in arms
+            if (arm.name, p.id, k) not in done]
+    lock = threading.Lock()
+
+    def one(arm: Arm, problem, k: int) -> None:
+        seed = config.seed * 1_000_003 + problem.index * 1009 + k  # the same for every arm: paired samples
+        messages = [{"role": "user", "content": f"{problem.question}\n\n{INSTRUCTION}"}]
+        start = time.perf_counter()
+        answer = client.chat(model, messages, adapter=arm.adapter, mode=arm.mode if arm.adapter else None,
+                             threshold=arm.threshold, max_tokens=config.max_tokens, temperature=config.temperature,
+                             top_p=config.top_p, seed=seed)[0]
+        latency = time.perf_counter() - start
+        truncated = answer.finish_reason == "length"
+        record = {"arm": arm.name, "problem_id": problem.id, "sample": k, "seed": seed, "gold": problem.answer,
+                  "text": answer.text, "finish_reason": answer.finish_reason, "tokens": answer.completion_tokens,
+                  "gate_fired": answer.gate_fired, "fire_rate": answer.fire_rate, "latency_s": latency,
+                  "reward": float(score(answer.text, problem.answer, truncated))}
+        with lock:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    with f, ThreadPoolExecutor(config.concurrency) as pool:
+        futures = [pool.submit(one, *item) for item in todo]
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="ab", unit="req", disable=not progress):
+            fut.result()
+    return [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+
+
+def _arm_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    rewards, groups = [r["reward"] for r in rows], [r["problem_id"] for r in rows]
+    mean, (lo, hi) = bootstrap_mean(rewards, groups)
+    rates = [r["fire_rate"] for r in rows]
+    hist = [0] * 10
+    for x in rates:
+        hist[min(9, int(x * 10))] += 1
+    tokens, latency = sum(r["tokens"] for r in rows), sum(r["latency_s"] for r in rows)
+    return {"n": len(rows), "pass_at_1": mean, "ci95": [lo, hi], "fire_rate_mean": sum(rates) / max(1, len(rates)),
+            "fire_rate_histogram": hist, "tokens_per_answer": tokens / max(1, len(rows)),
+            "tokens_per_s": tokens / latency if latency else 0.0,
+            "latency_s": percentiles([r["latency_s"] for r in rows])}
+
+
+def aggregate(records: list[dict[str, Any]], arms: list[Arm], examples: int = 5) -> dict[str, Any]:
+    by_arm: dict[str, dict[tuple[str, int], dict[str, Any]]] = {a.name: {} for a in arms}
+    for r in records:
+        by_arm.setdefault(r["arm"], {})[(r["problem_id"], r["sample"])] = r
+    out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "arms": {}, "disagreements": []}
+    base = by_arm.get("base")
+    for arm in arms:
+        rows = by_arm[arm.name]
+        stats = {"adapter": arm.adapter, "mode": arm.mode, "threshold": arm.threshold,
+                 **_arm_stats(list(rows.values()))}
+        if base is not None and arm.name != "base":
+            keys = sorted(set(rows) & set(base))
+            a, b = [base[k]["reward"] for k in keys], [rows[k]["reward"] for k in keys]
+            diff, (lo, hi) = paired_bootstrap(a, b, [k[0] for k in keys])
+            stats["vs_base"] = {"pairs": len(keys), "diff": diff, "ci95": [lo, hi], "mcnemar_p": mcnemar_exact(a, b)}
+            for k, x, y in zip(keys, a, b, strict=True):
+                if x != y and len(out["disagreements"]) < examples:
+                    out["disagreements"].append({"arm": arm.name, "problem_id": k[0], "sample": k[1],
+                                                 "gold": rows[k]["gold"], "base_text": base[k]["text"],
+                                                 "arm_text": rows[k]["text"], "base_reward": base[k]["reward"],
+                                                 "arm_reward": rows[k]["reward"]})
+        out["arms"][arm.name] = stats
+    return out
+
+
+def write_outputs(summary: dict[str, Any], out_dir: str | Path, title: str = "ReasonMaxxer A/B") -> None:
+    from .report import render
+
+    out_dir = Path(out_dir)
+    (out_dir / "ab.json").write_text(json.dumps(summary, indent=2))
+    (out_dir / "report.html").write_text(render(summary, title))

@@ -1,0 +1,117 @@
+"""`reasonmaxxer ab`: compare arms (base, adapters gated / always, a threshold sweep) on held-out problems.
+
+Contract: checks everything it can before writing anything (the server answers, every arm's adapter is
+served, the problem file has the preset's fields), then runs `ab.run_ab` (resumable), and writes
+OUTDIR/ab.json and OUTDIR/report.html. With `--model` it starts `reasonmaxxer serve` itself on a free
+local port and stops it at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["add_command"]
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("ab", help="A/B comparison of steered against base on held-out problems")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server (ours, or any OpenAI-compatible one for a base arm)")
+    where.add_argument("--model", help="start a server on this model (known name, folder or hub id)")
+    p.add_argument("--adapter", action="append", default=[], help="with --model: adapter directories to serve")
+    p.add_argument("--api-key", default="none")
+    p.add_argument("--served-model", default=None, help="model id to send (default: the server's first model)")
+    p.add_argument("--problems", required=True)
+    p.add_argument("--preset", default=None)
+    p.add_argument("--question-field", default=None)
+    p.add_argument("--answer-field", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--arms", default="base", help="base,ADAPTER:gated,ADAPTER:always,...")
+    p.add_argument("--thresholds", default="", help="threshold sweep for each gated arm, e.g. 1.0,1.4,1.8")
+    p.add_argument("--max-tokens", type=int, default=384)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--verifier-fallbacks", default="boxed")
+    p.add_argument("--out", required=True, help="output folder (resumed if it holds the same run)")
+    p.set_defaults(func=run_ab_command)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(args):
+    if args.url:
+        yield args.url
+        return
+    port = _free_port()
+    cmd = [sys.executable, "-m", "reasonmaxxer.cli", "serve", "--model", args.model, "--port", str(port),
+           "--log-level", "warning"] + [x for a in args.adapter for x in ("--adapter", a)]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {proc.returncode}; see its messages above")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            if time.time() > deadline:
+                raise RuntimeError("the server did not become healthy within 10 minutes")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def run_ab_command(args) -> int:
+    import openai
+
+    from reasonmaxxer.training.problems import load_problems
+    from reasonmaxxer.training.verifier import Verifier
+
+    from .ab import AbConfig, aggregate, parse_arms, run_ab, write_outputs
+    from .client import SteeringClient
+
+    arms = parse_arms(args.arms, [float(t) for t in args.thresholds.split(",") if t.strip()])
+    problems = load_problems(args.problems, preset=args.preset, question_field=args.question_field,
+                             answer_field=args.answer_field, offset=args.offset, limit=args.limit)
+    with _server(args) as url:
+        client = SteeringClient(url, api_key=args.api_key, max_retries=0)
+        try:
+            served = client.models()
+        except openai.APIConnectionError as e:
+            raise RuntimeError(f"cannot reach a server at {url}: is it running, and is the URL right?") from e
+        missing = sorted({a.adapter for a in arms if a.adapter} - set(served))
+        if missing:
+            raise ValueError(f"the server at {url} does not serve adapter(s) {missing}; it serves {served}")
+        model = args.served_model or served[0]
+        config = AbConfig(samples=args.samples, max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, concurrency=args.concurrency)
+        fallbacks = tuple(x.strip() for x in args.verifier_fallbacks.split(",") if x.strip())
+        with Verifier(fallbacks=fallbacks) as verifier:
+            records = run_ab(client, model, problems, arms, config, args.out, verifier.score)
+    summary = aggregate(records, arms)
+    summary["problems"] = {k: problems.selection.get(k) for k in ("path", "preset", "offset", "limit", "count")}
+    write_outputs(summary, args.out, title=f"ReasonMaxxer A/B: {model} on {Path(args.problems).name}")
+    print(json.dumps({n: {k: a[k] for k in ("pass_at_1", "ci95", "fire_rate_mean")} | ({"vs_base": a["vs_base"]}
+                      if "vs_base" in a else {}) for n, a in summary["arms"].items()}, indent=2))
+    print(f"wrote {Path(args.out) / 'ab.json'} and {Path(args.out) / 'report.html'}")
+    return 0

@@ -1,0 +1,100 @@
+"""`reasonmaxxer ab` against a live server on a tiny model: every arm, a stable schema, a self-contained
+report, resume without duplicates or losses, and clear errors that write nothing."""
+
+import json
+import re
+from pathlib import Path
+
+import jsonschema
+import pytest
+from test_server import _serve, _state
+
+from reasonmaxxer.cli import main
+from reasonmaxxer.clients import ab as ab_module
+from reasonmaxxer.server.app import create_app
+
+SCHEMA = json.loads((Path(ab_module.__file__).parent / "ab.schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def url(tiny_model, tokenizer):
+    state, settings = _state(tiny_model, tokenizer)
+    server, thread, url = _serve(create_app(settings, state))
+    yield url
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture()
+def problems(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"q": f"What is {i} + 1?", "a": str(i + 1)}) + "\n" for i in range(4)))
+    return path
+
+
+def _args(url, problems, out, *extra):
+    return ["ab", "--url", url, "--problems", str(problems), "--question-field", "q", "--answer-field", "a",
+            "--samples", "2", "--max-tokens", "8", "--arms", "base,tiny-head:gated,tiny-head:always",
+            "--thresholds", "2.5", "--verifier-fallbacks", "boxed,last_number", "--out", str(out), *extra]
+
+
+def test_ab_run_writes_every_arm_a_valid_json_and_a_self_contained_report(url, problems, tmp_path):
+    out = tmp_path / "ab"
+    assert main(_args(url, problems, out)) == 0
+    summary = json.loads((out / "ab.json").read_text())
+    jsonschema.validate(summary, SCHEMA)
+    assert list(summary["arms"]) == ["base", "tiny-head:gated", "tiny-head:gated@2.5", "tiny-head:always"]
+    for name, arm in summary["arms"].items():
+        assert arm["n"] == 8
+        if name != "base":
+            assert arm["vs_base"]["pairs"] == 8
+    assert summary["arms"]["tiny-head:always"]["fire_rate_mean"] == 1.0
+    assert summary["arms"]["base"]["fire_rate_mean"] == 0.0
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "tiny-head:gated@2.5" in html
+    assert not re.search(r"(src|href)\s*=|https?://|@import", html)
+
+
+def test_interrupted_ab_resumes_without_duplicates_or_losses(url, problems, tmp_path, monkeypatch):
+    out = tmp_path / "ab"
+    real = ab_module.run_ab
+    calls = {"n": 0}
+
+    def dying_score_run(client, model, problems_, arms, config, out_dir, score, progress=True):
+        def score_then_die(text, gold, truncated):
+            calls["n"] += 1
+            if calls["n"] > 10:
+                raise KeyboardInterrupt
+            return score(text, gold, truncated)
+
+        return real(client, model, problems_, arms, config, out_dir, score_then_die, progress)
+
+    monkeypatch.setattr(ab_module, "run_ab", dying_score_run)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(url, problems, out, "--concurrency", "1"))
+    monkeypatch.setattr(ab_module, "run_ab", real)
+    partial = (out / "samples.jsonl").read_text().splitlines()
+    assert len(partial) == 10
+    assert main(_args(url, problems, out)) == 0
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    keys = [(r["arm"], r["problem_id"], r["sample"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 4 * 4 * 2
+    assert [json.loads(x) for x in partial] == rows[:10]
+
+
+@pytest.mark.parametrize("case", ["url", "adapter", "fields"])
+def test_bad_input_fails_clearly_and_writes_nothing(url, problems, tmp_path, capsys, case):
+    out = tmp_path / "ab"
+    args = _args(url, problems, out)
+    if case == "url":
+        args[args.index("--url") + 1] = "http://127.0.0.1:9"
+        message = "cannot reach a server"
+    elif case == "adapter":
+        args[args.index("--arms") + 1] = "base,nope:gated"
+        message = "does not serve adapter(s) ['nope']"
+    else:
+        args[args.index("--question-field") + 1] = "question"
+        message = "question"
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
