@@ -1,7 +1,7 @@
 """From an OpenAI request to engine requests and back: steering resolution, limits, choices, chunks.
 
 Contract: `plan(...)` turns a validated request into one engine `Request` per choice (prompt x n) or raises
-`ApiError` (status + OpenAI error type + message). `run_all` awaits every choice; `stream_all` yields
+`ApiError` (status + OpenAI error type + message). `stream_all` yields
 (choice index, event) as events arrive and cancels every unfinished choice if the consumer stops.
 Choice i of a request with `seed` s samples with seed s + i, so n > 1 gives different, reproducible choices.
 """
@@ -17,7 +17,7 @@ from typing import Any
 from reasonmaxxer.steering.request import GateReport, Request, SteeringParams, TokenEvent
 from reasonmaxxer.steering.sampling import SamplingParams
 
-__all__ = ["ApiError", "Choice", "plan", "run_all", "stream_all", "usage"]
+__all__ = ["ApiError", "Choice", "plan", "stream_all", "usage"]
 
 
 class ApiError(Exception):
@@ -143,12 +143,6 @@ async def stream_all(engine, choices: list[Choice], on_cancel=None) -> AsyncIter
         if unfinished and on_cancel is not None:
             on_cancel(unfinished)
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def run_all(engine, choices: list[Choice]) -> list[Choice]:
-    async for _ in stream_all(engine, choices):
-        pass
-    return choices
 
 
 def usage(choices: list[Choice], prompt_counts: dict[int, int]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import torch
 
 from .adapters import HeadAdapter, LoraAdapter
 from .batch import Batch, forward_hidden
-from .gate import entropy, topk_candidates
+from .gate import entropy, gate_mask, topk_candidates
 from .lora import LoraRouter
 from .manifest import base_identity
 from .request import Completion, Request, TokenEvent
@@ -158,7 +158,7 @@ class Engine:
         logits = self.lm_head(hidden).float()  # (B, V) base (adapted for lora-always rows)
         h = entropy(logits)  # (B,)
         tau = torch.tensor([r.gate_tau for r in rows], device=h.device)  # (B,)
-        fired = (h > tau).tolist()
+        fired = gate_mask(h, tau).tolist()
         base_top = logits.argmax(dim=-1)  # (B,)
         steered = self._steer(rows, batch, hidden, logits, fired)
         params, gens = [r.params for r in rows], [r.generator for r in rows]

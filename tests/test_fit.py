@@ -9,7 +9,7 @@ from reasonmaxxer.steering.adapters import HeadAdapter, LoraAdapter
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.request import Request
 from reasonmaxxer.steering.sampling import SamplingParams
-from reasonmaxxer.training.fit import FitArgs, fit, prepare_items, select_problems
+from reasonmaxxer.training.fit import FitArgs, fit, head_diagnostics, prepare_items, select_problems
 
 
 def _records(rates: dict[str, list[float]]):
@@ -38,21 +38,6 @@ def rollouts(tiny_model, tokenizer, prompts):
     return records
 
 
-def _decision_logp_shift(model, items, adapter) -> tuple[float, float, float]:
-    """Mean change of log p at decision tokens for positive / negative advantage rollouts, and mean anchor KL."""
-    from reasonmaxxer.training.loss import head_kl, head_log_probs
-
-    w_u = model.get_output_embeddings().weight
-    pos, neg, kls = [], [], []
-    for it in items:
-        s, d = it.scored, it.decision
-        delta = adapter.delta(s.hidden, s.cand, w_u)
-        shift = head_log_probs(s.cand_logits, delta, s.lse, s.token_logit, s.token_slot) - (s.token_logit - s.lse)
-        (pos if it.advantage > 0 else neg).append(shift[d])
-        kls.append(head_kl(s.cand_logits[it.anchor], delta[it.anchor], s.lse[it.anchor]))
-    return torch.cat(pos).mean().item(), torch.cat(neg).mean().item(), torch.cat(kls).mean().item()
-
-
 def test_head_fit_raises_good_tokens_and_lowers_bad_ones(tiny_model, tokenizer, rollouts):
     args = FitArgs(kind="head", name="t-head", target_fire_rate=0.2, rank=8, lr=3e-3, epochs=6, accumulation=2,
                    warmup=2, keep_problems=10)
@@ -62,9 +47,9 @@ def test_head_fit_raises_good_tokens_and_lowers_bad_ones(tiny_model, tokenizer, 
     assert history[-1]["decision"] < history[0]["decision"]
     items, tau, _ = prepare_items(tiny_model, select_problems(rollouts, 10), args, progress=False)
     assert tau == pytest.approx(adapter.manifest.gate.tau)
-    up, down, kl = _decision_logp_shift(tiny_model, items, adapter)
-    assert up > 0 > down
-    assert kl < 0.05
+    d = head_diagnostics(tiny_model, items, adapter)
+    assert d["logp_shift_positive"] > 0 > d["logp_shift_negative"]
+    assert d["anchor_kl"] < 0.05
     assert adapter.manifest.gate.measured_fire_rate == pytest.approx(0.2, abs=0.02)
 
 
