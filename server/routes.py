@@ -69,7 +69,12 @@ def _prepare(request: Request, body, prompts: list[list[int]], max_tokens: int):
     steering = resolve_steering(body.model, s.served_name, s.adapters, body.steering)
     n_top = _logprobs_n(body)
     check_limits(s.settings, body.n, max_tokens, body.stop_list, n_top)
-    return plan(body, prompts, max_tokens, n_top, steering, s.engine.engine.max_model_len)
+    choices = plan(body, prompts, max_tokens, n_top, steering, s.engine.max_model_len)
+    try:
+        s.engine.check(choices[0].request)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="steering") from e
+    return choices
 
 
 @router.post("/v1/completions")
@@ -89,7 +94,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                                    return_dict=False))
     except ValueError as e:
         raise ApiError(400, f"messages: {e}", param="messages") from e
-    context = s.engine.engine.max_model_len
+    context = s.engine.max_model_len
     max_tokens = body.token_budget or max(1, min(s.settings.max_tokens_limit, context - len(ids)))
     choices = _prepare(request, body, [ids], max_tokens)
     return await _respond(request, body, choices, chat=True)
@@ -167,7 +172,7 @@ class AdapterLoad(BaseModel):
 async def list_adapters(request: Request) -> dict[str, Any]:
     s = _state(request)
     data = []
-    for name, adapter in sorted(s.engine.engine.adapters.items()):
+    for name, adapter in sorted(s.engine.adapters.items()):
         m = adapter.manifest
         data.append({"id": name, "object": "adapter", "kind": m.kind, "path": s.adapter_paths.get(name),
                      "tau": m.gate.tau, "top_k": m.top_k, "measured_fire_rate": m.gate.measured_fire_rate,
@@ -182,7 +187,7 @@ async def load_adapter_route(body: AdapterLoad, request: Request) -> dict[str, A
     s = _state(request)
     try:
         adapter = await asyncio.to_thread(load_adapter, body.path)
-        await asyncio.to_thread(s.engine.engine.add_adapter, adapter)
+        await asyncio.to_thread(s.engine.add_adapter, adapter)
     except (AdapterError, ValueError) as e:
         raise ApiError(400, str(e), param="path") from e
     s.adapter_paths[adapter.name] = body.path
@@ -193,7 +198,7 @@ async def load_adapter_route(body: AdapterLoad, request: Request) -> dict[str, A
 async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
     s = _state(request)
     try:
-        s.engine.engine.remove_adapter(name)
+        s.engine.remove_adapter(name)
     except KeyError as e:
         raise ApiError(404, f"no adapter named '{name}' is loaded", code="adapter_not_found") from e
     s.adapter_paths.pop(name, None)

@@ -7,6 +7,8 @@ overrides it. Limits bound what one request may ask for (over a limit: HTTP 400 
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -26,7 +28,8 @@ class Settings(BaseSettings):
     metrics_open: bool = Field(default=True, description="serve /metrics without the API key")
     dtype: str = "bfloat16"
     device: str = "cpu"
-    backend: str = Field(default="transformers", description="transformers (vllm: see its issue)")
+    backend: Literal["transformers", "vllm"] = Field(
+        default="transformers", description="transformers (embedded engine) or vllm (needs the vllm extra)")
     max_batch_size: int = Field(default=32, ge=1, description="requests decoded together")
     max_waiting: int = Field(default=256, ge=0, description="queued requests before 503")
     max_tokens_limit: int = Field(default=4096, ge=1, description="largest max_tokens a request may ask")
@@ -34,3 +37,11 @@ class Settings(BaseSettings):
     max_top_logprobs: int = Field(default=20, ge=0)
     max_stop: int = Field(default=16, ge=0)
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: wait this long for requests")
+    # vLLM engine arguments (backend vllm only), passed through to vllm.AsyncEngineArgs.
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs to shard the model over")
+    max_model_len: int | None = Field(default=None, ge=16, description="vllm: context length (default: model's)")
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="vllm: GPU memory share")
+    kv_cache_gb: float | None = Field(default=None, gt=0, description="vllm: KV cache GiB (on CPU too)")
+    enforce_eager: bool = Field(default=False, description="vllm: no graph compilation (faster start)")
+    vllm_lora_rank: int | None = Field(default=None, ge=1, description="vllm: enable LoRA up to this rank")
+    vllm_args: dict[str, Any] = Field(default_factory=dict, description="vllm: more engine arguments (JSON)")

