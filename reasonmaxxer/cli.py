@@ -59,18 +59,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_object(text: str) -> dict:
-    import json
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e})") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"enable_prefix_caching\": false}'")
-    return value
-
-
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -148,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip graph compilation: faster start-up, slower decoding")
     v.add_argument("--vllm-lora-rank", dest="vllm_lora_rank", type=int, default=None,
                    help="enable vLLM LoRA up to this rank (implied by a lora --adapter)")
-    v.add_argument("--vllm-args", dest="vllm_args", type=_json_object, default=None,
+    from reasonmaxxer.training.cli import json_object
+
+    v.add_argument("--vllm-args", dest="vllm_args", type=json_object, default=None,
                    help='more vllm engine arguments as JSON, e.g. \'{"enable_prefix_caching": false}\'')
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None)
     p.add_argument("--max-waiting", dest="max_waiting", type=int, default=None, help="queued requests before 503")

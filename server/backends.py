@@ -28,7 +28,9 @@ def adapter_paths(settings: Settings) -> list[str]:
 def start_engine(settings: Settings, adapters: list) -> tuple[Any, Any, str]:
     name = settings.served_name or settings.model
     if settings.backend == "vllm":
-        tokenizer = _tokenizer(settings.model)
+        from reasonmaxxer.steering.models import load_tokenizer
+
+        tokenizer = load_tokenizer(settings.model)
         return _start_vllm(settings, adapters, tokenizer), tokenizer, name
     from reasonmaxxer.steering.async_engine import AsyncEngine
     from reasonmaxxer.steering.engine import Engine
@@ -69,14 +71,3 @@ def _start_vllm(settings: Settings, adapters: list, tokenizer):
     path = str(resolve_model(settings.model))
     return VllmEngine.start(path, tokenizer, settings.max_waiting, lora_rank,
                             vllm_engine_args(settings), settings.served_name or settings.model)
-
-
-def _tokenizer(spec: str):
-    from transformers import AutoTokenizer
-
-    from reasonmaxxer.steering.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec))
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

@@ -340,7 +340,12 @@ def load_model(
     resolved_dtype = torch_dtype(dtype)
     path = resolve_model(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolved_dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of `spec` (see resolve_model); pad falls back to eos."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return tokenizer

@@ -33,6 +33,17 @@ def _problem_flags(p: argparse.ArgumentParser, prefix: str = "", required: bool 
     p.add_argument(f"{dash}selection-seed", type=int, default=None, help="shuffle rows with this seed first")
 
 
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object (engine arguments passed through to vLLM)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('give a JSON object, e.g. \'{"enforce_eager": true}\'')
+    return value
+
+
 def _rollout_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=20, help="rollouts per problem")
     p.add_argument("--max-new-tokens", type=int, default=384)
@@ -41,6 +52,10 @@ def _rollout_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "paper"])
     p.add_argument("--concurrency", type=int, default=32, help="requests decoded together")
+    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
+                   help="decode engine for the rollouts: transformers (embedded) or vllm (the vllm extra; faster)")
+    p.add_argument("--vllm-args", type=json_object, default=None,
+                   help='more vllm engine arguments as JSON (--backend vllm), e.g. \'{"enforce_eager": true}\'')
     p.add_argument("--verifier-fallbacks", default="boxed",
                    help="answer extractors in order: boxed, gsm8k, answer_is, last_number")
 
@@ -96,21 +111,38 @@ def _verifier(args):
 
 
 def _do_rollouts(args, model, tokenizer, out: Path) -> dict[str, Any]:
-    from reasonmaxxer.steering.engine import Engine
-
     from .rollouts import run_rollouts
 
     problems = _load_problems(args)
-    engine = Engine(model, tokenizer, max_batch_size=args.concurrency, name=args.model)
-    with _verifier(args) as verifier:
-        return run_rollouts(engine, problems, _rollout_config(args), out, verifier.score)
+    engine = _rollout_engine(args, model, tokenizer)
+    try:
+        with _verifier(args) as verifier:
+            return run_rollouts(engine, problems, _rollout_config(args), out, verifier.score)
+    finally:
+        if args.backend == "vllm":
+            engine.close()
+
+
+def _rollout_engine(args, model, tokenizer):
+    if args.backend == "vllm":
+        from reasonmaxxer.steering.models import resolve_model
+        from reasonmaxxer.steering.vllm.offline import VllmOfflineEngine
+
+        engine_args = {"dtype": args.dtype or "bfloat16", "max_num_seqs": args.concurrency, **(args.vllm_args or {})}
+        return VllmOfflineEngine.start(str(resolve_model(args.model)), tokenizer, engine_args, name=args.model)
+    from reasonmaxxer.steering.engine import Engine
+
+    return Engine(model, tokenizer, max_batch_size=args.concurrency, name=args.model)
 
 
 def run_rollouts_command(args) -> int:
-    from reasonmaxxer.steering.models import load_model
+    from reasonmaxxer.steering.models import load_model, load_tokenizer
 
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    if args.backend == "vllm":  # vLLM loads the weights itself
+        model, tokenizer = None, load_tokenizer(args.model)
+    else:
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
     summary = _do_rollouts(args, model, tokenizer, Path(args.out))
     summary["wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(summary, indent=2))

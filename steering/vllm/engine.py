@@ -30,7 +30,7 @@ from reasonmaxxer.steering.rows import DEFAULT_TOP_K
 from . import apply_cpu_env, check_vllm_version, make_xargs
 from .reports import GateCollector
 
-__all__ = ["VllmEngine", "engine_args", "to_vllm_params"]
+__all__ = ["VllmEngine", "VllmSteering", "engine_args", "events_of", "to_vllm_params"]
 
 
 def engine_args(model_path: str, extra: dict[str, Any] | None = None, lora_rank: int | None = None) -> dict[str, Any]:
@@ -62,51 +62,21 @@ def to_vllm_params(request: Request, xargs: dict[str, Any]):
     )
 
 
-class VllmEngine:
-    """The server's engine on vLLM (see the module docstring)."""
+class VllmSteering:
+    """What both vLLM engines share: the adapter registry (validated against the served model, written to
+    a private folder the workers read), request checks, and steering -> extra_args / LoRA request."""
 
-    def __init__(self, llm, tokenizer, collector: GateCollector, max_waiting: int, max_num_seqs: int,
-                 lora_enabled_rank: int | None, identity):
-        self.llm, self.tokenizer, self.collector = llm, tokenizer, collector
-        self.max_waiting, self.max_num_seqs = max_waiting, max_num_seqs
+    def __init__(self, tokenizer, collector: GateCollector, lora_enabled_rank: int | None, identity,
+                 max_model_len: int):
+        self.tokenizer, self.collector = tokenizer, collector
         self.lora_rank = lora_enabled_rank
         self.identity = identity
-        self.max_model_len = int(llm.model_config.max_model_len)
+        self.max_model_len = max_model_len
         self.adapters: dict[str, HeadAdapter | LoraAdapter] = {}
         self._dirs: dict[str, str] = {}
         self._lora_ids: dict[str, int] = {}
         self._folder = tempfile.mkdtemp(prefix="reasonmaxxer-vllm-adapters-")
-        self._inflight = 0
         self.report_timeout = 30.0
-
-    @classmethod
-    def start(cls, model_path: str, tokenizer, max_waiting: int = 256, lora_rank: int | None = None,
-              extra_args: dict[str, Any] | None = None, served_name: str | None = None) -> VllmEngine:
-        check_vllm_version()
-        from transformers import AutoConfig
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.platforms import current_platform
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        if current_platform.is_cpu():
-            apply_cpu_env()
-        collector = GateCollector()
-        collector.export()
-        args = AsyncEngineArgs(**engine_args(model_path, extra_args, lora_rank))
-        llm = AsyncLLM.from_engine_args(args)
-        identity = config_identity(AutoConfig.from_pretrained(model_path), tokenizer, name=served_name)
-        max_seqs = int(llm.vllm_config.scheduler_config.max_num_seqs)
-        return cls(llm, tokenizer, collector, max_waiting, max_seqs, _lora_slot(lora_rank) if lora_rank else None,
-                   identity)
-
-    # ---- the AsyncEngine interface ---------------------------------------------------------------------
-    @property
-    def num_running(self) -> int:
-        return min(self._inflight, self.max_num_seqs)
-
-    @property
-    def num_waiting(self) -> int:
-        return max(0, self._inflight - self.max_num_seqs)
 
     def add_adapter(self, adapter: HeadAdapter | LoraAdapter) -> None:
         check_identity(adapter.name, adapter.manifest.base_model, self.identity)
@@ -150,44 +120,6 @@ class VllmEngine:
                 "processors): set steering.logprobs to 'base', or serve with --backend transformers"
             )
 
-    async def stream(self, request: Request) -> AsyncIterator[TokenEvent]:
-        self.check(request)
-        if self.num_waiting >= self.max_waiting:
-            raise EngineFull(f"{self.num_waiting} requests are already waiting: retry later")
-        report, xargs, lora = self._steering(request)
-        params = to_vllm_params(request, xargs)
-        rid = request.request_id
-        n_tokens, finished = 0, False
-        self._inflight += 1
-        try:
-            async for out in self.llm.generate({"prompt_token_ids": list(request.prompt_ids)}, params, rid,
-                                               lora_request=lora):
-                o = out.outputs[0]
-                ids, logprobs = list(o.token_ids), o.logprobs
-                done = out.finished
-                if done:
-                    finished = True
-                    await self._finish_report(rid, report, n_tokens + len(ids), request)
-                for j, token in enumerate(ids):
-                    last = j == len(ids) - 1
-                    lp, top = _logprobs(token, logprobs[j], request.sampling.logprobs) if logprobs else (None, None)
-                    yield TokenEvent(rid, token, o.text if last else "", lp, top,
-                                     _finish(o.finish_reason) if done and last else None,
-                                     report if done and last else None)
-                n_tokens += len(ids)
-        finally:
-            self._inflight -= 1
-            if not finished:
-                await self.llm.abort(rid)
-                self.collector.discard(rid)
-
-    async def _finish_report(self, rid: str, report: GateReport, n: int, request: Request) -> None:
-        records = await asyncio.to_thread(self.collector.take, rid, n, self.report_timeout)
-        report.tokens = n
-        report.gate_fired = sum(r.fired for r in records)
-        if report.trace is not None:
-            report.trace = [TraceEntry(r.position, r.entropy, r.fired, r.base_token, -1) for r in records]
-
     def _steering(self, request: Request):
         from vllm.lora.request import LoRARequest
 
@@ -205,10 +137,100 @@ class VllmEngine:
             lora = LoRARequest(adapter.name, self._lora_ids[adapter.name], self._dirs[adapter.name])
         return report, xargs, lora
 
-    def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        self.llm.shutdown()
+    def _report(self, rid: str, report: GateReport, n: int) -> GateReport:
+        """Fill `report` from the workers' records of the request's n tokens (blocking, bounded)."""
+        records = self.collector.take(rid, n, self.report_timeout)
+        report.tokens = n
+        report.gate_fired = sum(r.fired for r in records)
+        if report.trace is not None:
+            report.trace = [TraceEntry(r.position, r.entropy, r.fired, r.base_token, -1) for r in records]
+        return report
+
+    def _release(self) -> None:
         self.collector.close()
         shutil.rmtree(self._folder, ignore_errors=True)
+
+
+class VllmEngine(VllmSteering):
+    """The server's engine on vLLM (see the module docstring)."""
+
+    def __init__(self, llm, tokenizer, collector: GateCollector, max_waiting: int, max_num_seqs: int,
+                 lora_enabled_rank: int | None, identity):
+        super().__init__(tokenizer, collector, lora_enabled_rank, identity, int(llm.model_config.max_model_len))
+        self.llm, self.max_waiting, self.max_num_seqs = llm, max_waiting, max_num_seqs
+        self._inflight = 0
+
+    @classmethod
+    def start(cls, model_path: str, tokenizer, max_waiting: int = 256, lora_rank: int | None = None,
+              extra_args: dict[str, Any] | None = None, served_name: str | None = None) -> VllmEngine:
+        check_vllm_version()
+        from transformers import AutoConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if current_platform.is_cpu():
+            apply_cpu_env()
+        collector = GateCollector()
+        collector.export()
+        args = AsyncEngineArgs(**engine_args(model_path, extra_args, lora_rank))
+        llm = AsyncLLM.from_engine_args(args)
+        identity = config_identity(AutoConfig.from_pretrained(model_path), tokenizer, name=served_name)
+        max_seqs = int(llm.vllm_config.scheduler_config.max_num_seqs)
+        return cls(llm, tokenizer, collector, max_waiting, max_seqs, _lora_slot(lora_rank) if lora_rank else None,
+                   identity)
+
+    # ---- the AsyncEngine interface ---------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return min(self._inflight, self.max_num_seqs)
+
+    @property
+    def num_waiting(self) -> int:
+        return max(0, self._inflight - self.max_num_seqs)
+
+    async def stream(self, request: Request) -> AsyncIterator[TokenEvent]:
+        self.check(request)
+        if self.num_waiting >= self.max_waiting:
+            raise EngineFull(f"{self.num_waiting} requests are already waiting: retry later")
+        report, xargs, lora = self._steering(request)
+        rid, n_tokens, finished = request.request_id, 0, False
+        self._inflight += 1
+        try:
+            prompt = {"prompt_token_ids": list(request.prompt_ids)}
+            async for out in self.llm.generate(prompt, to_vllm_params(request, xargs), rid, lora_request=lora):
+                n_tokens += len(out.outputs[0].token_ids)
+                if out.finished:
+                    finished = True
+                    await asyncio.to_thread(self._report, rid, report, n_tokens)
+                for event in events_of(rid, out, report, request.sampling.logprobs):
+                    yield event
+        finally:
+            self._inflight -= 1
+            if not finished:
+                await self.llm.abort(rid)
+                self.collector.discard(rid)
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        self.llm.shutdown()
+        self._release()
+
+
+def events_of(rid: str, out, report: GateReport, n_logprobs: int | None) -> list[TokenEvent]:
+    """One vLLM delta output -> one TokenEvent per new token; the text rides on the last one, and so do
+    the finish reason and report when the request finished."""
+    o = out.outputs[0]
+    ids, logprobs = list(o.token_ids), o.logprobs
+    events = []
+    for j, token in enumerate(ids):
+        last = j == len(ids) - 1
+        lp, top = _logprobs(token, logprobs[j], n_logprobs) if logprobs else (None, None)
+        done = out.finished and last
+        reason = _finish(o.finish_reason) if done else None
+        events.append(TokenEvent(rid, token, o.text if last else "", lp, top, reason, report if done else None))
+    if not ids and out.finished:
+        events.append(TokenEvent(rid, None, o.text, finish_reason=_finish(o.finish_reason), report=report))
+    return events
 
 
 def _finish(reason: str | None) -> str:

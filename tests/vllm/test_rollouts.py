@@ -1,0 +1,44 @@
+"""`reasonmaxxer rollouts --backend vllm`: the offline engine behind training/rollouts.py, as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "svamp" / "test.jsonl"
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"no SVAMP file at {DATA} (see ../shared/data/MANIFEST.md)")
+def test_rollouts_on_vllm_write_resume_and_match_the_model(smol, tmp_path, collector):
+    from reasonmaxxer.steering.manifest import base_identity
+
+    out = tmp_path / "r.jsonl"
+    cmd = [sys.executable, "-m", "reasonmaxxer.cli", "rollouts", "--backend", "vllm", "--problems", str(DATA),
+           "--limit", "2", "--samples", "2", "--max-new-tokens", "48", "--out", str(out),
+           "--vllm-args", '{"enforce_eager": true, "max_model_len": 1024}']
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    meta, records = lines[0]["meta"], lines[1:]
+    assert len(records) == 4 and {(r["row"], r["sample"]) for r in records} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert all(r["completion_ids"] and r["text"] for r in records)
+    _, model, tokenizer = smol
+    assert meta["model"]["fingerprint"] == base_identity(model, tokenizer).fingerprint  # fit accepts the file
+    lines_out = run.stdout.splitlines()
+    start = lines_out.index("{")  # the summary, among vLLM's log lines
+    end = lines_out.index("}", start)
+    assert json.loads("\n".join(lines_out[start:end + 1]))["rollouts"] == 4
+
+    kept = out.read_text().splitlines()[:3]  # an interrupted run: the meta line and two records
+    out.write_text("\n".join(kept) + "\n")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records2 = [json.loads(x) for x in out.read_text().splitlines()[1:]]
+    assert records2[:2] == records[:2] and len(records2) == 4
+    assert sorted((r["row"], r["sample"]) for r in records2) == [(0, 0), (0, 1), (1, 0), (1, 1)]
