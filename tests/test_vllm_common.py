@@ -23,6 +23,8 @@ def test_xargs_round_trip_keeps_infinite_thresholds():
                      "trace": True}
     assert rv.parse_xargs(rv.make_xargs("r", "always", -math.inf, "/a"))["tau"] == -math.inf
     assert rv.parse_xargs(None) is None and rv.parse_xargs({"other": 1}) is None
+    flat = {rv.XARGS_KEY: '{"rid": "h", "mode": "gated", "tau": 1.5, "adapter": "/a"}'}  # vllm_xargs over HTTP
+    assert rv.parse_xargs(flat)["tau"] == 1.5
 
 
 @pytest.mark.parametrize("x, message", [
@@ -33,7 +35,8 @@ def test_xargs_round_trip_keeps_infinite_thresholds():
     ({"mode": "gated", "adapter": "/a", "tau": "high"}, "must be a number"),
     ({"mode": "gated", "adapter": "/a", "tau": -1}, ">= 0"),
     ({"mode": "gated", "adapter": "/a", "top_k": 0}, "top_k must be >= 1"),
-    ("gated", "must be an object"),
+    ("gated", "not JSON"),
+    (3, "must be an object"),
 ])
 def test_bad_xargs_say_what_to_fix(x, message):
     with pytest.raises(ValueError, match=message):

@@ -3,11 +3,13 @@
 
 This module imports nothing from vLLM: it holds what both sides agree on. `XARGS_KEY` is the key of
 `SamplingParams.extra_args` that carries a request's steering; `make_xargs` builds it, `parse_xargs`
-validates it (both sides call it; a bad value is a ValueError, so vLLM's own server answers 400).
+validates it (both sides call it; a bad value is a ValueError, so vLLM's own server answers 400). Over
+vLLM's HTTP API, whose `vllm_xargs` holds flat values only, send the object as a JSON string.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any
@@ -62,6 +64,11 @@ def parse_xargs(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
     if not extra_args or XARGS_KEY not in extra_args:
         return None
     x = extra_args[XARGS_KEY]
+    if isinstance(x, str):  # vLLM's HTTP `vllm_xargs` takes flat values only: the object as a JSON string
+        try:
+            x = json.loads(x)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"extra_args.{XARGS_KEY} is a string but not JSON ({e})") from e
     if not isinstance(x, dict):
         raise ValueError(f"extra_args.{XARGS_KEY} must be an object with rid, mode, tau, adapter, kind, top_k")
     mode = x.get("mode", "off")

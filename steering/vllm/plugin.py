@@ -141,29 +141,31 @@ class GateLogitsProcessor(LogitsProcessor):
         if self._plan is None:
             self._plan = _Plan.build(self.rows, self.device)
         plan = self._plan
-        base = logits[plan.index]  # (m, V) a copy: the base logits of our rows
+        whole = plan.covers(logits.shape[0])
+        base = logits if whole else logits[plan.index]  # (m, V): a view when every row is ours, else a copy
         ent = entropy(base)  # (m,)
         fired = ent > plan.tau  # (m,) strict; off rows have tau = +inf, always rows -inf
+        base_tok = base.argmax(-1) if plan.any_trace and self.sender is not None else None  # before any change
         for group in plan.heads:
-            sel = group.sel
-            logits[plan.index[sel]] = self._head(base[sel], fired[sel], group, plan)
+            self._head(logits, base, fired, group, plan)
         if self.sender is not None:
-            base_tok = base.argmax(-1) if plan.any_trace else None
             meta = [(r.rid, len(r.output_ids)) for r in plan.rows]
             self.sender.put(meta, ent, fired, base_tok, _event_if_cuda(ent))
         return logits
 
-    def _head(self, base: torch.Tensor, fired: torch.Tensor, group: _HeadGroup, plan: _Plan):
-        """Base logits of one head adapter's rows, corrected where fired. base (n, V) -> (n, V)."""
+    def _head(self, logits: torch.Tensor, base: torch.Tensor, fired: torch.Tensor, group: _HeadGroup, plan: _Plan):
+        """Add one head adapter's correction to its rows' top-k candidates, in place, where fired."""
         A, B, scale = self.heads.get(group.path)
-        hidden = _STASH.hidden[plan.index[group.sel]].float()  # (n, d)
-        cand = topk_candidates(base, group.k)  # (n, k)
+        rows = plan.index[group.sel]  # (n,) batch rows
+        sub = base if group.whole else base[group.sel]  # (n, V) base logits (untouched by other groups)
+        cand = topk_candidates(sub, group.k)  # (n, k)
+        hidden = _STASH.hidden[rows].float()  # (n, d)
         u = (hidden @ A.T) @ B.T  # (n, d)
         w = _unembed_rows(_STASH.lm_head, cand)  # (n, k, d)
-        delta = scale * torch.einsum("nkd,nd->nk", w, u) * fired[:, None]  # (n, k), 0 where not fired
+        delta = scale * torch.einsum("nkd,nd->nk", w, u) * fired[group.sel, None]  # (n, k), 0 where not fired
         if group.keep is not None:  # rows asking for fewer candidates than the group's largest k
             delta = delta * group.keep
-        return base.scatter_add(1, cand, delta)
+        logits.index_put_((rows[:, None].expand_as(cand), cand), delta, accumulate=True)
 
 
 @dataclass
@@ -172,6 +174,7 @@ class _HeadGroup:
     sel: torch.Tensor  # (n,) positions into _Plan.index of this adapter's rows
     k: int  # the largest candidate count its rows ask for
     keep: torch.Tensor | None  # (n, k) which candidates each row keeps, None when all ask for k
+    whole: bool  # its rows are all of _Plan.index (sel is 0..m-1)
 
 
 @dataclass
@@ -183,6 +186,11 @@ class _Plan:
     tau: torch.Tensor  # (m,)
     heads: list[_HeadGroup]
     any_trace: bool
+    dense: bool  # index is 0..m-1
+
+    def covers(self, batch: int) -> bool:
+        """Every row of a batch of `batch` rows is ours, in order: work on the logits without copying."""
+        return self.dense and len(self.rows) == batch
 
     @classmethod
     def build(cls, rows: dict[int, _Row], device: torch.device) -> _Plan:
@@ -200,9 +208,9 @@ class _Plan:
             keep = None
             if len(set(ks)) > 1:
                 keep = torch.arange(k, device=device) < torch.tensor(ks, device=device)[:, None]  # (n, k)
-            heads.append(_HeadGroup(path, torch.tensor(js, device=device), k, keep))
+            heads.append(_HeadGroup(path, torch.tensor(js, device=device), k, keep, len(js) == len(rs)))
         return cls(rs, torch.tensor(order, device=device), torch.tensor(taus, dtype=torch.float32, device=device),
-                   heads, any(r.trace for r in rs))
+                   heads, any(r.trace for r in rs), order == list(range(len(order))))
 
 
 def _unembed_rows(lm_head, cand: torch.Tensor) -> torch.Tensor:
