@@ -121,6 +121,39 @@ def summarize(results: dict, tokens: int, base: str) -> dict:
     return out
 
 
+def processor_cost(path: str, adapter: str, tau: float, batch_sizes: list[int], iters: int = 30) -> dict:
+    """Noise-free view of what the plugin adds per decode step: `GateLogitsProcessor.apply` alone on
+    (B, V) fp32 logits, ms per call, per arm (the engine runs above are +-15% noisy on this VM)."""
+    import torch
+    from transformers import AutoConfig
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from reasonmaxxer.steering.vllm import make_xargs, plugin
+
+    cfg = AutoConfig.from_pretrained(path)
+    lm_head = torch.nn.Embedding(cfg.vocab_size, cfg.hidden_size).to(torch.bfloat16)
+    out: dict = {}
+    for b in batch_sizes:
+        out[b] = {}
+        for mode in ("off", "gated", "always"):
+            proc = plugin.GateLogitsProcessor(None, torch.device("cpu"), False)
+            proc.sender = None  # compute only
+            added = [(i, SamplingParams(extra_args=make_xargs(f"p{i}", mode, tau, adapter)), None, [0] * 10)
+                     for i in range(b)]
+            proc.update_state(BatchUpdate(batch_size=b, removed=[], added=added, moved=[]))
+            plugin._STASH.hidden = torch.randn(b, cfg.hidden_size).to(torch.bfloat16)
+            plugin._STASH.lm_head = lm_head
+            logits = [torch.randn(b, cfg.vocab_size) * 4 for _ in range(iters + 3)]
+            for x in logits[:3]:
+                proc.apply(x)
+            start = time.perf_counter()
+            for x in logits[3:]:
+                proc.apply(x)
+            out[b][mode] = 1000 * (time.perf_counter() - start) / iters
+    return out
+
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -214,6 +247,8 @@ def main() -> None:
         arms = engine_arms(plain, steered, collector, adapter, tau, ids_by_c[c], args.new_tokens)
         report["engines"][c] = {"tau": tau, **summarize(interleave(arms, args.repeats), c * args.new_tokens, "plain")}
         print(json.dumps({c: report["engines"][c]}), flush=True)
+    report["processor_ms"] = processor_cost(path, adapter, report["engines"][cs[-1]]["tau"], cs)
+    print(json.dumps({"processor_ms": report["processor_ms"]}), flush=True)
     plain.llm_engine.engine_core.shutdown()
     steered.llm_engine.engine_core.shutdown()
     del plain, steered
@@ -246,6 +281,12 @@ def print_table(report: dict) -> None:
         print(f"{c:>5} {r['plain']['tok_s']:8.1f} {r['plugin-off']['tok_s']:11.1f} {r['gated']['tok_s']:8.1f} "
               f"{r['always']['tok_s']:8.1f}  {r['gated']['fire_rate']:5.3f}  {r['plugin-off']['ratio']:9.3f} "
               f"{r['gated']['ratio']:11.3f} {r['always']['ratio']:12.3f}")
+    if report.get("processor_ms"):
+        print("\nGateLogitsProcessor.apply alone, ms per decode step (vs the plain engine's step time)")
+        for c, r in report["processor_ms"].items():
+            step = 1000 * c / report["engines"][c]["plain"]["tok_s"]
+            print(f"{c:>5}  off {r['off']:6.2f}  gated {r['gated']:6.2f}  always {r['always']:6.2f}   "
+                  f"step {step:6.1f} ms  gated share {r['gated'] / step:6.1%}")
     if report["servers"]:
         print("\nservers, tokens/s over HTTP (ratio: ours / vLLM's OpenAI server)")
         print(f"{'conc':>5} {'ours':>8} {'vllm-server':>12} {'ours/vllm':>10}")
