@@ -13,7 +13,8 @@ Loaded by vLLM, never imported by code that runs without vLLM:
    "top_k": int, "trace": bool}. Rows without it are not touched and cost nothing. For steered rows it
   computes the base entropy (fp32), fires where entropy > tau (strict; off: never, always: every row),
   and adds scale * W_U[c] (B A h) on the base top-k candidates c of fired `head` rows; it is computed for
-  every head row and multiplied by the fired mask, so the step needs no host synchronisation. `lora`
+  every head row and multiplied by the fired mask, so the step needs no host synchronisation (on the
+  CPU, where that costs nothing, only the fired rows are touched). `lora`
   rows are adapted by vLLM's native LoRA (always mode only); the processor only reports them.
 - Gate records go to the serving process through `reports.ReportSender`.
 """
@@ -154,17 +155,28 @@ class GateLogitsProcessor(LogitsProcessor):
         return logits
 
     def _head(self, logits: torch.Tensor, base: torch.Tensor, fired: torch.Tensor, group: _HeadGroup, plan: _Plan):
-        """Add one head adapter's correction to its rows' top-k candidates, in place, where fired."""
+        """Add one head adapter's correction to its rows' top-k candidates, in place, where fired.
+
+        On an accelerator every row of the group is corrected and the correction multiplied by the fired
+        mask (no host synchronisation); on the CPU, where reading the mask costs nothing, only the rows
+        that fired are touched (at a 3% fire rate that skips the top-k of almost every row)."""
         A, B, scale = self.heads.get(group.path)
-        rows = plan.index[group.sel]  # (n,) batch rows
-        sub = base if group.whole else base[group.sel]  # (n, V) base logits (untouched by other groups)
+        sel, hit, keep, whole = group.sel, fired[group.sel], group.keep, group.whole
+        if logits.device.type == "cpu":
+            fired_pos = hit.nonzero().squeeze(1)  # (n',)
+            if fired_pos.numel() == 0:
+                return
+            sel, hit, whole = sel[fired_pos], hit[fired_pos], False
+            keep = None if keep is None else keep[fired_pos]
+        rows = plan.index[sel]  # (n,) batch rows
+        sub = base if whole else base[sel]  # (n, V) base logits (untouched by other groups)
         cand = topk_candidates(sub, group.k)  # (n, k)
         hidden = _STASH.hidden[rows].float()  # (n, d)
         u = (hidden @ A.T) @ B.T  # (n, d)
         w = _unembed_rows(_STASH.lm_head, cand)  # (n, k, d)
-        delta = scale * torch.einsum("nkd,nd->nk", w, u) * fired[group.sel, None]  # (n, k), 0 where not fired
-        if group.keep is not None:  # rows asking for fewer candidates than the group's largest k
-            delta = delta * group.keep
+        delta = scale * torch.einsum("nkd,nd->nk", w, u) * hit[:, None]  # (n, k), 0 where not fired
+        if keep is not None:  # rows asking for fewer candidates than the group's largest k
+            delta = delta * keep
         logits.index_put_((rows[:, None].expand_as(cand), cand), delta, accumulate=True)
 
 
