@@ -38,20 +38,29 @@ class Arm:
     adapter: str | None = None
     mode: str = "off"
     threshold: float | None = None
+    rate: float | None = None  # mode random: fire probability (None: the adapter's measured fire rate)
 
 
 def parse_arms(spec: str, thresholds: Sequence[float] = ()) -> list[Arm]:
-    """`base,ADAPTER:gated,ADAPTER:always`; each gated arm also runs at every threshold of the sweep."""
+    """`base,ADAPTER:gated,ADAPTER:always,ADAPTER:random[@RATE]`; each gated arm also runs at every threshold
+    of the sweep. `random` is the random-position control: it fires with probability RATE per token
+    (default: the adapter's measured fire rate), whatever the entropy."""
     arms: list[Arm] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         if item == "base":
             arms.append(Arm("base"))
             continue
         adapter, _, mode = item.partition(":")
-        mode = mode or "gated"
-        if mode not in ("gated", "always"):
-            raise ValueError(f"arm {item!r}: mode must be gated or always (write ADAPTER:gated or ADAPTER:always)")
-        arms.append(Arm(item if ":" in item else f"{adapter}:{mode}", adapter, mode))
+        mode, _, rate = (mode or "gated").partition("@")
+        if mode not in ("gated", "always", "random") or (rate and mode != "random"):
+            raise ValueError(f"arm {item!r}: write ADAPTER:gated, ADAPTER:always or ADAPTER:random[@RATE]")
+        try:
+            fire = float(rate) if rate else None
+        except ValueError as e:
+            raise ValueError(f"arm {item!r}: the random arm's rate must be a number in [0, 1]") from e
+        if fire is not None and not 0 <= fire <= 1:
+            raise ValueError(f"arm {item!r}: the random arm's rate must be a number in [0, 1]")
+        arms.append(Arm(item if ":" in item else f"{adapter}:{mode}", adapter, mode, rate=fire))
         if mode == "gated":
             arms += [Arm(f"{adapter}:gated@{t:g}", adapter, "gated", t) for t in thresholds]
     if not arms:
@@ -114,7 +123,8 @@ def run_ab(client, model: str, problems, arms: list[Arm], config: AbConfig, out_
         messages = [{"role": "user", "content": f"{problem.question}\n\n{INSTRUCTION}"}]
         start = time.perf_counter()
         answer = client.chat(model, messages, adapter=arm.adapter, mode=arm.mode if arm.adapter else None,
-                             threshold=arm.threshold, max_tokens=config.max_tokens, temperature=config.temperature,
+                             threshold=arm.threshold, rate=arm.rate, max_tokens=config.max_tokens,
+                             temperature=config.temperature,
                              top_p=config.top_p, seed=seed)[0]
         latency = time.perf_counter() - start
         truncated = answer.finish_reason == "length"

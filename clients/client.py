@@ -49,17 +49,19 @@ class SteeringClient:
         return [m.id for m in self.openai.models.list()]
 
     @staticmethod
-    def _steering(adapter, mode, threshold, top_k, trace) -> dict[str, Any]:
-        opts = {k: v for k, v in {"adapter": adapter, "mode": mode, "threshold": threshold, "top_k": top_k}.items()
-                if v is not None}
+    def _steering(adapter, mode, threshold, top_k, trace, rate=None) -> dict[str, Any]:
+        opts = {k: v for k, v in {"adapter": adapter, "mode": mode, "threshold": threshold, "top_k": top_k,
+                                  "rate": rate}.items() if v is not None}
         if trace:
             opts["trace"] = True
         return {"steering": opts} if opts else {}
 
     def chat(self, model: str, messages: list[dict[str, str]], *, adapter: str | None = None, mode: str | None = None,
-             threshold: float | None = None, top_k: int | None = None, trace: bool = False, **kwargs) -> list[Answer]:
-        """One `Answer` per choice (`n` in kwargs). Extra kwargs go to the SDK (max_tokens, seed, ...)."""
-        extra = {**kwargs.pop("extra_body", {}), **self._steering(adapter, mode, threshold, top_k, trace)}
+             threshold: float | None = None, top_k: int | None = None, trace: bool = False, rate: float | None = None,
+             **kwargs) -> list[Answer]:
+        """One `Answer` per choice (`n` in kwargs). Extra kwargs go to the SDK (max_tokens, seed, ...).
+        `rate`: the fire probability of mode random (the random-position control)."""
+        extra = {**kwargs.pop("extra_body", {}), **self._steering(adapter, mode, threshold, top_k, trace, rate)}
         r = self.openai.chat.completions.create(model=model, messages=messages, extra_body=extra or None, **kwargs)
         per = (r.usage.completion_tokens // len(r.choices)) if r.usage else 0
         return [Answer(c.message.content or "", c.finish_reason, (gate_report(c) or {}).get("tokens", per),

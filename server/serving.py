@@ -66,7 +66,8 @@ def resolve_steering(model: str, served_name: str, adapters: Sequence[str], opts
         mode = opts.mode or mode
     try:
         return SteeringParams(adapter=adapter, mode=mode, threshold=None if opts is None else opts.threshold,
-                              top_k=None if opts is None else opts.top_k, trace=bool(opts and opts.trace))
+                              top_k=None if opts is None else opts.top_k, trace=bool(opts and opts.trace),
+                              rate=None if opts is None else opts.rate)
     except ValueError as e:
         raise ApiError(400, str(e), param="steering") from e
 

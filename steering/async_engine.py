@@ -53,8 +53,12 @@ class AsyncEngine:
         self.engine.remove_adapter(name)
 
     def check(self, request: Request) -> None:
-        """Raise ValueError if this engine cannot run `request` as asked (nothing to check here yet:
-        `Engine.submit` validates adapters and lengths)."""
+        """Raise ValueError if this engine cannot run `request` as asked (`Engine.submit` checks the rest)."""
+        from .request import random_rate
+
+        st = request.steering
+        if st.mode == "random" and st.adapter in self.engine.adapters:
+            random_rate(st, self.engine.adapters[st.adapter].manifest)
 
     @property
     def num_running(self) -> int:

@@ -7,7 +7,9 @@ one token. It returns the `TokenEvent`s produced. `submit` and `cancel` may be c
 
 Per row, with h the final hidden state at the current position and `logits = W_U h` (float32):
 - mode `off`: the base distribution; the gate never fires.
-- mode `gated`: fires where H(softmax(logits)) > threshold; mode `always`: fires at every token.
+- mode `gated`: fires where H(softmax(logits)) > threshold; mode `always`: fires at every token; mode
+  `random` (the control): fires where a coin keyed by the request's seed and the position comes up,
+  with probability `rate`, whatever the entropy.
 - `head` adapter, where fired: logits[c] += scale * W_U[c] (B A h) on the base top-k candidates c.
   No extra forward pass; the KV cache is the base model's.
 - `lora` adapter, mode `always`: the row runs with the LoRA applied in every forward, prefill
@@ -34,7 +36,7 @@ import torch
 
 from .adapters import HeadAdapter, LoraAdapter
 from .batch import Batch, forward_hidden
-from .gate import entropy, gate_mask, topk_candidates
+from .gate import entropy, gate_mask, random_fire, topk_candidates
 from .lora import LoraRouter
 from .manifest import base_identity
 from .request import Completion, Request, TokenEvent
@@ -159,6 +161,9 @@ class Engine:
         h = entropy(logits)  # (B,)
         tau = torch.tensor([r.gate_tau for r in rows], device=h.device)  # (B,)
         fired = gate_mask(h, tau).tolist()
+        for i, r in enumerate(rows):
+            if r.random_rate is not None:  # the random-position control: a seeded coin instead of the gate
+                fired[i] = random_fire(r.request.gate_key, len(r.token_ids), r.random_rate)
         base_top = logits.argmax(dim=-1)  # (B,)
         steered = self._steer(rows, batch, hidden, logits, fired)
         params, gens = [r.params for r in rows], [r.generator for r in rows]

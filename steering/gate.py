@@ -5,6 +5,9 @@ Contract (DESIGN.md, "Words"):
   computed in float32 whatever the input dtype. Masked logits (-inf) contribute exactly 0.
 - `gate_mask(h, tau)` is `h > tau`, elementwise. tau = +inf never fires; the comparison is strict, so a
   row whose entropy equals tau does not fire.
+- `random_fire(key, position, rate)` is the random-position control's gate (mode `random`): it fires at
+  a (key, position) with probability `rate`, decided by a hash, so every backend and every rerun fires
+  at the same positions for the same key (the request's seed).
 - `topk_candidates(logits, k)` are the indices of the k largest base logits per row (the candidate set c
   on which a `head` adapter may move logits), ordered by decreasing logit.
 
@@ -13,11 +16,13 @@ Shapes: logits (B, V); entropies and thresholds (B,); candidates (B, k).
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
-__all__ = ["MODES", "entropy", "gate_mask", "topk_candidates"]
+__all__ = ["MODES", "entropy", "gate_mask", "random_fire", "topk_candidates"]
 
-MODES = ("off", "gated", "always")
+MODES = ("off", "gated", "always", "random")
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -39,6 +44,12 @@ def gate_mask(h: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
     if not torch.is_tensor(tau):
         tau = torch.tensor(float(tau), dtype=torch.float32, device=h.device)
     return h > tau.to(dtype=torch.float32, device=h.device)
+
+
+def random_fire(key: int, position: int, rate: float) -> bool:
+    """Fire at token `position` of the request keyed `key` with probability `rate` (blake2b of both)."""
+    digest = hashlib.blake2b(f"{key}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < rate * 2**64
 
 
 def topk_candidates(logits: torch.Tensor, k: int) -> torch.Tensor:

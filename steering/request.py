@@ -6,12 +6,15 @@ Contract:
 - The engine answers with `TokenEvent`s, one per generated token, in order; the last event of a request
   has `finish_reason` set ("stop", "length" or "cancelled") and carries its `GateReport`.
 - `GateReport.gate_fired` counts the generated tokens at which the adapter was applied: 0 in mode off,
-  the tokens whose base entropy exceeded the threshold in mode gated, every token in mode always.
+  the tokens whose base entropy exceeded the threshold in mode gated, every token in mode always, and in
+  mode random (the paper's random-position control) the tokens a seeded coin with probability `rate`
+  picked, whatever their entropy.
   `fire_rate` = gate_fired / tokens. With `trace`, `GateReport.trace` has one `TraceEntry` per token.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from .gate import MODES
 from .sampling import SamplingParams
 
-__all__ = ["Completion", "GateReport", "Request", "SteeringParams", "TokenEvent", "TraceEntry"]
+__all__ = ["Completion", "GateReport", "Request", "SteeringParams", "TokenEvent", "TraceEntry", "random_rate"]
 
 
 @dataclass
@@ -31,6 +34,8 @@ class SteeringParams:
     threshold: float | None = field(default=None, metadata={"help": "entropy gate in nats (>= 0, inf ok)"})
     top_k: int | None = field(default=None, metadata={"help": "candidate set size for head adapters"})
     trace: bool = field(default=False, metadata={"help": "return a per-token trace"})
+    rate: float | None = field(default=None, metadata={"help": "mode random: fire probability per token "
+                                                        "(default: the adapter's measured fire rate)"})
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -40,6 +45,8 @@ class SteeringParams:
         t = self.threshold
         if t is not None and (not isinstance(t, (int, float)) or math.isnan(t) or t < 0):
             raise ValueError(f"threshold must be a number >= 0 (nats; inf disables the gate), got {t!r}")
+        if self.rate is not None and not (isinstance(self.rate, (int, float)) and 0 <= self.rate <= 1):
+            raise ValueError(f"steering rate must be a probability in [0, 1], got {self.rate!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"steering top_k must be an integer >= 1, got {self.top_k!r}")
 
@@ -50,6 +57,24 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     steering: SteeringParams = field(default_factory=SteeringParams)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def gate_key(self) -> int:
+        """Key of mode random's coin: the sampling seed, so seeded requests fire at the same positions on
+        every backend and rerun (unseeded ones: a hash of the request id)."""
+        if self.sampling.seed is not None:
+            return int(self.sampling.seed)
+        digest = hashlib.blake2b(self.request_id.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
+
+
+def random_rate(steering: SteeringParams, manifest) -> float:
+    """Mode random's fire probability: the request's `rate`, else the adapter's measured fire rate."""
+    rate = steering.rate if steering.rate is not None else (manifest.gate.measured_fire_rate if manifest else None)
+    if rate is None:
+        raise ValueError("mode random needs a fire rate: pass steering.rate (e.g. the gated arm's measured fire "
+                         "rate), or use an adapter whose adapter.json records gate.measured_fire_rate")
+    return float(rate)
 
 
 @dataclass
@@ -69,6 +94,7 @@ class GateReport:
     tokens: int = 0
     gate_fired: int = 0
     trace: list[TraceEntry] | None = None
+    rate: float | None = None  # mode random only
 
     @property
     def fire_rate(self) -> float:
@@ -79,6 +105,8 @@ class GateReport:
             "adapter": self.adapter, "mode": self.mode, "threshold": self.threshold, "tokens": self.tokens,
             "gate_fired": self.gate_fired, "fire_rate": self.fire_rate,
         }
+        if self.rate is not None:
+            out["rate"] = self.rate
         if self.trace is not None:
             out["trace"] = [vars(t) for t in self.trace]
         return out

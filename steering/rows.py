@@ -16,7 +16,7 @@ import torch
 
 from .adapters import HeadAdapter, LoraAdapter
 from .detok import TextStream
-from .request import GateReport, Request, TokenEvent, TraceEntry
+from .request import GateReport, Request, TokenEvent, TraceEntry, random_rate
 from .sampling import make_generator, top_logprobs
 
 __all__ = ["Row"]
@@ -31,7 +31,8 @@ class Row:
         steering, self.request, self.adapter = request.steering, request, adapter
         manifest = adapter.manifest if adapter is not None else None
         tau = steering.threshold if steering.threshold is not None else (manifest.gate.tau if manifest else math.inf)
-        self.gate_tau = {"off": math.inf, "gated": float(tau), "always": -math.inf}[steering.mode]
+        self.gate_tau = {"off": math.inf, "gated": float(tau), "always": -math.inf, "random": math.inf}[steering.mode]
+        self.random_rate = random_rate(steering, manifest) if steering.mode == "random" else None  # a coin, not H
         self.cand_k = steering.top_k or (manifest.top_k if manifest else DEFAULT_TOP_K)
         self.lora_always = isinstance(adapter, LoraAdapter) and steering.mode == "always"
         self.generator = make_generator(request.sampling.seed, device)
@@ -41,8 +42,9 @@ class Row:
         self.report = GateReport(
             adapter=adapter.name if adapter is not None else None,
             mode=steering.mode,
-            threshold=float(tau) if steering.mode != "off" else None,
+            threshold=float(tau) if steering.mode in ("gated", "always") else None,
             trace=[] if steering.trace else None,
+            rate=self.random_rate,
         )
 
     @property

@@ -34,7 +34,8 @@ def problems(tmp_path):
 
 def _args(url, problems, out, *extra):
     return ["ab", "--url", url, "--problems", str(problems), "--question-field", "q", "--answer-field", "a",
-            "--samples", "2", "--max-tokens", "8", "--arms", "base,tiny-head:gated,tiny-head:always",
+            "--samples", "2", "--max-tokens", "8",
+            "--arms", "base,tiny-head:gated,tiny-head:always,tiny-head:random@0.5",
             "--thresholds", "2.5", "--verifier-fallbacks", "boxed,last_number", "--out", str(out), *extra]
 
 
@@ -43,13 +44,15 @@ def test_ab_run_writes_every_arm_a_valid_json_and_a_self_contained_report(url, p
     assert main(_args(url, problems, out)) == 0
     summary = json.loads((out / "ab.json").read_text())
     jsonschema.validate(summary, SCHEMA)
-    assert list(summary["arms"]) == ["base", "tiny-head:gated", "tiny-head:gated@2.5", "tiny-head:always"]
+    assert list(summary["arms"]) == ["base", "tiny-head:gated", "tiny-head:gated@2.5", "tiny-head:always",
+                                     "tiny-head:random@0.5"]
     for name, arm in summary["arms"].items():
         assert arm["n"] == 8
         if name != "base":
             assert arm["vs_base"]["pairs"] == 8
     assert summary["arms"]["tiny-head:always"]["fire_rate_mean"] == 1.0
     assert summary["arms"]["base"]["fire_rate_mean"] == 0.0
+    assert 0.2 < summary["arms"]["tiny-head:random@0.5"]["fire_rate_mean"] < 0.8  # the random control's coin
     html = (out / "report.html").read_text()
     assert "<svg" in html and "tiny-head:gated@2.5" in html
     assert not re.search(r"(src|href)\s*=|https?://|@import", html)
@@ -78,7 +81,7 @@ def test_interrupted_ab_resumes_without_duplicates_or_losses(url, problems, tmp_
     assert main(_args(url, problems, out)) == 0
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     keys = [(r["arm"], r["problem_id"], r["sample"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 4 * 4 * 2
+    assert len(keys) == len(set(keys)) == 5 * 4 * 2  # arms x problems x samples
     assert [json.loads(x) for x in partial] == rows[:10]
 
 

@@ -247,3 +247,17 @@ def test_removed_adapter_finishes_in_flight_requests(engine, prompts):
         events += engine.step()
     assert [e.token_id for e in events if e.request_id == req.request_id][-N + 1 :] == alone.token_ids[1:]
     assert not engine.lora.names
+
+
+def test_random_mode_fires_on_the_seeded_coin_whatever_the_entropy(engine, prompts):
+    from reasonmaxxer.steering.gate import random_fire
+
+    out = run(engine, prompts[0], sampled(5), adapter="head", mode="random", rate=0.3, trace=True)
+    fired = [t.fired for t in out.report.trace]
+    assert fired == [random_fire(5, t, 0.3) for t in range(len(fired))]
+    assert out.report.gate_fired == sum(fired) > 0 and out.report.rate == 0.3 and out.report.threshold is None
+    base = run(engine, prompts[0], sampled(5))
+    never = run(engine, prompts[0], sampled(5), adapter="head", mode="random", rate=0.0)
+    assert never.token_ids == base.token_ids and never.report.gate_fired == 0  # rate 0 is the base
+    with pytest.raises(ValueError, match="needs a fire rate"):  # this adapter has no measured fire rate
+        engine.submit(Request(prompts[0], sampled(5), SteeringParams("head", "random")))

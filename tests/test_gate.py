@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from reasonmaxxer.steering.gate import entropy, gate_mask, topk_candidates
+from reasonmaxxer.steering.gate import entropy, gate_mask, random_fire, topk_candidates
 
 
 def test_entropy_uniform_is_log_vocab_and_one_hot_is_zero():
@@ -44,3 +44,11 @@ def test_topk_candidates_are_the_largest_in_order():
     assert topk_candidates(logits, 10).shape == (1, 5)
     with pytest.raises(ValueError, match="top_k"):
         topk_candidates(logits, 0)
+
+
+def test_random_fire_is_a_deterministic_coin_of_the_given_rate():
+    coins = [random_fire(7, t, 0.3) for t in range(20000)]
+    assert coins == [random_fire(7, t, 0.3) for t in range(20000)]  # same key, same positions
+    assert abs(sum(coins) / len(coins) - 0.3) < 0.015
+    assert coins != [random_fire(8, t, 0.3) for t in range(20000)]  # another key, other positions
+    assert not any(random_fire(7, t, 0.0) for t in range(1000)) and all(random_fire(7, t, 1.0) for t in range(1000))

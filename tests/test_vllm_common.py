@@ -20,7 +20,7 @@ def test_xargs_round_trip_keeps_infinite_thresholds():
     for tau in (math.inf, 1.25, 0.0):
         x = rv.parse_xargs(rv.make_xargs("r1", "gated", tau, "/a", top_k=3, trace=True))
         assert x == {"rid": "r1", "mode": "gated", "tau": tau, "adapter": "/a", "kind": "head", "top_k": 3,
-                     "trace": True}
+                     "trace": True, "rate": None, "key": 0}
     assert rv.parse_xargs(rv.make_xargs("r", "always", -math.inf, "/a"))["tau"] == -math.inf
     assert rv.parse_xargs(None) is None and rv.parse_xargs({"other": 1}) is None
     flat = {rv.XARGS_KEY: '{"rid": "h", "mode": "gated", "tau": 1.5, "adapter": "/a"}'}  # vllm_xargs over HTTP
@@ -28,7 +28,7 @@ def test_xargs_round_trip_keeps_infinite_thresholds():
 
 
 @pytest.mark.parametrize("x, message", [
-    ({"mode": "sometimes", "adapter": "/a"}, "use off, gated or always"),
+    ({"mode": "sometimes", "adapter": "/a"}, "use off, gated, always or random"),
     ({"mode": "gated"}, "needs an adapter"),
     ({"mode": "gated", "adapter": "/a", "kind": "lora"}, "cannot be gated"),
     ({"mode": "gated", "adapter": "/a", "kind": "dora"}, "use head or lora"),
@@ -107,3 +107,12 @@ def test_serve_with_vllm_backend_fails_fast_without_vllm():
     run = subprocess.run([sys.executable, "-m", "reasonmaxxer.cli", "serve", "--backend", "vllm"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "vLLM is not installed" in run.stderr
+
+
+def test_random_mode_xargs_carry_rate_and_key():
+    x = rv.parse_xargs(rv.make_xargs("r", "random", math.inf, "/a", rate=0.04, key=17))
+    assert (x["mode"], x["rate"], x["key"]) == ("random", 0.04, 17)
+    with pytest.raises(ValueError, match="needs rate"):
+        rv.parse_xargs({rv.XARGS_KEY: {"mode": "random", "adapter": "/a"}})
+    with pytest.raises(ValueError, match="cannot be gated"):
+        rv.parse_xargs({rv.XARGS_KEY: {"mode": "random", "adapter": "/a", "kind": "lora", "rate": 0.1}})

@@ -52,11 +52,14 @@ def apply_cpu_env() -> None:
 
 
 def make_xargs(rid: str, mode: str, tau: float, adapter: str | None, kind: str = "head", top_k: int = 5,
-               trace: bool = False) -> dict[str, Any]:
-    """`extra_args` for one request (JSON-safe: tau +-inf travels as the strings "inf" / "-inf")."""
+               trace: bool = False, rate: float | None = None, key: int = 0) -> dict[str, Any]:
+    """`extra_args` for one request (JSON-safe: tau +-inf travels as the strings "inf" / "-inf").
+    Mode random (the control) fires where `gate.random_fire(key, position, rate)` says, ignoring tau."""
     tau_out: float | str = tau if math.isfinite(tau) else ("inf" if tau > 0 else "-inf")
-    return {XARGS_KEY: {"rid": rid, "mode": mode, "tau": tau_out, "adapter": adapter, "kind": kind, "top_k": top_k,
-                        "trace": trace}}
+    x = {"rid": rid, "mode": mode, "tau": tau_out, "adapter": adapter, "kind": kind, "top_k": top_k, "trace": trace}
+    if mode == "random":
+        x.update(rate=rate, key=key)
+    return {XARGS_KEY: x}
 
 
 def parse_xargs(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -72,17 +75,20 @@ def parse_xargs(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(x, dict):
         raise ValueError(f"extra_args.{XARGS_KEY} must be an object with rid, mode, tau, adapter, kind, top_k")
     mode = x.get("mode", "off")
-    if mode not in ("off", "gated", "always"):
-        raise ValueError(f"extra_args.{XARGS_KEY}.mode is {mode!r}: use off, gated or always")
+    if mode not in ("off", "gated", "always", "random"):
+        raise ValueError(f"extra_args.{XARGS_KEY}.mode is {mode!r}: use off, gated, always or random")
     kind = x.get("kind", "head")
     if kind not in ("head", "lora"):
         raise ValueError(f"extra_args.{XARGS_KEY}.kind is {kind!r}: use head or lora")
     adapter = x.get("adapter")
     if mode != "off" and not adapter:
         raise ValueError(f"extra_args.{XARGS_KEY}: mode {mode!r} needs an adapter directory")
-    if kind == "lora" and mode == "gated":
-        raise ValueError("lora adapters cannot be gated on vLLM (its LoRA kernels adapt every token of a "
-                         "request); use mode 'always', or the transformers backend for gated lora")
+    if kind == "lora" and mode in ("gated", "random"):
+        raise ValueError(f"lora adapters cannot be gated (mode {mode!r}) on vLLM: its LoRA kernels adapt every "
+                         "token of a request; use mode 'always', or the transformers backend for gated lora")
+    rate, key = x.get("rate"), x.get("key", 0)
+    if mode == "random" and not (isinstance(rate, (int, float)) and 0 <= rate <= 1 and isinstance(key, int)):
+        raise ValueError(f"extra_args.{XARGS_KEY}: mode random needs rate in [0, 1] and an integer key")
     try:
         tau = float(x.get("tau", "inf"))
         top_k = int(x.get("top_k", 5))
@@ -93,4 +99,4 @@ def parse_xargs(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
     if top_k < 1:
         raise ValueError(f"extra_args.{XARGS_KEY}.top_k must be >= 1, got {top_k}")
     return {"rid": str(x.get("rid", "")), "mode": mode, "tau": tau, "adapter": adapter, "kind": kind,
-            "top_k": top_k, "trace": bool(x.get("trace", False))}
+            "top_k": top_k, "trace": bool(x.get("trace", False)), "rate": rate, "key": key}

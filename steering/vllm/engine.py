@@ -24,7 +24,7 @@ from typing import Any
 from reasonmaxxer.steering.adapters import HeadAdapter, LoraAdapter
 from reasonmaxxer.steering.async_engine import EngineFull
 from reasonmaxxer.steering.manifest import check_identity, config_identity
-from reasonmaxxer.steering.request import GateReport, Request, TokenEvent, TraceEntry
+from reasonmaxxer.steering.request import GateReport, Request, TokenEvent, TraceEntry, random_rate
 from reasonmaxxer.steering.rows import DEFAULT_TOP_K
 
 from . import apply_cpu_env, check_vllm_version, make_xargs
@@ -108,7 +108,9 @@ class VllmSteering:
         adapter = self.adapters.get(st.adapter) if st.adapter else None
         if st.adapter and adapter is None:
             raise ValueError(f"unknown adapter {st.adapter!r}; loaded adapters: {', '.join(self.adapters) or 'none'}")
-        if isinstance(adapter, LoraAdapter) and st.mode == "gated":
+        if st.mode == "random" and adapter is not None:
+            random_rate(st, adapter.manifest)
+        if isinstance(adapter, LoraAdapter) and st.mode in ("gated", "random"):
             raise ValueError(
                 f"adapter {st.adapter!r} is a lora adapter: on the vLLM backend lora runs through vLLM's LoRA "
                 "kernels, which adapt every token of a request, so it cannot be gated. Use steering.mode "
@@ -128,10 +130,12 @@ class VllmSteering:
         m = adapter.manifest if adapter is not None else None
         tau = st.threshold if st.threshold is not None else (m.gate.tau if m else math.inf)
         kind = m.kind if m else "head"
+        rate = random_rate(st, m) if st.mode == "random" else None
         xargs = make_xargs(request.request_id, st.mode, float(tau), self._dirs.get(st.adapter or ""), kind,
-                           st.top_k or (m.top_k if m else DEFAULT_TOP_K), st.trace)
+                           st.top_k or (m.top_k if m else DEFAULT_TOP_K), st.trace, rate, request.gate_key)
         report = GateReport(adapter=st.adapter if adapter else None, mode=st.mode,
-                            threshold=float(tau) if st.mode != "off" else None, trace=[] if st.trace else None)
+                            threshold=float(tau) if st.mode in ("gated", "always") else None,
+                            trace=[] if st.trace else None, rate=rate)
         lora = None
         if isinstance(adapter, LoraAdapter) and st.mode == "always":
             lora = LoRARequest(adapter.name, self._lora_ids[adapter.name], self._dirs[adapter.name])

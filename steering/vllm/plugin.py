@@ -21,6 +21,7 @@ Loaded by vLLM, never imported by code that runs without vLLM:
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 from vllm.model_executor.layers.logits_processor import LogitsProcessor as VllmLogitsLayer
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from reasonmaxxer.steering.gate import entropy, topk_candidates
+from reasonmaxxer.steering.gate import entropy, random_fire, topk_candidates
 
 from . import XARGS_KEY, check_vllm_version, parse_xargs
 from .reports import ReportSender
@@ -78,6 +79,8 @@ class _Row:
     top_k: int
     trace: bool
     output_ids: list[int]  # vLLM's live list: its length is the position of the next token
+    rate: float | None  # mode random: the coin's probability
+    key: int  # mode random: the coin's key
 
 
 class _HeadCache:
@@ -127,7 +130,7 @@ class GateLogitsProcessor(LogitsProcessor):
                 self.rows.pop(index, None)
             else:
                 self.rows[index] = _Row(x["rid"], x["mode"], x["tau"], x["adapter"], x["kind"], x["top_k"],
-                                        x["trace"], output_ids)
+                                        x["trace"], output_ids, x["rate"], x["key"])
         for a, b, direction in batch_update.moved:
             ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
             if ra is not None:
@@ -145,7 +148,11 @@ class GateLogitsProcessor(LogitsProcessor):
         whole = plan.covers(logits.shape[0])
         base = logits if whole else logits[plan.index]  # (m, V): a view when every row is ours, else a copy
         ent = entropy(base)  # (m,)
-        fired = ent > plan.tau  # (m,) strict; off rows have tau = +inf, always rows -inf
+        fired = ent > plan.tau  # (m,) strict; off and random rows have tau = +inf, always rows -inf
+        if plan.random:  # the random-position control: a seeded coin per row instead of the gate
+            rs = [plan.rows[j] for j in plan.random]
+            coins = [random_fire(r.key, len(r.output_ids), r.rate) for r in rs]
+            fired[plan.random_index] = torch.tensor(coins, device=fired.device)
         base_tok = base.argmax(-1) if plan.any_trace and self.sender is not None else None  # before any change
         for group in plan.heads:
             self._head(logits, base, fired, group, plan)
@@ -199,6 +206,8 @@ class _Plan:
     heads: list[_HeadGroup]
     any_trace: bool
     dense: bool  # index is 0..m-1
+    random: list[int]  # positions (into index) of mode-random rows
+    random_index: torch.Tensor
 
     def covers(self, batch: int) -> bool:
         """Every row of a batch of `batch` rows is ours, in order: work on the logits without copying."""
@@ -208,7 +217,8 @@ class _Plan:
     def build(cls, rows: dict[int, _Row], device: torch.device) -> _Plan:
         order = sorted(rows)
         rs = [rows[i] for i in order]
-        taus = [float("inf") if r.mode == "off" else float("-inf") if r.mode == "always" else r.tau for r in rs]
+        taus = [{"off": math.inf, "random": math.inf, "always": -math.inf}.get(r.mode, r.tau) for r in rs]
+        random = [j for j, r in enumerate(rs) if r.mode == "random"]
         groups: dict[str, list[int]] = {}
         for j, r in enumerate(rs):
             if r.kind == "head" and r.mode != "off" and r.adapter:
@@ -222,7 +232,8 @@ class _Plan:
                 keep = torch.arange(k, device=device) < torch.tensor(ks, device=device)[:, None]  # (n, k)
             heads.append(_HeadGroup(path, torch.tensor(js, device=device), k, keep, len(js) == len(rs)))
         return cls(rs, torch.tensor(order, device=device), torch.tensor(taus, dtype=torch.float32, device=device),
-                   heads, any(r.trace for r in rs), order == list(range(len(order))))
+                   heads, any(r.trace for r in rs), order == list(range(len(order))), random,
+                   torch.tensor(random, dtype=torch.long, device=device))
 
 
 def _unembed_rows(lm_head, cand: torch.Tensor) -> torch.Tensor:

@@ -97,10 +97,13 @@ def test_always_head_equals_correction_by_hand(llm, chat_ids, strong_head, colle
 
 
 def test_gate_fired_counts_the_trace_in_a_mixed_batch(llm, chat_ids, bundled, strong_head, collector):
+    from reasonmaxxer.steering.gate import random_fire
+
     settings = [("off", math.inf, bundled), ("gated", 0.8, bundled), ("gated", 1.5, strong_head),
-                ("always", 0.0, strong_head), ("gated", 0.3, strong_head), ("gated", math.inf, bundled)]
+                ("always", 0.0, strong_head), ("gated", 0.3, strong_head), ("gated", math.inf, bundled),
+                ("random", math.inf, strong_head)]
     prompts = [chat_ids[i % len(chat_ids)] for i in range(len(settings))]
-    xs = [make_xargs(f"mix-{i}", m, tau, a, trace=True) for i, (m, tau, a) in enumerate(settings)]
+    xs = [make_xargs(f"mix-{i}", m, tau, a, trace=True, rate=0.25, key=i) for i, (m, tau, a) in enumerate(settings)]
     llm.generate(prompts_of(prompts), [greedy(x) for x in xs])
     fired_any = 0
     for i, (mode, tau, _) in enumerate(settings):
@@ -108,6 +111,9 @@ def test_gate_fired_counts_the_trace_in_a_mixed_batch(llm, chat_ids, bundled, st
         assert [r.position for r in records] == list(range(TOKENS))
         fired = sum(r.fired for r in records)
         expect = {"off": 0, "always": TOKENS}.get(mode, sum(r.entropy > tau for r in records))
+        if mode == "random":  # the control's seeded coin, whatever the entropy
+            assert [r.fired for r in records] == [random_fire(i, t, 0.25) for t in range(TOKENS)]
+            expect = sum(random_fire(i, t, 0.25) for t in range(TOKENS))
         assert fired == expect, (mode, tau)
         fired_any += fired if mode == "gated" else 0
     assert fired_any > 0, "some gated row should have fired"
@@ -128,7 +134,7 @@ def test_unsteered_rows_are_untouched_beside_steered_ones(llm, chat_ids, strong_
 
 def test_bad_steering_is_refused_before_it_runs(llm, chat_ids, bundled):
     bad = [
-        ({"reasonmaxxer": {"rid": "x", "mode": "sometimes", "adapter": bundled}}, "use off, gated or always"),
+        ({"reasonmaxxer": {"rid": "x", "mode": "sometimes", "adapter": bundled}}, "use off, gated, always"),
         ({"reasonmaxxer": {"rid": "x", "mode": "gated", "adapter": "/a", "kind": "lora"}}, "cannot be gated"),
         ({"reasonmaxxer": {"rid": "x", "mode": "gated"}}, "needs an adapter"),
         ({"reasonmaxxer": {"rid": "x", "mode": "gated", "adapter": bundled, "tau": "high"}}, "must be a number"),
