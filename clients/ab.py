@@ -123,7 +123,8 @@ def run_ab(client, model: str, problems, arms: list[Arm], config: AbConfig, out_
         messages = [{"role": "user", "content": f"{problem.question}\n\n{INSTRUCTION}"}]
         start = time.perf_counter()
         answer = client.chat(model, messages, adapter=arm.adapter, mode=arm.mode if arm.adapter else None,
-                             threshold=arm.threshold, rate=arm.rate, max_tokens=config.max_tokens,
+                             threshold=arm.threshold, rate=arm.rate, trace=arm.mode != "off",
+                             max_tokens=config.max_tokens,
                              temperature=config.temperature,
                              top_p=config.top_p, seed=seed)[0]
         latency = time.perf_counter() - start
@@ -132,6 +133,10 @@ def run_ab(client, model: str, problems, arms: list[Arm], config: AbConfig, out_
                   "text": answer.text, "finish_reason": answer.finish_reason, "tokens": answer.completion_tokens,
                   "gate_fired": answer.gate_fired, "fire_rate": answer.fire_rate, "latency_s": latency,
                   "reward": float(score(answer.text, problem.answer, truncated))}
+        trace = (answer.steering or {}).get("trace")
+        if trace:  # where the gate fired, for the report's disagreement panel
+            record["pieces"] = [t.get("text", "") for t in trace]
+            record["fired_at"] = [t["position"] for t in trace if t["fired"]]
         with lock:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -177,7 +182,9 @@ def aggregate(records: list[dict[str, Any]], arms: list[Arm], examples: int = 5)
                     out["disagreements"].append({"arm": arm.name, "problem_id": k[0], "sample": k[1],
                                                  "gold": rows[k]["gold"], "base_text": base[k]["text"],
                                                  "arm_text": rows[k]["text"], "base_reward": base[k]["reward"],
-                                                 "arm_reward": rows[k]["reward"]})
+                                                 "arm_reward": rows[k]["reward"],
+                                                 "arm_pieces": rows[k].get("pieces"),
+                                                 "arm_fired_at": rows[k].get("fired_at")})
         out["arms"][arm.name] = stats
     return out
 

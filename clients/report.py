@@ -85,17 +85,27 @@ def _table(arms: dict[str, Any]) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def _marked(d: dict[str, Any]) -> str:
+    """The steered answer with the tokens where the gate fired highlighted (plain text without a trace)."""
+    pieces, fired = d.get("arm_pieces"), set(d.get("arm_fired_at") or [])
+    if not pieces:
+        return html.escape(d["arm_text"])
+    return "".join(f"<mark title='gate fired'>{html.escape(p)}</mark>" if i in fired else html.escape(p)
+                   for i, p in enumerate(pieces))
+
+
 def render(summary: dict[str, Any], title: str = "ReasonMaxxer A/B") -> str:
     arms = summary["arms"]
     hists = "".join(_histogram(n, a["fire_rate_histogram"]) for n, a in arms.items() if a["mode"] != "off")
     disagreements = "".join(
         f"<details><summary>{html.escape(d['problem_id'])} (sample {d['sample']}): base {d['base_reward']:.0f}, "
         f"{html.escape(d['arm'])} {d['arm_reward']:.0f}; gold {html.escape(str(d['gold']))}</summary>"
-        f"<div class='pair'><pre>{html.escape(d['base_text'])}</pre><pre>{html.escape(d['arm_text'])}</pre></div>"
+        f"<div class='pair'><pre>{html.escape(d['base_text'])}</pre><pre>{_marked(d)}</pre></div>"
         "</details>" for d in summary.get("disagreements", []))
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}.pair{display:flex;gap:1em}"
-             "pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;flex:1;font-size:12px}")
+             "pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;flex:1;font-size:12px}"
+             "mark{background:#ffd54f}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{_table(arms)}"
             f"<h2>pass@1 per arm (95% CI)</h2>{_bars(arms)}<h2>pass@1 against fire rate</h2>{_scatter(arms)}"

@@ -84,6 +84,7 @@ class TraceEntry:
     fired: bool  # the adapter was applied at this token
     base_token: int  # argmax of the base distribution
     chosen_token: int  # the token generated
+    text: str = ""  # the generated token decoded alone (for display: where the gate fired in the text)
 
 
 @dataclass

@@ -66,7 +66,8 @@ class Row:
         """Account for one generated token and return its event (the last one carries the report)."""
         sp = self.params
         if self.report.trace is not None:
-            self.report.trace.append(TraceEntry(len(self.token_ids), ent, fired, base_token, token))
+            piece = self.stream.tokenizer.decode([token])
+            self.report.trace.append(TraceEntry(len(self.token_ids), ent, fired, base_token, token, piece))
         self.token_ids.append(token)
         self.report.tokens += 1
         self.report.gate_fired += int(fired)

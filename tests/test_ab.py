@@ -53,7 +53,10 @@ def test_ab_run_writes_every_arm_a_valid_json_and_a_self_contained_report(url, p
     assert summary["arms"]["tiny-head:always"]["fire_rate_mean"] == 1.0
     assert summary["arms"]["base"]["fire_rate_mean"] == 0.0
     assert 0.2 < summary["arms"]["tiny-head:random@0.5"]["fire_rate_mean"] < 0.8  # the random control's coin
+    fired = [d for d in summary["disagreements"] if d["arm_fired_at"]]
     html = (out / "report.html").read_text()
+    assert not summary["disagreements"] or all(d["arm_pieces"] for d in summary["disagreements"])
+    assert "<mark" in html or not fired  # fired tokens are highlighted in the disagreement panel
     assert "<svg" in html and "tiny-head:gated@2.5" in html
     assert not re.search(r"(src|href)\s*=|https?://|@import", html)
 
@@ -101,3 +104,11 @@ def test_bad_input_fails_clearly_and_writes_nothing(url, problems, tmp_path, cap
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_report_marks_the_tokens_where_the_gate_fired():
+    from reasonmaxxer.clients.report import _marked
+
+    d = {"arm_text": "x = <5>", "arm_pieces": ["x", " =", " <5>"], "arm_fired_at": [2]}
+    assert _marked(d) == "x =<mark title='gate fired'> &lt;5&gt;</mark>"
+    assert _marked({"arm_text": "<plain>", "arm_pieces": None}) == "&lt;plain&gt;"

@@ -141,13 +141,14 @@ class VllmSteering:
             lora = LoRARequest(adapter.name, self._lora_ids[adapter.name], self._dirs[adapter.name])
         return report, xargs, lora
 
-    def _report(self, rid: str, report: GateReport, n: int) -> GateReport:
-        """Fill `report` from the workers' records of the request's n tokens (blocking, bounded)."""
-        records = self.collector.take(rid, n, self.report_timeout)
-        report.tokens = n
+    def _report(self, rid: str, report: GateReport, token_ids: list[int]) -> GateReport:
+        """Fill `report` from the workers' records of the request's tokens (blocking, bounded)."""
+        records = self.collector.take(rid, len(token_ids), self.report_timeout)
+        report.tokens = len(token_ids)
         report.gate_fired = sum(r.fired for r in records)
         if report.trace is not None:
-            report.trace = [TraceEntry(r.position, r.entropy, r.fired, r.base_token, -1) for r in records]
+            report.trace = [TraceEntry(r.position, r.entropy, r.fired, r.base_token, t, self.tokenizer.decode([t]))
+                            for r, t in zip(records, token_ids, strict=True)]
         return report
 
     def _release(self) -> None:
@@ -198,15 +199,15 @@ class VllmEngine(VllmSteering):
         if self.num_waiting >= self.max_waiting:
             raise EngineFull(f"{self.num_waiting} requests are already waiting: retry later")
         report, xargs, lora = self._steering(request)
-        rid, n_tokens, finished = request.request_id, 0, False
+        rid, token_ids, finished = request.request_id, [], False
         self._inflight += 1
         try:
             prompt = {"prompt_token_ids": list(request.prompt_ids)}
             async for out in self.llm.generate(prompt, to_vllm_params(request, xargs), rid, lora_request=lora):
-                n_tokens += len(out.outputs[0].token_ids)
+                token_ids += out.outputs[0].token_ids
                 if out.finished:
                     finished = True
-                    await asyncio.to_thread(self._report, rid, report, n_tokens)
+                    await asyncio.to_thread(self._report, rid, report, token_ids)
                 for event in events_of(rid, out, report, request.sampling.logprobs):
                     yield event
         finally:

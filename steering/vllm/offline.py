@@ -25,7 +25,7 @@ class VllmOfflineEngine(VllmSteering):
     def __init__(self, engine, tokenizer, collector: GateCollector, identity, lora_rank: int | None, name: str):
         super().__init__(tokenizer, collector, lora_rank, identity, int(engine.model_config.max_model_len))
         self.engine, self.name = engine, name
-        self._reports: dict[str, tuple[Any, int, int | None]] = {}
+        self._reports: dict[str, tuple[Any, list[int], int | None]] = {}
 
     @classmethod
     def start(cls, model_path: str, tokenizer, extra_args: dict[str, Any] | None = None, name: str | None = None,
@@ -56,7 +56,7 @@ class VllmOfflineEngine(VllmSteering):
         rid = request.request_id
         self.engine.add_request(rid, {"prompt_token_ids": list(request.prompt_ids)}, to_vllm_params(request, xargs),
                                 lora_request=lora)
-        self._reports[rid] = (report, 0, request.sampling.logprobs)
+        self._reports[rid] = (report, [], request.sampling.logprobs)
         return rid
 
     def cancel(self, request_id: str) -> None:
@@ -70,12 +70,11 @@ class VllmOfflineEngine(VllmSteering):
             rid = out.request_id
             if rid not in self._reports:
                 continue
-            report, n, n_logprobs = self._reports[rid]
-            n += len(out.outputs[0].token_ids)
-            self._reports[rid] = (report, n, n_logprobs)
+            report, token_ids, n_logprobs = self._reports[rid]
+            token_ids += out.outputs[0].token_ids
             if out.finished:
                 del self._reports[rid]
-                self._report(rid, report, n)
+                self._report(rid, report, token_ids)
             events.extend(events_of(rid, out, report, n_logprobs))
         return events
 

@@ -91,6 +91,7 @@ def test_gated_report_matches_its_trace_and_infinite_threshold_is_the_base(serve
     assert report["tokens"] == out["usage"]["completion_tokens"] == len(report["trace"])
     assert report["gate_fired"] == sum(t["entropy"] > 0.5 for t in report["trace"]) > 0
     assert [t["position"] for t in report["trace"]] == list(range(report["tokens"]))
+    assert all(t["chosen_token"] >= 0 for t in report["trace"])  # the generated tokens, as on transformers
 
 
 def test_concurrent_requests_with_different_steering_get_exact_reports(server):
