@@ -30,7 +30,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def adapters(smol, tmp_path_factory):
-    from tests.conftest import make_lora
+    # tests/conftest.py: this folder is a package, so its own conftest is vllm_backend.conftest
+    from conftest import make_lora
 
     _, model, tokenizer = smol
     root = tmp_path_factory.mktemp("served")
