@@ -30,7 +30,8 @@ from reasonmaxxer.steering.rows import DEFAULT_TOP_K
 from . import apply_cpu_env, check_vllm_version, make_xargs
 from .reports import GateCollector
 
-__all__ = ["VllmEngine", "VllmSteering", "cpu_scheduler_fix", "engine_args", "events_of", "to_vllm_params"]
+__all__ = ["VllmEngine", "VllmSteering", "cpu_scheduler_fix", "engine_args", "events_of", "prepare_start",
+           "to_vllm_params"]
 
 
 def engine_args(model_path: str, extra: dict[str, Any] | None = None, lora_rank: int | None = None) -> dict[str, Any]:
@@ -56,6 +57,25 @@ def cpu_scheduler_fix(args: dict[str, Any]) -> dict[str, Any]:
     n = args.get("max_model_len") or getattr(AutoConfig.from_pretrained(args["model"]), "max_position_embeddings", 0)
     budget = max(int(n or 0), int(args.get("max_num_batched_tokens") or 0), 2048)
     return {**args, "enable_chunked_prefill": False, "max_num_batched_tokens": budget}
+
+
+def prepare_start(model_path: str, tokenizer, extra_args: dict[str, Any] | None, lora_rank: int | None,
+                  name: str | None):
+    """What both vLLM engines do before vLLM starts: check the version; on the CPU set DESIGN.md's
+    environment and the scheduler fix; bind the report collector and export its address (vLLM's processes
+    inherit it); build the engine arguments; and the served model's identity. -> (collector, kwargs, identity)"""
+    check_vllm_version()
+    from transformers import AutoConfig
+    from vllm.platforms import current_platform
+
+    cpu = current_platform.is_cpu()
+    if cpu:
+        apply_cpu_env()
+    collector = GateCollector()
+    collector.export()
+    kwargs = engine_args(model_path, extra_args, lora_rank)
+    identity = config_identity(AutoConfig.from_pretrained(model_path), tokenizer, name=name)
+    return collector, cpu_scheduler_fix(kwargs) if cpu else kwargs, identity
 
 
 def _lora_slot(rank: int) -> int:
@@ -182,20 +202,11 @@ class VllmEngine(VllmSteering):
     @classmethod
     def start(cls, model_path: str, tokenizer, max_waiting: int = 256, lora_rank: int | None = None,
               extra_args: dict[str, Any] | None = None, served_name: str | None = None) -> VllmEngine:
-        check_vllm_version()
-        from transformers import AutoConfig
+        collector, kwargs, identity = prepare_start(model_path, tokenizer, extra_args, lora_rank, served_name)
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        if current_platform.is_cpu():
-            apply_cpu_env()
-        collector = GateCollector()
-        collector.export()
-        kwargs = engine_args(model_path, extra_args, lora_rank)
-        args = AsyncEngineArgs(**(cpu_scheduler_fix(kwargs) if current_platform.is_cpu() else kwargs))
-        llm = AsyncLLM.from_engine_args(args)
-        identity = config_identity(AutoConfig.from_pretrained(model_path), tokenizer, name=served_name)
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
         max_seqs = int(llm.vllm_config.scheduler_config.max_num_seqs)
         return cls(llm, tokenizer, collector, max_waiting, max_seqs, _lora_slot(lora_rank) if lora_rank else None,
                    identity)

@@ -14,8 +14,7 @@ from typing import Any
 
 from reasonmaxxer.steering.request import Request, TokenEvent
 
-from . import apply_cpu_env, check_vllm_version
-from .engine import VllmSteering, cpu_scheduler_fix, engine_args, events_of, to_vllm_params
+from .engine import VllmSteering, events_of, prepare_start, to_vllm_params
 from .reports import GateCollector
 
 __all__ = ["VllmOfflineEngine"]
@@ -30,23 +29,11 @@ class VllmOfflineEngine(VllmSteering):
     @classmethod
     def start(cls, model_path: str, tokenizer, extra_args: dict[str, Any] | None = None, name: str | None = None,
               lora_rank: int | None = None) -> VllmOfflineEngine:
-        check_vllm_version()
-        from transformers import AutoConfig
+        collector, kwargs, identity = prepare_start(model_path, tokenizer, extra_args, lora_rank, name)
         from vllm.engine.arg_utils import EngineArgs
-        from vllm.platforms import current_platform
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        from reasonmaxxer.steering.manifest import config_identity
-
-        if current_platform.is_cpu():
-            apply_cpu_env()
-        collector = GateCollector()
-        collector.export()
-        kwargs = engine_args(model_path, extra_args, lora_rank)
-        if current_platform.is_cpu():
-            kwargs = cpu_scheduler_fix(kwargs)
         engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
-        identity = config_identity(AutoConfig.from_pretrained(model_path), tokenizer, name=name)
         return cls(engine, tokenizer, collector, identity, lora_rank, name or model_path)
 
     @property
