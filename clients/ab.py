@@ -41,28 +41,37 @@ class Arm:
     rate: float | None = None  # mode random: fire probability (None: the adapter's measured fire rate)
 
 
+def _arm(item: str) -> Arm:
+    adapter, _, mode = item.partition(":")
+    mode, _, value = (mode or "gated").partition("@")
+    if mode not in ("gated", "always", "random") or (value and mode == "always"):
+        raise ValueError(f"arm {item!r}: write ADAPTER:gated[@TAU], ADAPTER:always or ADAPTER:random[@RATE]")
+    try:
+        number = float(value) if value else None
+    except ValueError as e:
+        raise ValueError(f"arm {item!r}: the number after @ must be a threshold (gated) or a rate (random)") from e
+    if mode == "random":
+        if number is not None and not 0 <= number <= 1:
+            raise ValueError(f"arm {item!r}: the random arm's rate must be a number in [0, 1]")
+        return Arm(item, adapter, mode, rate=number)
+    name = f"{adapter}:{mode}" + (f"@{number:g}" if number is not None else "")
+    return Arm(name, adapter, mode, threshold=number)
+
+
 def parse_arms(spec: str, thresholds: Sequence[float] = ()) -> list[Arm]:
-    """`base,ADAPTER:gated,ADAPTER:always,ADAPTER:random[@RATE]`; each gated arm also runs at every threshold
-    of the sweep. `random` is the random-position control: it fires with probability RATE per token
-    (default: the adapter's measured fire rate), whatever the entropy."""
+    """`base,ADAPTER:gated[@TAU],ADAPTER:always,ADAPTER:random[@RATE]`. A gated arm without @TAU uses the
+    adapter's own tau and also runs at every threshold of the sweep. `random` is the random-position
+    control: it fires with probability RATE per token (default: the adapter's measured fire rate), whatever
+    the entropy."""
     arms: list[Arm] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         if item == "base":
             arms.append(Arm("base"))
             continue
-        adapter, _, mode = item.partition(":")
-        mode, _, rate = (mode or "gated").partition("@")
-        if mode not in ("gated", "always", "random") or (rate and mode != "random"):
-            raise ValueError(f"arm {item!r}: write ADAPTER:gated, ADAPTER:always or ADAPTER:random[@RATE]")
-        try:
-            fire = float(rate) if rate else None
-        except ValueError as e:
-            raise ValueError(f"arm {item!r}: the random arm's rate must be a number in [0, 1]") from e
-        if fire is not None and not 0 <= fire <= 1:
-            raise ValueError(f"arm {item!r}: the random arm's rate must be a number in [0, 1]")
-        arms.append(Arm(item if ":" in item else f"{adapter}:{mode}", adapter, mode, rate=fire))
-        if mode == "gated":
-            arms += [Arm(f"{adapter}:gated@{t:g}", adapter, "gated", t) for t in thresholds]
+        arm = _arm(item)
+        arms.append(arm)
+        if arm.mode == "gated" and arm.threshold is None:
+            arms += [Arm(f"{arm.adapter}:gated@{t:g}", arm.adapter, "gated", t) for t in thresholds]
     if not arms:
         raise ValueError("no arms: pass --arms base,ADAPTER:gated,...")
     if len({a.name for a in arms}) != len(arms):

@@ -25,6 +25,7 @@ def add_command(sub) -> None:
     where.add_argument("--url", help="a running server (ours, or any OpenAI-compatible one for a base arm)")
     where.add_argument("--model", help="start a server on this model (known name, folder or hub id)")
     p.add_argument("--adapter", action="append", default=[], help="with --model: adapter directories to serve")
+    p.add_argument("--device", default=None, help="with --model: the server's torch device (cpu, cuda, ...)")
     p.add_argument("--api-key", default="none")
     p.add_argument("--served-model", default=None, help="model id to send (default: the server's first model)")
     p.add_argument("--problems", required=True)
@@ -45,6 +46,10 @@ def add_command(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (resumed if it holds the same run)")
     p.set_defaults(func=run_ab_command)
 
+    p = sub.add_parser("ab-report", help="rewrite ab.json and report.html from an ab folder's samples (no server)")
+    p.add_argument("out", help="an `ab --out` folder; an interrupted run is reported on the samples it has")
+    p.set_defaults(func=run_report_command)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -60,6 +65,8 @@ def _server(args):
     port = _free_port()
     cmd = [sys.executable, "-m", "reasonmaxxer.cli", "serve", "--model", args.model, "--port", str(port),
            "--log-level", "warning"] + [x for a in args.adapter for x in ("--adapter", a)]
+    if args.device:
+        cmd += ["--device", args.device]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -87,7 +94,7 @@ def run_ab_command(args) -> int:
     from reasonmaxxer.training.problems import load_problems
     from reasonmaxxer.training.verifier import Verifier
 
-    from .ab import AbConfig, aggregate, parse_arms, run_ab, write_outputs
+    from .ab import AbConfig, parse_arms, run_ab
     from .client import SteeringClient
 
     arms = parse_arms(args.arms, [float(t) for t in args.thresholds.split(",") if t.strip()])
@@ -108,10 +115,42 @@ def run_ab_command(args) -> int:
         fallbacks = tuple(x.strip() for x in args.verifier_fallbacks.split(",") if x.strip())
         with Verifier(fallbacks=fallbacks) as verifier:
             records = run_ab(client, model, problems, arms, config, args.out, verifier.score)
+    _summarize(records, arms, model, problems.selection, args.out)
+    return 0
+
+
+def _summarize(records, arms, model: str, selection: dict, out: str | Path) -> None:
+    from .ab import aggregate, write_outputs
+
     summary = aggregate(records, arms)
-    summary["problems"] = {k: problems.selection.get(k) for k in ("path", "preset", "offset", "limit", "count")}
-    write_outputs(summary, args.out, title=f"ReasonMaxxer A/B: {model} on {Path(args.problems).name}")
-    print(json.dumps({n: {k: a[k] for k in ("pass_at_1", "ci95", "fire_rate_mean")} | ({"vs_base": a["vs_base"]}
-                      if "vs_base" in a else {}) for n, a in summary["arms"].items()}, indent=2))
-    print(f"wrote {Path(args.out) / 'ab.json'} and {Path(args.out) / 'report.html'}")
+    summary["problems"] = {k: selection.get(k) for k in ("path", "preset", "offset", "limit", "count")}
+    write_outputs(summary, out, title=f"ReasonMaxxer A/B: {model} on {Path(str(selection.get('path'))).name}")
+    print(json.dumps({n: {k: a[k] for k in ("n", "pass_at_1", "ci95", "fire_rate_mean")} |
+                      ({"vs_base": a["vs_base"]} if "vs_base" in a else {}) for n, a in summary["arms"].items()},
+                     indent=2))
+    print(f"wrote {Path(out) / 'ab.json'} and {Path(out) / 'report.html'}")
+
+
+def run_report_command(args) -> int:
+    from .ab import Arm
+
+    out = Path(args.out)
+    meta_path, samples = out / "meta.json", out / "samples.jsonl"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} not found: give the --out folder of a `reasonmaxxer ab` run")
+    meta = json.loads(meta_path.read_text())
+    text = samples.read_text() if samples.exists() else ""
+    records = [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+    if not records:
+        raise ValueError(f"{samples} holds no samples yet: run `reasonmaxxer ab` first")
+    arms = [Arm(**a) for a in meta["arms"]]
+    keys = [{(r["problem_id"], r["sample"]) for r in records if r["arm"] == a.name} for a in arms]
+    complete = set.intersection(*keys)  # an interrupted run: report only the samples every arm has
+    kept = [r for r in records if (r["problem_id"], r["sample"]) in complete]
+    if len(kept) < len(records):
+        print(f"{len(records) - len(kept)} samples left out: not every arm has them (an interrupted run)")
+    if not kept:
+        raise ValueError(f"no (problem, sample) in {samples} has been answered by every arm yet")
+    records = kept
+    _summarize(records, arms, meta["model"], meta["problems"], out)
     return 0

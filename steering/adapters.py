@@ -139,8 +139,10 @@ class HeadAdapter:
         check_identity(self.name, self.manifest.base_model, base_identity(model, tokenizer))
 
     def delta(self, hidden: torch.Tensor, cand: torch.Tensor, w_u: torch.Tensor) -> torch.Tensor:
-        """scale * W_U[c] (B A h) for each row. hidden (n, d), cand (n, k), w_u (V, d) -> (n, k) float32."""
-        u = (hidden.float() @ self.A.T) @ self.B.T  # (n, d)
+        """scale * W_U[c] (B A h) for each row. hidden (n, d), cand (n, k), w_u (V, d) -> (n, k) float32.
+        A and B stay where they were loaded (CPU); they meet `hidden` on its device (no copy on CPU)."""
+        a, b = self.A.to(hidden.device), self.B.to(hidden.device)
+        u = (hidden.float() @ a.T) @ b.T  # (n, d)
         rows = w_u[cand].float()  # (n, k, d)
         return self.scale * torch.einsum("nkd,nd->nk", rows, u)
 

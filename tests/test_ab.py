@@ -81,6 +81,10 @@ def test_interrupted_ab_resumes_without_duplicates_or_losses(url, problems, tmp_
     monkeypatch.setattr(ab_module, "run_ab", real)
     partial = (out / "samples.jsonl").read_text().splitlines()
     assert len(partial) == 10
+    assert main(["ab-report", str(out)]) == 0  # the interrupted run, reported on what every arm has
+    summary = json.loads((out / "ab.json").read_text())
+    jsonschema.validate(summary, SCHEMA)
+    assert {a["n"] for a in summary["arms"].values()} == {2}  # problem 0, samples 0 and 1, all 5 arms
     assert main(_args(url, problems, out)) == 0
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     keys = [(r["arm"], r["problem_id"], r["sample"]) for r in rows]
@@ -112,3 +116,20 @@ def test_report_marks_the_tokens_where_the_gate_fired():
     d = {"arm_text": "x = <5>", "arm_pieces": ["x", " =", " <5>"], "arm_fired_at": [2]}
     assert _marked(d) == "x =<mark title='gate fired'> &lt;5&gt;</mark>"
     assert _marked({"arm_text": "<plain>", "arm_pieces": None}) == "&lt;plain&gt;"
+
+
+def test_arms_parse_thresholds_and_rates_and_refuse_the_rest():
+    arms = ab_module.parse_arms("base,h:gated@1.2,h:gated,h:always,h:random@0.1,h:random", thresholds=[1.8])
+    assert [(a.name, a.mode, a.threshold, a.rate) for a in arms] == [
+        ("base", "off", None, None), ("h:gated@1.2", "gated", 1.2, None), ("h:gated", "gated", None, None),
+        ("h:gated@1.8", "gated", 1.8, None), ("h:always", "always", None, None),
+        ("h:random@0.1", "random", None, 0.1), ("h:random", "random", None, None)]
+    for bad, message in [("h:always@1", "ADAPTER:always"), ("h:gated@x", "threshold"),
+                         ("h:random@2", "[0, 1]"), ("h:gated@1,h:gated@1.0", "repeat"), ("h:sometimes", "gated")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ab_module.parse_arms(bad)
+
+
+def test_ab_report_needs_an_ab_folder(tmp_path, capsys):
+    assert main(["ab-report", str(tmp_path)]) == 2
+    assert "meta.json" in capsys.readouterr().err

@@ -60,10 +60,31 @@ def _rollout_flags(p: argparse.ArgumentParser) -> None:
                    help="answer extractors in order: boxed, gsm8k, answer_is, last_number")
 
 
+def _device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="torch device of the transformers model (cpu, cuda, cuda:1, ...); auto: cuda if available")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; anything else is checked and returned."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a torch device ({e}); use cpu, cuda, cuda:N or auto") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
+    return name
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("rollouts", help="sample K rollouts per problem from the base and score them")
     p.add_argument("--model", default="smollm2-135m-instruct", help="known name, local folder or hub id")
     p.add_argument("--dtype", default="bfloat16")
+    _device_flag(p)
     _problem_flags(p)
     _rollout_flags(p)
     p.add_argument("--out", required=True, help="rollout JSONL (resumed if it exists)")
@@ -72,6 +93,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("fit", help="fit a correction adapter from rollouts (or run the rollouts first)")
     p.add_argument("--model", default="smollm2-135m-instruct", help="known name, local folder or hub id")
     p.add_argument("--dtype", default=None, help="default: bfloat16 for head, float32 for lora")
+    _device_flag(p)
     p.add_argument("--rollouts", default=None, help="rollout JSONL; with --problems it is written first")
     _problem_flags(p, required=False)
     _rollout_flags(p)
@@ -142,7 +164,7 @@ def run_rollouts_command(args) -> int:
     if args.backend == "vllm":  # vLLM loads the weights itself
         model, tokenizer = None, load_tokenizer(args.model)
     else:
-        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
     summary = _do_rollouts(args, model, tokenizer, Path(args.out))
     summary["wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(summary, indent=2))
@@ -171,7 +193,7 @@ def run_fit_command(args) -> int:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     dtype = args.dtype or ("bfloat16" if args.fit_kind == "head" else "float32")
-    model, tokenizer = load_model(args.model, dtype=dtype)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=resolve_device(args.device))
     rollouts = Path(args.rollouts or Path(args.out).with_suffix(".rollouts.jsonl"))
     if args.problems:
         _do_rollouts(args, model, tokenizer, rollouts)

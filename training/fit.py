@@ -159,7 +159,7 @@ def _head_loss(w_u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kl_weight: f
         s = item.scored
         u = (s.hidden.float() @ a.T) @ b.T  # (P, d)
         delta = torch.einsum("pkd,pd->pk", w_u[s.cand].float(), u)  # (P, k)
-        dec = torch.zeros(())
+        dec = u.new_zeros(())
         if item.advantage != 0.0 and item.decision.any():
             d = item.decision
             logp = head_log_probs(s.cand_logits[d], delta[d], s.lse[d], s.token_logit[d], s.token_slot[d])
@@ -173,12 +173,13 @@ def _head_loss(w_u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kl_weight: f
 def fit_head(model, tokenizer, items: list[TrainItem], tau: float, args: FitArgs, callback: Callback | None):
     torch.manual_seed(args.seed)
     d = int(model.config.hidden_size)
-    a = (torch.randn(args.rank, d) / math.sqrt(d)).requires_grad_(True)
-    b = torch.zeros(d, args.rank, requires_grad=True)
     w_u = model.get_output_embeddings().weight.detach()
+    # Drawn on the CPU (the same init on every device), then trained where the cached hidden states are.
+    a = (torch.randn(args.rank, d) / math.sqrt(d)).to(w_u.device).requires_grad_(True)
+    b = torch.zeros(d, args.rank, device=w_u.device, requires_grad=True)
     manifest = Manifest(kind="head", name=args.name, base_model=base_identity(model, tokenizer),
                         gate=GateSpec(tau=tau), top_k=args.top_k, params={"rank": args.rank, "scale": 1.0})
-    snapshot = lambda: HeadAdapter(manifest, a.detach().clone(), b.detach().clone())  # noqa: E731
+    snapshot = lambda: HeadAdapter(manifest, a.detach().to("cpu", copy=True), b.detach().to("cpu", copy=True))  # noqa: E731
     best: dict[str, Any] = {}
 
     def on_checkpoint(step: int) -> None:
