@@ -133,3 +133,23 @@ def test_arms_parse_thresholds_and_rates_and_refuse_the_rest():
 def test_ab_report_needs_an_ab_folder(tmp_path, capsys):
     assert main(["ab-report", str(tmp_path)]) == 2
     assert "meta.json" in capsys.readouterr().err
+
+
+def test_adding_arms_extends_a_run_and_keeps_the_earlier_samples(url, problems, tmp_path, capsys):
+    out = tmp_path / "ab"
+    args = _args(url, problems, out)
+    arms = args.index("--arms") + 1
+    args[arms] = "base,tiny-head:gated"
+    assert main(args) == 0
+    before = (out / "samples.jsonl").read_text()
+    args[arms] = "base,tiny-head:gated,tiny-head:always"
+    assert main(args) == 0
+    after = (out / "samples.jsonl").read_text()
+    assert after.startswith(before)  # nothing redone
+    rows = [json.loads(x) for x in after.splitlines()]
+    assert sorted({r["arm"] for r in rows[len(before.splitlines()):]}) == ["tiny-head:always"]
+    summary = json.loads((out / "ab.json").read_text())
+    assert summary["arms"]["tiny-head:always"]["vs_base"]["pairs"] == 8
+    args[arms] = "base,tiny-head:always"  # dropping an arm is another run
+    assert main(args) == 2
+    assert "arms may only be added" in capsys.readouterr().err
