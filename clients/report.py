@@ -3,6 +3,7 @@
 Contract: `render(summary)` takes `aggregate(...)`'s dict and returns HTML with: pass@1 per arm with its
 95% interval, pass@1 against fire rate across arms (the threshold sweep), the fire-rate histogram of each
 steered arm, the paired differences against base, and a few problems where the arms disagree.
+`plots(summary)` gives the same plots as standalone SVG files.
 """
 
 from __future__ import annotations
@@ -10,46 +11,84 @@ from __future__ import annotations
 import html
 from typing import Any
 
-__all__ = ["render"]
+__all__ = ["plots", "render"]
 
 W, H, PAD = 640, 260, 48
+LABELS = 110  # room under the bars for the arms' names, written at a slant
 
 
 def _bars(arms: dict[str, Any]) -> str:
     names = list(arms)
-    top = max([1e-9] + [a["ci95"][1] for a in arms.values()])
-    step = (W - 2 * PAD) / max(1, len(names))
-    parts = [f'<svg width="{W}" height="{H}" role="img" aria-label="pass@1 per arm">',
-             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#333"/>']
+    width = max(W, 2 * PAD + 64 * len(names))
+    top = max([1e-9] + [a["ci95"][1] for a in arms.values()]) * 1.1
+    step = (width - 2 * PAD) / max(1, len(names))
     y = lambda v: H - PAD - (H - 2 * PAD) * v / top  # noqa: E731
+    parts = [f'<svg width="{width}" height="{H + LABELS}" role="img" aria-label="pass@1 per arm">',
+             f'<line x1="{PAD}" y1="{H - PAD}" x2="{width - PAD}" y2="{H - PAD}" stroke="#333"/>']
+    for v in (0, top / 2, top):  # y ticks
+        parts.append(f'<text x="{PAD - 4}" y="{y(v) + 3:.1f}" font-size="9" text-anchor="end">{v:.2f}</text>')
+    if "base" in arms:  # the base's pass@1 across the plot
+        yb = y(arms["base"]["pass_at_1"])
+        parts.append(f'<line x1="{PAD}" y1="{yb:.1f}" x2="{width - PAD}" y2="{yb:.1f}" stroke="#999" '
+                     'stroke-dasharray="4 3"/>')
     for i, name in enumerate(names):
         a, x = arms[name], PAD + i * step + step * 0.15
+        fill = "#9e9e9e" if name == "base" else "#4c78a8"
         parts.append(f'<rect x="{x:.1f}" y="{y(a["pass_at_1"]):.1f}" width="{step * 0.7:.1f}" '
-                     f'height="{H - PAD - y(a["pass_at_1"]):.1f}" fill="#4c78a8"/>')
+                     f'height="{H - PAD - y(a["pass_at_1"]):.1f}" fill="{fill}"/>')
         cx = x + step * 0.35
         parts.append(f'<line x1="{cx:.1f}" y1="{y(a["ci95"][0]):.1f}" x2="{cx:.1f}" y2="{y(a["ci95"][1]):.1f}" '
                      'stroke="#000" stroke-width="2"/>')
-        parts.append(f'<text x="{cx:.1f}" y="{H - PAD + 14}" font-size="10" text-anchor="middle">'
-                     f'{html.escape(name)}</text>')
+        parts.append(f'<text x="{cx:.1f}" y="{H - PAD + 12}" font-size="10" text-anchor="end" '
+                     f'transform="rotate(-30 {cx:.1f} {H - PAD + 12})">{html.escape(name)}</text>')
         parts.append(f'<text x="{cx:.1f}" y="{y(a["ci95"][1]) - 4:.1f}" font-size="10" text-anchor="middle">'
                      f'{a["pass_at_1"]:.3f}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
+def _forest(arms: dict[str, Any]) -> str:
+    """Each arm's paired difference against base with its 95% interval, and the McNemar p-value."""
+    rows = [(n, a["vs_base"]) for n, a in arms.items() if "vs_base" in a]
+    left, right, row = 300, 90, 22
+    height = PAD + row * max(1, len(rows))
+    span = max([0.05] + [abs(v) for _, vs in rows for v in vs["ci95"]]) * 1.1
+    x = lambda v: left + (W - left - right) * (v + span) / (2 * span)  # noqa: E731
+    parts = [f'<svg width="{W}" height="{height}" role="img" aria-label="difference against base">',
+             f'<line x1="{x(0):.1f}" y1="8" x2="{x(0):.1f}" y2="{height - 24}" stroke="#999" stroke-dasharray="4 3"/>',
+             f'<text x="{x(-span):.1f}" y="{height - 8}" font-size="9">{-span:+.2f}</text>',
+             f'<text x="{x(span):.1f}" y="{height - 8}" font-size="9" text-anchor="end">{span:+.2f}</text>',
+             f'<text x="{x(0):.1f}" y="{height - 8}" font-size="9" text-anchor="middle">0 (pass@1 minus base)</text>']
+    for i, (name, vs) in enumerate(rows):
+        yy = 18 + i * row
+        color = "#54a24b" if vs["ci95"][0] > 0 else "#e45756" if vs["ci95"][1] < 0 else "#4c78a8"
+        parts += [f'<text x="{left - 8}" y="{yy + 4}" font-size="10" text-anchor="end">{html.escape(name)}</text>',
+                  f'<line x1="{x(vs["ci95"][0]):.1f}" y1="{yy}" x2="{x(vs["ci95"][1]):.1f}" y2="{yy}" '
+                  f'stroke="{color}" stroke-width="2"/>',
+                  f'<circle cx="{x(vs["diff"]):.1f}" cy="{yy}" r="4" fill="{color}"/>',
+                  f'<text x="{W - right + 6}" y="{yy + 4}" font-size="10">{vs["diff"]:+.3f} p={vs["mcnemar_p"]:.2g}'
+                  "</text>"]
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _scatter(arms: dict[str, Any]) -> str:
-    pts = [(a["fire_rate_mean"], a["pass_at_1"], n) for n, a in arms.items()]
-    xmax = max([1e-9] + [p[0] for p in pts]) * 1.1
+    pts = [(a["fire_rate_mean"], a["pass_at_1"], n) for n, a in arms.items() if a["fire_rate_mean"] < 1]
+    xmax = max([1e-9] + [p[0] for p in pts]) * 1.15
     ymax = max([1e-9] + [p[1] for p in pts]) * 1.2
     parts = [f'<svg width="{W}" height="{H}" role="img" aria-label="pass@1 against fire rate">',
              f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#333"/>',
              f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#333"/>',
-             f'<text x="{W / 2}" y="{H - 8}" font-size="11" text-anchor="middle">fire rate</text>']
-    for fx, py, name in pts:
+             f'<text x="{W / 2}" y="{H - 8}" font-size="11" text-anchor="middle">fire rate (arms that fire on '
+             f'every token are left out)</text>',
+             f'<text x="{W - PAD}" y="{H - PAD + 12}" font-size="9" text-anchor="end">{xmax:.3f}</text>',
+             f'<text x="{PAD - 4}" y="{PAD + 3}" font-size="9" text-anchor="end">{ymax:.2f}</text>']
+    for i, (fx, py, name) in enumerate(sorted(pts)):
         x = PAD + (W - 2 * PAD) * fx / xmax
         y = H - PAD - (H - 2 * PAD) * py / ymax
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="#e45756"/>')
-        parts.append(f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" font-size="10">{html.escape(name)}</text>')
+        parts.append(f'<text x="{x + 6:.1f}" y="{y - 6 - 10 * (i % 3):.1f}" font-size="9">'
+                     f'{html.escape(name)} {py:.3f}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -94,9 +133,21 @@ def _marked(d: dict[str, Any]) -> str:
                    for i, p in enumerate(pieces))
 
 
+def plots(summary: dict[str, Any]) -> dict[str, str]:
+    """The report's plots as standalone SVG documents, by file stem (`ab` also writes them to OUTDIR/plots/)."""
+    arms = summary["arms"]
+    out = {"pass_at_1": _bars(arms), "vs_base": _forest(arms), "pass_vs_fire_rate": _scatter(arms)}
+    for n, a in arms.items():
+        if a["mode"] != "off":
+            out["fire_rate_" + "".join(c if c.isalnum() or c in "-_." else "_" for c in n)] = _histogram(
+                n, a["fire_rate_histogram"])
+    return {k: v.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1) for k, v in out.items()}
+
+
 def render(summary: dict[str, Any], title: str = "ReasonMaxxer A/B") -> str:
     arms = summary["arms"]
-    hists = "".join(_histogram(n, a["fire_rate_histogram"]) for n, a in arms.items() if a["mode"] != "off")
+    svg = {k: v.replace(' xmlns="http://www.w3.org/2000/svg"', "", 1) for k, v in plots(summary).items()}
+    hists = "".join(v for k, v in svg.items() if k.startswith("fire_rate_"))
     disagreements = "".join(
         f"<details><summary>{html.escape(d['problem_id'])} (sample {d['sample']}): base {d['base_reward']:.0f}, "
         f"{html.escape(d['arm'])} {d['arm_reward']:.0f}; gold {html.escape(str(d['gold']))}</summary>"
@@ -108,6 +159,8 @@ def render(summary: dict[str, Any], title: str = "ReasonMaxxer A/B") -> str:
              "mark{background:#ffd54f}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{_table(arms)}"
-            f"<h2>pass@1 per arm (95% CI)</h2>{_bars(arms)}<h2>pass@1 against fire rate</h2>{_scatter(arms)}"
+            f"<h2>pass@1 per arm (95% CI; dashed: base)</h2>{svg['pass_at_1']}"
+            f"<h2>Paired difference against base (95% CI, exact McNemar p)</h2>{svg['vs_base']}"
+            f"<h2>pass@1 against fire rate</h2>{svg['pass_vs_fire_rate']}"
             f"<h2>Fire rate per answer</h2>{hists}<h2>Where the arms disagree</h2>{disagreements or '<p>none</p>'}"
             "</body></html>")
