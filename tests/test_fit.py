@@ -103,3 +103,11 @@ def test_fit_cli_fails_early_and_clearly_on_bad_input(tiny_model, tokenizer, tmp
         assert out.returncode == 2, (extra, out.stderr[-2000:])
         assert message in out.stderr, (message, out.stderr[-2000:])
         assert not (tmp_path / "ad").exists()
+
+
+def test_a_fit_that_lowers_the_positive_tokens_is_flagged():
+    from reasonmaxxer.training.cli import collapse_warning
+
+    assert collapse_warning({"logp_shift_positive": 0.08, "logp_shift_negative": -0.1, "anchor_kl": 0.004}) is None
+    warning = collapse_warning({"logp_shift_positive": -0.497, "logp_shift_negative": -0.808, "anchor_kl": 0.13})
+    assert "-0.497" in warning and "--lr" in warning

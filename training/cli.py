@@ -254,6 +254,15 @@ def _validation(args, meta, model, tokenizer, fit_args: FitArgs):
     return callback, report
 
 
+def collapse_warning(d: dict[str, float]) -> str | None:
+    """A warning when the fit pushed down the tokens it should raise: the unbounded negative term won."""
+    if d["logp_shift_positive"] >= 0:
+        return None
+    return (f"WARNING: the fit lowered log p of the positive-advantage tokens too ({d['logp_shift_positive']:+.3f}): "
+            "the negative term dominated (over-training). Refit with fewer steps or a smaller --lr, e.g. "
+            "--epochs 1 --lr 0.0001, and check that this line reads positive / negative.")
+
+
 def _print_summary(out, adapter, report, val_report, times) -> None:
     data, final = report["data"], report["final"] or {}
     print(f"\nwrote {out} ({adapter.manifest.kind}, tau {data['tau']:.3f}, fire rate {data['fire_rate']:.3%} "
@@ -265,6 +274,9 @@ def _print_summary(out, adapter, report, val_report, times) -> None:
         d = data["diagnostics"]
         print(f"on the training rollouts at decision points: log p {d['logp_shift_positive']:+.3f} (positive "
               f"advantage), {d['logp_shift_negative']:+.3f} (negative); KL to base elsewhere {d['anchor_kl']:.4f}")
+        warning = collapse_warning(d)
+        if warning:
+            print(warning)
     if val_report:
         best = max(val_report["checkpoints"], key=lambda c: c["pass@1"])
         print(f"validation pass@1: base {val_report['base']['pass@1']:.3f}, adapter (gated) {best['pass@1']:.3f} "

