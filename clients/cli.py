@@ -48,6 +48,7 @@ def add_command(sub) -> None:
 
     p = sub.add_parser("ab-report", help="rewrite ab.json and report.html from an ab folder's samples (no server)")
     p.add_argument("out", help="an `ab --out` folder; an interrupted run is reported on the samples it has")
+    p.add_argument("--markdown", action="store_true", help="print the per-arm table as Markdown instead of JSON")
     p.set_defaults(func=run_report_command)
 
 
@@ -119,12 +120,16 @@ def run_ab_command(args) -> int:
     return 0
 
 
-def _summarize(records, arms, model: str, selection: dict, out: str | Path) -> None:
+def _summarize(records, arms, model: str, selection: dict, out: str | Path, as_markdown: bool = False) -> None:
     from .ab import aggregate, write_outputs
+    from .report import markdown
 
     summary = aggregate(records, arms)
     summary["problems"] = {k: selection.get(k) for k in ("path", "preset", "offset", "limit", "count")}
     write_outputs(summary, out, title=f"ReasonMaxxer A/B: {model} on {Path(str(selection.get('path'))).name}")
+    if as_markdown:
+        print(markdown(summary), end="")
+        return
     print(json.dumps({n: {k: a[k] for k in ("n", "pass_at_1", "ci95", "fire_rate_mean")} |
                       ({"vs_base": a["vs_base"]} if "vs_base" in a else {}) for n, a in summary["arms"].items()},
                      indent=2))
@@ -152,5 +157,5 @@ def run_report_command(args) -> int:
     if not kept:
         raise ValueError(f"no (problem, sample) in {samples} has been answered by every arm yet")
     records = kept
-    _summarize(records, arms, meta["model"], meta["problems"], out)
+    _summarize(records, arms, meta["model"], meta["problems"], out, as_markdown=args.markdown)
     return 0

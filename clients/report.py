@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-__all__ = ["plots", "render"]
+__all__ = ["markdown", "plots", "render"]
 
 W, H, PAD = 640, 260, 48
 LABELS = 110  # room under the bars for the arms' names, written at a slant
@@ -122,6 +122,19 @@ def _table(arms: dict[str, Any]) -> str:
                     f"<td>{p}</td><td>{a['fire_rate_mean']:.3f}</td><td>{a['tokens_per_answer']:.1f}</td>"
                     f"<td>{a['tokens_per_s']:.1f}</td><td>{lat['p50']:.2f} / {lat['p90']:.2f}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The per-arm table as Markdown (for write-ups): pass@1, difference against base, McNemar p, fire rate."""
+    lines = ["| arm | n | pass@1 [95% CI] | vs base [95% CI] | McNemar p | fire rate | tokens/answer |",
+             "|---|---:|---|---|---:|---:|---:|"]
+    for name, a in summary["arms"].items():
+        vs = a.get("vs_base")
+        diff = f'{vs["diff"]:+.3f} [{vs["ci95"][0]:+.3f}, {vs["ci95"][1]:+.3f}]' if vs else "-"
+        p = f'{vs["mcnemar_p"]:.3g}' if vs else "-"
+        lines.append(f"| {name} | {a['n']} | {a['pass_at_1']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | "
+                     f"{diff} | {p} | {a['fire_rate_mean']:.3f} | {a['tokens_per_answer']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _marked(d: dict[str, Any]) -> str:

@@ -61,7 +61,7 @@ def test_ab_run_writes_every_arm_a_valid_json_and_a_self_contained_report(url, p
     assert not re.search(r"(src|href)\s*=|https?://|@import", html)
 
 
-def test_interrupted_ab_resumes_without_duplicates_or_losses(url, problems, tmp_path, monkeypatch):
+def test_interrupted_ab_resumes_without_duplicates_or_losses(url, problems, tmp_path, monkeypatch, capsys):
     out = tmp_path / "ab"
     real = ab_module.run_ab
     calls = {"n": 0}
@@ -85,6 +85,10 @@ def test_interrupted_ab_resumes_without_duplicates_or_losses(url, problems, tmp_
     summary = json.loads((out / "ab.json").read_text())
     jsonschema.validate(summary, SCHEMA)
     assert {a["n"] for a in summary["arms"].values()} == {2}  # problem 0, samples 0 and 1, all 5 arms
+    capsys.readouterr()
+    assert main(["ab-report", "--markdown", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| arm | n | pass@1") and len(table) == 2 + 5 and "| base | 2 |" in table[2]
     assert main(_args(url, problems, out)) == 0
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     keys = [(r["arm"], r["problem_id"], r["sample"]) for r in rows]
