@@ -4,8 +4,10 @@ Contract: `run_ab(client, model, problems, arms, config, out_dir, score)` sends,
 sample, one chat request per arm (same messages, same seed: the arms are paired), `config.concurrency` at a
 time, scores each answer with `score(text, gold, truncated)`, and appends it to `out_dir/samples.jsonl`
 as soon as it is scored. Running again with the same arguments resumes: done (arm, problem, sample)
-triples are skipped, nothing is duplicated; running again with arms added extends the run (the earlier
-arms' samples are kept and stay paired); any other change is refused (`out_dir/meta.json`).
+triples are skipped, nothing is duplicated. A folder is a pool of paired samples: a later run may name
+other arms (added ones are sampled, left-out ones keep their samples; all stay paired, since a sample's
+seed depends on the problem and sample index only); other problems or sampling settings are refused
+(`out_dir/meta.json` lists every arm the folder has seen).
 `aggregate(...)` gives per arm pass@1 with a 95% interval (problem-level bootstrap), the paired difference
 against `base` with its interval and an exact McNemar p-value, fire rate (mean and histogram), tokens per
 answer, tokens/s and latency percentiles, plus a few problems where the arms disagree. `write_outputs`
@@ -96,20 +98,27 @@ def _meta(model: str, problems, arms: list[Arm], config: AbConfig) -> dict[str, 
                                                      ("path", "sha256", "preset", "offset", "limit", "seed", "count")}}
 
 
-def _same_run(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """The same run, or the same run with arms added: every earlier arm kept as it was (its samples and their
-    pairing stay valid, since a sample's seed depends on the problem and sample index alone)."""
+def _merged(old: dict[str, Any], new: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The folder's meta with this run's arms added. Problems and sampling settings must not change; arms may
+    be added or left out (a sample's seed depends on the problem and sample index alone, so every arm's
+    samples stay paired with every other's); an arm name must keep its definition."""
     strip = lambda m: {k: v for k, v in m.items() if k not in ("config", "arms")}  # noqa: E731
     config = lambda m: {k: v for k, v in m["config"].items() if k != "concurrency"}  # noqa: E731
-    return strip(old) == strip(new) and config(old) == config(new) and all(a in new["arms"] for a in old["arms"])
+    if strip(old) != strip(new) or config(old) != config(new):
+        raise ValueError(f"{out_dir} holds a run on other problems or with other sampling settings: "
+                         "pass another --out or delete it")
+    known = {a["name"]: a for a in old["arms"]}
+    for arm in new["arms"]:
+        if arm["name"] in known and known[arm["name"]] != arm:
+            raise ValueError(f"{out_dir}: arm {arm['name']!r} was defined otherwise there: {known[arm['name']]}")
+    return {**new, "arms": old["arms"] + [a for a in new["arms"] if a["name"] not in known]}
 
 
 def _open(out_dir: Path, meta: dict[str, Any]) -> tuple[Any, set[tuple[str, str, int]]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path, samples = out_dir / "meta.json", out_dir / "samples.jsonl"
-    if meta_path.exists() and not _same_run(json.loads(meta_path.read_text()), meta):
-        raise ValueError(f"{out_dir} holds a run with other settings (arms may only be added): "
-                         "pass another --out or delete it")
+    if meta_path.exists():
+        meta = _merged(json.loads(meta_path.read_text()), meta, out_dir)
     meta_path.write_text(json.dumps(meta, indent=2))
     done: set[tuple[str, str, int]] = set()
     if samples.exists():

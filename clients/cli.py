@@ -49,6 +49,7 @@ def add_command(sub) -> None:
     p = sub.add_parser("ab-report", help="rewrite ab.json and report.html from an ab folder's samples (no server)")
     p.add_argument("out", help="an `ab --out` folder; an interrupted run is reported on the samples it has")
     p.add_argument("--markdown", action="store_true", help="print the per-arm table as Markdown instead of JSON")
+    p.add_argument("--arms", default=None, help="report only these arms (names as in the folder), e.g. base,X:gated")
     p.set_defaults(func=run_report_command)
 
 
@@ -149,6 +150,13 @@ def run_report_command(args) -> int:
     if not records:
         raise ValueError(f"{samples} holds no samples yet: run `reasonmaxxer ab` first")
     arms = [Arm(**a) for a in meta["arms"]]
+    if args.arms:
+        wanted = [x.strip() for x in args.arms.split(",") if x.strip()]
+        unknown = sorted(set(wanted) - {a.name for a in arms})
+        if unknown:
+            raise ValueError(f"{out} has no arm(s) {unknown}; it has {[a.name for a in arms]}")
+        arms = [a for a in arms if a.name in wanted]
+        records = [r for r in records if r["arm"] in wanted]
     keys = [{(r["problem_id"], r["sample"]) for r in records if r["arm"] == a.name} for a in arms]
     complete = set.intersection(*keys)  # an interrupted run: report only the samples every arm has
     kept = [r for r in records if (r["problem_id"], r["sample"]) in complete]

@@ -139,7 +139,7 @@ def test_ab_report_needs_an_ab_folder(tmp_path, capsys):
     assert "meta.json" in capsys.readouterr().err
 
 
-def test_adding_arms_extends_a_run_and_keeps_the_earlier_samples(url, problems, tmp_path, capsys):
+def test_a_folder_pools_paired_samples_across_runs_with_other_arms(url, problems, tmp_path, capsys):
     out = tmp_path / "ab"
     args = _args(url, problems, out)
     arms = args.index("--arms") + 1
@@ -154,6 +154,18 @@ def test_adding_arms_extends_a_run_and_keeps_the_earlier_samples(url, problems, 
     assert sorted({r["arm"] for r in rows[len(before.splitlines()):]}) == ["tiny-head:always"]
     summary = json.loads((out / "ab.json").read_text())
     assert summary["arms"]["tiny-head:always"]["vs_base"]["pairs"] == 8
-    args[arms] = "base,tiny-head:always"  # dropping an arm is another run
+    args[arms] = "base,tiny-head:random@0.5"  # leaving an arm out keeps its samples
+    assert main(args) == 0
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 * 8 and json.loads((out / "ab.json").read_text())["arms"].keys() == {
+        "base", "tiny-head:random@0.5"}
+    meta = json.loads((out / "meta.json").read_text())
+    assert [a["name"] for a in meta["arms"]] == ["base", "tiny-head:gated", "tiny-head:gated@2.5",
+                                                 "tiny-head:always", "tiny-head:random@0.5"]
+    capsys.readouterr()
+    assert main(["ab-report", "--markdown", "--arms", "base,tiny-head:always", str(out)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2 + 2
+    assert main(["ab-report", "--arms", "base,nope", str(out)]) == 2
+    args[args.index("--max-tokens") + 1] = "9"  # other sampling settings: another run
     assert main(args) == 2
-    assert "arms may only be added" in capsys.readouterr().err
+    assert "other sampling settings" in capsys.readouterr().err
