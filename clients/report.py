@@ -19,20 +19,21 @@ LABELS = 110  # room under the bars for the arms' names, written at a slant
 
 def _bars(arms: dict[str, Any]) -> str:
     names = list(arms)
-    width = max(W, 2 * PAD + 64 * len(names))
+    left = PAD + int(3.8 * max(len(n) for n in names))  # the first slanted name must fit on the left
+    width = max(W, left + PAD + 64 * len(names))
     top = max([1e-9] + [a["ci95"][1] for a in arms.values()]) * 1.1
-    step = (width - 2 * PAD) / max(1, len(names))
+    step = (width - left - PAD) / max(1, len(names))
     y = lambda v: H - PAD - (H - 2 * PAD) * v / top  # noqa: E731
-    parts = [f'<svg width="{width}" height="{H + LABELS}" role="img" aria-label="pass@1 per arm">',
-             f'<line x1="{PAD}" y1="{H - PAD}" x2="{width - PAD}" y2="{H - PAD}" stroke="#333"/>']
+    parts = [f'<svg width="{width}" height="{H + LABELS + 40}" role="img" aria-label="pass@1 per arm">',
+             f'<line x1="{left}" y1="{H - PAD}" x2="{width - PAD}" y2="{H - PAD}" stroke="#333"/>']
     for v in (0, top / 2, top):  # y ticks
-        parts.append(f'<text x="{PAD - 4}" y="{y(v) + 3:.1f}" font-size="9" text-anchor="end">{v:.2f}</text>')
+        parts.append(f'<text x="{left - 4}" y="{y(v) + 3:.1f}" font-size="9" text-anchor="end">{v:.2f}</text>')
     if "base" in arms:  # the base's pass@1 across the plot
         yb = y(arms["base"]["pass_at_1"])
-        parts.append(f'<line x1="{PAD}" y1="{yb:.1f}" x2="{width - PAD}" y2="{yb:.1f}" stroke="#999" '
+        parts.append(f'<line x1="{left}" y1="{yb:.1f}" x2="{width - PAD}" y2="{yb:.1f}" stroke="#999" '
                      'stroke-dasharray="4 3"/>')
     for i, name in enumerate(names):
-        a, x = arms[name], PAD + i * step + step * 0.15
+        a, x = arms[name], left + i * step + step * 0.15
         fill = "#9e9e9e" if name == "base" else "#4c78a8"
         parts.append(f'<rect x="{x:.1f}" y="{y(a["pass_at_1"]):.1f}" width="{step * 0.7:.1f}" '
                      f'height="{H - PAD - y(a["pass_at_1"]):.1f}" fill="{fill}"/>')
@@ -73,22 +74,25 @@ def _forest(arms: dict[str, Any]) -> str:
 
 
 def _scatter(arms: dict[str, Any]) -> str:
-    pts = [(a["fire_rate_mean"], a["pass_at_1"], n) for n, a in arms.items() if a["fire_rate_mean"] < 1]
+    """pass@1 against fire rate: numbered points (a threshold sweep reads left to right), legend below."""
+    pts = sorted((a["fire_rate_mean"], a["pass_at_1"], n) for n, a in arms.items() if a["fire_rate_mean"] < 1)
     xmax = max([1e-9] + [p[0] for p in pts]) * 1.15
     ymax = max([1e-9] + [p[1] for p in pts]) * 1.2
-    parts = [f'<svg width="{W}" height="{H}" role="img" aria-label="pass@1 against fire rate">',
+    parts = [f'<svg width="{W}" height="{H + 14 * len(pts)}" role="img" aria-label="pass@1 against fire rate">',
              f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#333"/>',
              f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#333"/>',
-             f'<text x="{W / 2}" y="{H - 8}" font-size="11" text-anchor="middle">fire rate (arms that fire on '
-             f'every token are left out)</text>',
+             f'<text x="{W / 2}" y="{H - PAD + 24}" font-size="11" text-anchor="middle">fire rate (arms that fire '
+             'on every token are left out)</text>',
              f'<text x="{W - PAD}" y="{H - PAD + 12}" font-size="9" text-anchor="end">{xmax:.3f}</text>',
-             f'<text x="{PAD - 4}" y="{PAD + 3}" font-size="9" text-anchor="end">{ymax:.2f}</text>']
-    for i, (fx, py, name) in enumerate(sorted(pts)):
+             f'<text x="{PAD - 4}" y="{PAD + 3}" font-size="9" text-anchor="end">{ymax:.2f}</text>',
+             f'<text x="{PAD - 4}" y="{H - PAD}" font-size="9" text-anchor="end">0</text>']
+    for i, (fx, py, name) in enumerate(pts, start=1):
         x = PAD + (W - 2 * PAD) * fx / xmax
         y = H - PAD - (H - 2 * PAD) * py / ymax
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="#e45756"/>')
-        parts.append(f'<text x="{x + 6:.1f}" y="{y - 6 - 10 * (i % 3):.1f}" font-size="9">'
-                     f'{html.escape(name)} {py:.3f}</text>')
+        parts.append(f'<text x="{x + 5:.1f}" y="{y - 5:.1f}" font-size="10">{i}</text>')
+        parts.append(f'<text x="{PAD}" y="{H + 14 * (i - 1)}" font-size="10">{i}: {html.escape(name)}: pass@1 '
+                     f'{py:.3f}, fire rate {fx:.3f}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
