@@ -61,6 +61,22 @@ def prompts(tokenizer):
     return [tokenizer(t)["input_ids"] for t in texts]
 
 
+def sampled_records(model, tokenizer, prompts, max_tokens: int, seed_base: int) -> list[dict]:
+    """Rollout records of real sampled completions, 4 per prompt, rewarded 1, 0, 1, 0: every problem mixed."""
+    from reasonmaxxer.steering.engine import Engine
+    from reasonmaxxer.steering.request import Request
+    from reasonmaxxer.steering.sampling import SamplingParams
+
+    engine = Engine(model, tokenizer)
+    records = []
+    for p, prompt in enumerate(prompts):
+        params = [SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed_base * p + k) for k in range(4)]
+        for k, c in enumerate(engine.generate([Request(prompt, sp) for sp in params])):
+            records.append({"problem_id": f"p{p}", "sample": k, "prompt_ids": prompt, "completion_ids": c.token_ids,
+                            "reward": float(k % 2 == 0)})
+    return records
+
+
 def make_lora(model, tokenizer, directory, name: str = "tiny-lora", seed: int = 1, r: int = 4):
     """Save a random PEFT LoRA (q/k/v/o) for `model` plus our adapter.json; return the PeftModel."""
     import copy

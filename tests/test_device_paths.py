@@ -20,6 +20,8 @@ from reasonmaxxer.steering.sampling import SamplingParams
 from reasonmaxxer.training.fit import FitArgs, fit
 from reasonmaxxer.training.scoring import score_sequence
 
+from conftest import sampled_records
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
@@ -90,14 +92,7 @@ def test_cancel_and_eviction_on_the_model_device(device, tiny_model, tokenizer, 
 
 @pytest.fixture(scope="module")
 def records(tiny_model, tokenizer, prompts):
-    engine = Engine(tiny_model, tokenizer)
-    out = []
-    for p, prompt in enumerate(prompts):
-        reqs = [Request(prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=10 * p + k)) for k in range(4)]
-        for k, c in enumerate(engine.generate(reqs)):
-            out.append({"problem_id": f"p{p}", "sample": k, "prompt_ids": prompt, "completion_ids": c.token_ids,
-                        "reward": float(k % 2 == 0)})
-    return out
+    return sampled_records(tiny_model, tokenizer, prompts, max_tokens=10, seed_base=10)
 
 
 @pytest.mark.parametrize("device", DEVICES)

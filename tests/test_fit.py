@@ -11,6 +11,8 @@ from reasonmaxxer.steering.request import Request
 from reasonmaxxer.steering.sampling import SamplingParams
 from reasonmaxxer.training.fit import FitArgs, fit, head_diagnostics, prepare_items, select_problems
 
+from conftest import sampled_records
+
 
 def _records(rates: dict[str, list[float]]):
     return [{"problem_id": pid, "reward": r} for pid, rs in rates.items() for r in rs]
@@ -28,14 +30,7 @@ def test_select_problems_keeps_the_mixed_ones_closest_to_half():
 @pytest.fixture(scope="module")
 def rollouts(tiny_model, tokenizer, prompts):
     """Real sampled completions of the tiny model, rewarded so that every problem is mixed."""
-    engine = Engine(tiny_model, tokenizer)
-    records = []
-    for p, prompt in enumerate(prompts):
-        reqs = [Request(prompt, SamplingParams(max_tokens=16, temperature=1.0, seed=100 * p + k)) for k in range(4)]
-        for k, c in enumerate(engine.generate(reqs)):
-            records.append({"problem_id": f"p{p}", "sample": k, "prompt_ids": prompt, "completion_ids": c.token_ids,
-                            "reward": float(k % 2 == 0)})
-    return records
+    return sampled_records(tiny_model, tokenizer, prompts, max_tokens=16, seed_base=100)
 
 
 def test_head_fit_raises_good_tokens_and_lowers_bad_ones(tiny_model, tokenizer, rollouts):
