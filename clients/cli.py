@@ -161,7 +161,8 @@ def run_report_command(args) -> int:
     complete = set.intersection(*keys)  # an interrupted run: report only the samples every arm has
     kept = [r for r in records if (r["problem_id"], r["sample"]) in complete]
     if len(kept) < len(records):
-        print(f"{len(records) - len(kept)} samples left out: not every arm has them (an interrupted run)")
+        print(f"{len(records) - len(kept)} samples left out: not every arm has them "
+              "(an interrupted run, or arms sampled on fewer problems)")
     if not kept:
         raise ValueError(f"no (problem, sample) in {samples} has been answered by every arm yet")
     records = kept
