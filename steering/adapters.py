@@ -138,19 +138,17 @@ class HeadAdapter:
         """Raise AdapterError unless this adapter fits the served base model."""
         check_identity(self.name, self.manifest.base_model, base_identity(model, tokenizer))
 
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.A.device == device:
-            return self.A, self.B
-        kept = self.__dict__.get("_device_copy")  # (source A, source B, A there, B there)
-        if kept is None or kept[0] is not self.A or kept[1] is not self.B or kept[2].device != device:
-            kept = (self.A, self.B, self.A.to(device), self.B.to(device))
-            self.__dict__["_device_copy"] = kept
-        return kept[2], kept[3]
+    def to(self, device: torch.device | str) -> HeadAdapter:
+        """This adapter with A and B on `device` (itself when they are there already)."""
+        if self.A.device == torch.device(device):
+            return self
+        return HeadAdapter(self.manifest, self.A.to(device), self.B.to(device))
 
     def delta(self, hidden: torch.Tensor, cand: torch.Tensor, w_u: torch.Tensor) -> torch.Tensor:
         """scale * W_U[c] (B A h) for each row. hidden (n, d), cand (n, k), w_u (V, d) -> (n, k) float32.
-        A and B stay where they were loaded (CPU); a copy on `hidden`'s device is made once and kept."""
-        a, b = self._on(hidden.device)
+        A and B meet `hidden` on its device: a no-op for an engine's copy (`Engine.add_adapter` moves it once),
+        a copy for a fit's CPU snapshot scored on a GPU."""
+        a, b = self.A.to(hidden.device), self.B.to(hidden.device)
         u = (hidden.float() @ a.T) @ b.T  # (n, d)
         rows = w_u[cand].float()  # (n, k, d)
         return self.scale * torch.einsum("nkd,nd->nk", rows, u)

@@ -77,8 +77,11 @@ class Engine:
 
     # ---- adapters ------------------------------------------------------------------------------------
     def add_adapter(self, adapter: HeadAdapter | LoraAdapter) -> None:
-        """Validate against this model and register under `adapter.name` (AdapterError if unfit)."""
+        """Validate against this model and register under `adapter.name` (AdapterError if unfit). A head
+        adapter is registered with its weights on the model's device (moved once, not on every step)."""
         adapter.validate(self.model, self.tokenizer)
+        if isinstance(adapter, HeadAdapter):
+            adapter = adapter.to(self.model.device)
         with self._lock:
             if adapter.name in self.adapters:
                 raise ValueError(f"an adapter named {adapter.name!r} is already loaded: remove it first")
