@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, percentiles
 
-__all__ = ["AbConfig", "Arm", "aggregate", "parse_arms", "run_ab"]
+__all__ = ["AbConfig", "Arm", "aggregate", "load_samples", "parse_arms", "run_ab"]
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 SCHEMA_VERSION = 1
@@ -114,22 +114,25 @@ def _merged(old: dict[str, Any], new: dict[str, Any], out_dir: Path) -> dict[str
     return {**new, "arms": old["arms"] + [a for a in new["arms"] if a["name"] not in known]}
 
 
+def load_samples(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Every complete record of `out_dir/samples.jsonl`; an unterminated last line (a run cut off while
+    writing it, or one still running) is not a record."""
+    path = Path(out_dir) / "samples.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
 def _open(out_dir: Path, meta: dict[str, Any]) -> tuple[Any, set[tuple[str, str, int]]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path, samples = out_dir / "meta.json", out_dir / "samples.jsonl"
     if meta_path.exists():
         meta = _merged(json.loads(meta_path.read_text()), meta, out_dir)
     meta_path.write_text(json.dumps(meta, indent=2))
-    done: set[tuple[str, str, int]] = set()
-    if samples.exists():
-        text = samples.read_text()
-        if text and not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]
-            samples.write_text(text)
-        for line in text.splitlines():
-            r = json.loads(line)
-            done.add((r["arm"], r["problem_id"], r["sample"]))
-    return samples.open("a"), done
+    text = samples.read_text() if samples.exists() else ""
+    if text and not text.endswith("\n"):  # drop the cut-off line before appending
+        samples.write_text(text[: text.rfind("\n") + 1])
+    records = load_samples(out_dir)
+    return samples.open("a"), {(r["arm"], r["problem_id"], r["sample"]) for r in records}
 
 
 def run_ab(client, model: str, problems, arms: list[Arm], config: AbConfig, out_dir: str | Path,
@@ -168,7 +171,7 @@ def run_ab(client, model: str, problems, arms: list[Arm], config: AbConfig, out_
         futures = [pool.submit(one, *item) for item in todo]
         for fut in tqdm(as_completed(futures), total=len(futures), desc="ab", unit="req", disable=not progress):
             fut.result()
-    return [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
+    return load_samples(out_dir)
 
 
 def _arm_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:

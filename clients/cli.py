@@ -138,15 +138,14 @@ def _summarize(records, arms, model: str, selection: dict, out: str | Path, as_m
 
 
 def run_report_command(args) -> int:
-    from .ab import Arm
+    from .ab import Arm, load_samples
 
     out = Path(args.out)
     meta_path, samples = out / "meta.json", out / "samples.jsonl"
     if not meta_path.exists():
         raise FileNotFoundError(f"{meta_path} not found: give the --out folder of a `reasonmaxxer ab` run")
     meta = json.loads(meta_path.read_text())
-    text = samples.read_text() if samples.exists() else ""
-    records = [json.loads(line) for line in text.splitlines() if line.endswith("}")]
+    records = load_samples(out)
     if not records:
         raise ValueError(f"{samples} holds no samples yet: run `reasonmaxxer ab` first")
     arms = [Arm(**a) for a in meta["arms"]]
