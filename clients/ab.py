@@ -216,11 +216,11 @@ def aggregate(records: list[dict[str, Any]], arms: list[Arm], examples: int = 5)
 
 
 def write_outputs(summary: dict[str, Any], out_dir: str | Path, title: str = "ReasonMaxxer A/B") -> None:
-    from .report import plots, render
+    from .report import plots, render, standalone
 
     out_dir = Path(out_dir)
     (out_dir / "ab.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "report.html").write_text(render(summary, title))
     (out_dir / "plots").mkdir(exist_ok=True)
     for stem, svg in plots(summary).items():
-        (out_dir / "plots" / f"{stem}.svg").write_text(svg)
+        (out_dir / "plots" / f"{stem}.svg").write_text(standalone(svg))

@@ -3,7 +3,7 @@
 Contract: `render(summary)` takes `aggregate(...)`'s dict and returns HTML with: pass@1 per arm with its
 95% interval, pass@1 against fire rate across arms (the threshold sweep), the fire-rate histogram of each
 steered arm, the paired differences against base, and a few problems where the arms disagree.
-`plots(summary)` gives the same plots as standalone SVG files.
+`plots(summary)` gives the same plots, `standalone(svg)` makes one an SVG file.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-__all__ = ["markdown", "plots", "render"]
+__all__ = ["markdown", "plots", "render", "standalone"]
 
 W, H, PAD = 640, 260, 48
 LABELS = 110  # room under the bars for the arms' names, written at a slant
@@ -151,19 +151,24 @@ def _marked(d: dict[str, Any]) -> str:
 
 
 def plots(summary: dict[str, Any]) -> dict[str, str]:
-    """The report's plots as standalone SVG documents, by file stem (`ab` also writes them to OUTDIR/plots/)."""
+    """The report's plots as inline SVG, by file stem (`ab` writes each through `standalone` to OUTDIR/plots/)."""
     arms = summary["arms"]
     out = {"pass_at_1": _bars(arms), "vs_base": _forest(arms), "pass_vs_fire_rate": _scatter(arms)}
     for n, a in arms.items():
         if a["mode"] != "off":
             out["fire_rate_" + "".join(c if c.isalnum() or c in "-_." else "_" for c in n)] = _histogram(
                 n, a["fire_rate_histogram"])
-    return {k: v.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1) for k, v in out.items()}
+    return out
+
+
+def standalone(svg: str) -> str:
+    """An inline SVG of `plots` as an SVG file (with its namespace)."""
+    return svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1)
 
 
 def render(summary: dict[str, Any], title: str = "ReasonMaxxer A/B") -> str:
     arms = summary["arms"]
-    svg = {k: v.replace(' xmlns="http://www.w3.org/2000/svg"', "", 1) for k, v in plots(summary).items()}
+    svg = plots(summary)
     hists = "".join(v for k, v in svg.items() if k.startswith("fire_rate_"))
     disagreements = "".join(
         f"<details><summary>{html.escape(d['problem_id'])} (sample {d['sample']}): base {d['base_reward']:.0f}, "
