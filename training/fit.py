@@ -32,7 +32,8 @@ from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.manifest import GateSpec, Manifest, base_identity
 
 from .loss import group_advantages, head_kl, head_log_probs
-from .scoring import Scored, calibrate_tau, score_sequence
+from .score_cache import score_all
+from .scoring import Scored, calibrate_tau
 
 __all__ = ["FitArgs", "TrainItem", "fit", "head_diagnostics", "prepare_items", "select_problems"]
 
@@ -85,12 +86,11 @@ def select_problems(records: Sequence[dict], m: int) -> list[dict]:
     return [r for pid in mixed[:m] for r in groups[pid]]
 
 
-def prepare_items(model, records: Sequence[dict], args: FitArgs, progress: bool = True) -> tuple[list, float, dict]:
-    """Score the rollouts, set tau, compute advantages. Returns (items, tau, stats)."""
-    scored = [
-        score_sequence(model, r["prompt_ids"], r["completion_ids"], top_k=args.top_k, keep_hidden=args.kind == "head")
-        for r in tqdm(records, desc="scoring", unit="seq", disable=not progress)
-    ]
+def prepare_items(model, records: Sequence[dict], args: FitArgs, progress: bool = True,
+                  score_cache: str | None = None) -> tuple[list, float, dict]:
+    """Score the rollouts (reusing `score_cache`, see score_cache.py), set tau, compute advantages.
+    Returns (items, tau, stats)."""
+    scored = score_all(model, records, args.top_k, args.kind == "head", score_cache, progress)
     completion_h = torch.cat([s.completion_entropy for s in scored])
     tau = args.threshold if args.threshold is not None else calibrate_tau(completion_h, args.target_fire_rate)
     advantages: dict[int, float] = {}
@@ -210,14 +210,15 @@ def head_diagnostics(model, items: list[TrainItem], adapter: HeadAdapter) -> dic
 
 
 def fit(model, tokenizer, records: Sequence[dict], args: FitArgs, callback: Callback | None = None,
-        provenance: dict | None = None, progress: bool = True):
-    """The whole fit: select, score, calibrate, train, pick the checkpoint. Returns (adapter, report)."""
+        provenance: dict | None = None, progress: bool = True, score_cache: str | None = None):
+    """The whole fit: select, score (reusing `score_cache` if given), calibrate, train, pick the checkpoint.
+    Returns (adapter, report)."""
     if args.kind not in ("head", "lora"):
         raise ValueError(f"unknown adapter kind {args.kind!r}: use head or lora")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     kept = select_problems(records, args.keep_problems)
-    items, tau, stats = prepare_items(model, kept, args, progress)
+    items, tau, stats = prepare_items(model, kept, args, progress, score_cache)
     times["scoring_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     if args.kind == "head":
