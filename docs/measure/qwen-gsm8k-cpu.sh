@@ -9,22 +9,15 @@
 # Resumable, and the arms share one folder of paired samples: rerun with or without LORA=1 / HEADS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source docs/measure/common.sh
 B=qwen2.5-coder-0.5b-instruct-gsm8k-head
 L=qwen05-gsm8k160-lora
 FIT=${FIT:-out/qwen-gpu}
 ARMS="base,$B:gated,$B:gated@1,$B:gated@1.8,$B:always,$B:random"
 EXTRA=()
 if [[ ${LORA:-0} == 1 ]]; then ARMS="$ARMS,$L:always"; EXTRA+=(--adapter "$FIT/$L"); fi
-for dir in ${HEADS:-}; do  # more fitted adapters, each served and run gated under its registered name
-  ARMS="$ARMS,$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["name"])' "$dir/adapter.json"):gated"
-  EXTRA+=(--adapter "$dir")
-done
-.venv-vllm/bin/reasonmaxxer serve --backend vllm --model qwen2.5-coder-0.5b-instruct --port 8200 \
-  --adapter training/bundled/$B "${EXTRA[@]}" --max-model-len 2048 --max-batch-size 32 --log-level warning \
-  > out/qwen-serve.log 2>&1 &
-SERVER=$!
-trap 'kill $SERVER' EXIT
-until curl -sf localhost:8200/health > /dev/null; do kill -0 $SERVER; sleep 5; done
+add_heads
+serve_vllm 8200 out/qwen-serve.log --model qwen2.5-coder-0.5b-instruct --adapter training/bundled/$B "${EXTRA[@]}"
 .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8200 --problems ../shared/data/gsm8k/test.jsonl \
   --preset gsm8k --limit 300 --samples 1 --arms "$ARMS" --max-tokens 512 --concurrency 32 \
   --out out/ab-qwen-gsm8k-test

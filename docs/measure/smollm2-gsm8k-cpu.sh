@@ -5,12 +5,9 @@
 # the same command.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source docs/measure/common.sh
 A=smollm2-135m-instruct-svamp-head
-.venv-vllm/bin/reasonmaxxer serve --backend vllm --model smollm2-135m-instruct --port 8203 \
-  --max-model-len 2048 --max-batch-size 32 --log-level warning > out/smollm2-gsm8k-serve.log 2>&1 &
-SERVER=$!
-trap 'kill $SERVER' EXIT
-until curl -sf localhost:8203/health > /dev/null; do kill -0 $SERVER; sleep 5; done
+serve_vllm 8203 out/smollm2-gsm8k-serve.log --model smollm2-135m-instruct
 .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8203 --problems ../shared/data/gsm8k/test.jsonl \
   --preset gsm8k --limit 300 --samples 1 --arms "base,$A:gated,$A:always,$A:random" \
   --max-tokens 256 --verifier-fallbacks boxed,answer_is,last_number --concurrency 32 --out out/ab-smollm2-gsm8k
