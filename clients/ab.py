@@ -118,7 +118,10 @@ def load_samples(out_dir: str | Path) -> list[dict[str, Any]]:
     """Every complete record of `out_dir/samples.jsonl`; an unterminated last line (a run cut off while
     writing it, or one still running) is not a record."""
     path = Path(out_dir) / "samples.jsonl"
-    text = path.read_text() if path.exists() else ""
+    return _complete_records(path.read_text() if path.exists() else "")
+
+
+def _complete_records(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
@@ -131,8 +134,7 @@ def _open(out_dir: Path, meta: dict[str, Any]) -> tuple[Any, set[tuple[str, str,
     text = samples.read_text() if samples.exists() else ""
     if text and not text.endswith("\n"):  # drop the cut-off line before appending
         samples.write_text(text[: text.rfind("\n") + 1])
-    records = load_samples(out_dir)
-    return samples.open("a"), {(r["arm"], r["problem_id"], r["sample"]) for r in records}
+    return samples.open("a"), {(r["arm"], r["problem_id"], r["sample"]) for r in _complete_records(text)}
 
 
 def run_ab(client, model: str, problems, arms: list[Arm], config: AbConfig, out_dir: str | Path,
