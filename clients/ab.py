@@ -1,17 +1,19 @@
 """The A/B comparison: the same prompts with the same seeds to every arm, scored, with statistics.
 
 Contract: `run_ab(client, model, problems, arms, config, out_dir, score)` sends, for every problem and
-sample, one chat request per arm (same messages, same seed: the arms are paired), `config.concurrency` at a
-time, scores each answer with `score(text, gold, truncated)`, and appends it to `out_dir/samples.jsonl`
-as soon as it is scored. Running again with the same arguments resumes: done (arm, problem, sample)
-triples are skipped, nothing is duplicated. A folder is a pool of paired samples: a later run may name
-other arms (added ones are sampled, left-out ones keep their samples; all stay paired, since a sample's
-seed depends on the problem and sample index only); other problems or sampling settings are refused
+sample, one request per arm (a chat request, or with `prompt_style="paper"` the paper's raw prompt on the
+completions route with its `Human:` / `Assistant:` stops; same prompt, same seed: the arms are paired),
+`config.concurrency` at a time, scores each answer with `score(text, gold, truncated)`, and appends it to
+`out_dir/samples.jsonl` as soon as it is scored. Running again with the same arguments resumes: done
+(arm, problem, sample) triples are skipped, nothing is duplicated. A folder is a pool of paired samples: a
+later run may name other arms (added ones are sampled, left-out ones keep their samples; all stay paired,
+since a sample's seed depends on the problem and sample index only); other problems or sampling settings are refused
 (`out_dir/meta.json` lists every arm the folder has seen).
 `aggregate(...)` gives per arm pass@1 with a 95% interval (problem-level bootstrap), the paired difference
 against `base` with its interval and an exact McNemar p-value, fire rate (mean and histogram), tokens per
-answer, tokens/s and latency percentiles, plus a few problems where the arms disagree. `write_outputs`
-writes `ab.json` (schema: `ab.schema.json` beside this file) and a self-contained `report.html`.
+answer, tokens/s and latency percentiles, the failure taxonomy (`failure_kind`: the share of answers wrong
+with a boxed answer, wrong without one, and truncated), plus a few problems where the arms disagree.
+`write_outputs` writes `ab.json` (schema: `ab.schema.json` beside this file) and a self-contained `report.html`.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from reasonmaxxer.training.prompts import PAPER_STOP, paper_prompt
+from reasonmaxxer.training.verifier import last_boxed
+
 from .stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, percentiles
 
-__all__ = ["AbConfig", "Arm", "aggregate", "load_samples", "parse_arms", "run_ab"]
+__all__ = ["FAILURES", "AbConfig", "Arm", "aggregate", "failure_kind", "failure_shares", "load_samples", "parse_arms",
+           "run_ab"]
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 SCHEMA_VERSION = 1
@@ -90,6 +96,30 @@ class AbConfig:
     top_p: float = 0.95
     seed: int = 0
     concurrency: int = 8
+    prompt_style: str = "chat"  # chat: /v1/chat/completions; paper: the raw prompt on /v1/completions
+
+
+FAILURES = ("wrong_boxed", "wrong_unboxed", "truncated")
+
+
+def failure_kind(text: str, reward: float, truncated: bool) -> str | None:
+    """Why an answer failed: "truncated" (hit max tokens), "wrong_boxed" (a boxed answer, wrong), or
+    "wrong_unboxed" (ended without a boxed answer); None for a right answer."""
+    if reward > 0:
+        return None
+    if truncated:
+        return "truncated"
+    return "wrong_boxed" if last_boxed(text) is not None else "wrong_unboxed"
+
+
+def failure_shares(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Share of all answers in each failure kind (they sum to 1 - pass@1)."""
+    counts = dict.fromkeys(FAILURES, 0)
+    for r in rows:
+        kind = failure_kind(r["text"], r["reward"], r.get("finish_reason") == "length")
+        if kind:
+            counts[kind] += 1
+    return {k: v / max(1, len(rows)) for k, v in counts.items()}
 
 
 def _meta(model: str, problems, arms: list[Arm], config: AbConfig) -> dict[str, Any]:
@@ -103,7 +133,7 @@ def _merged(old: dict[str, Any], new: dict[str, Any], out_dir: Path) -> dict[str
     be added or left out (a sample's seed depends on the problem and sample index alone, so every arm's
     samples stay paired with every other's); an arm name must keep its definition."""
     strip = lambda m: {k: v for k, v in m.items() if k not in ("config", "arms")}  # noqa: E731
-    config = lambda m: {k: v for k, v in m["config"].items() if k != "concurrency"}  # noqa: E731
+    config = lambda m: {"prompt_style": "chat"} | {k: v for k, v in m["config"].items() if k != "concurrency"}  # noqa: E731
     if strip(old) != strip(new) or config(old) != config(new):
         raise ValueError(f"{out_dir} holds a run on other problems or with other sampling settings: "
                          "pass another --out or delete it")
@@ -137,6 +167,20 @@ def _open(out_dir: Path, meta: dict[str, Any]) -> tuple[Any, set[tuple[str, str,
     return samples.open("a"), {(r["arm"], r["problem_id"], r["sample"]) for r in _complete_records(text)}
 
 
+def _ask(client, model: str, question: str, arm: Arm, config: AbConfig, seed: int):
+    """One answer of `arm` to `question`: the chat prompt on the chat route, or the paper's raw prompt (and its
+    stop strings) on the completions route."""
+    steering = {"adapter": arm.adapter, "mode": arm.mode if arm.adapter else None, "threshold": arm.threshold,
+                "trace": arm.mode != "off", "max_tokens": config.max_tokens, "temperature": config.temperature,
+                "top_p": config.top_p, "seed": seed}
+    if config.prompt_style == "paper":
+        return client.complete(model, paper_prompt(question), stop=list(PAPER_STOP), rate=arm.rate, **steering)[0]
+    if config.prompt_style != "chat":
+        raise ValueError(f"prompt style {config.prompt_style!r}: use chat or paper")
+    messages = [{"role": "user", "content": f"{question}\n\n{INSTRUCTION}"}]
+    return client.chat(model, messages, rate=arm.rate, **steering)[0]
+
+
 def run_ab(client, model: str, problems, arms: list[Arm], config: AbConfig, out_dir: str | Path,
            score: Callable[[str, str, bool], float], progress: bool = True) -> list[dict[str, Any]]:
     """Run the missing (arm, problem, sample) requests; return every record of the run."""
@@ -148,13 +192,8 @@ def run_ab(client, model: str, problems, arms: list[Arm], config: AbConfig, out_
 
     def one(arm: Arm, problem, k: int) -> None:
         seed = config.seed * 1_000_003 + problem.index * 1009 + k  # the same for every arm: paired samples
-        messages = [{"role": "user", "content": f"{problem.question}\n\n{INSTRUCTION}"}]
         start = time.perf_counter()
-        answer = client.chat(model, messages, adapter=arm.adapter, mode=arm.mode if arm.adapter else None,
-                             threshold=arm.threshold, rate=arm.rate, trace=arm.mode != "off",
-                             max_tokens=config.max_tokens,
-                             temperature=config.temperature,
-                             top_p=config.top_p, seed=seed)[0]
+        answer = _ask(client, model, problem.question, arm, config, seed)
         latency = time.perf_counter() - start
         truncated = answer.finish_reason == "length"
         record = {"arm": arm.name, "problem_id": problem.id, "sample": k, "seed": seed, "gold": problem.answer,
@@ -187,7 +226,7 @@ def _arm_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"n": len(rows), "pass_at_1": mean, "ci95": [lo, hi], "fire_rate_mean": sum(rates) / max(1, len(rates)),
             "fire_rate_histogram": hist, "tokens_per_answer": tokens / max(1, len(rows)),
             "tokens_per_s": tokens / latency if latency else 0.0,
-            "latency_s": percentiles([r["latency_s"] for r in rows])}
+            "latency_s": percentiles([r["latency_s"] for r in rows]), "failures": failure_shares(rows)}
 
 
 def aggregate(records: list[dict[str, Any]], arms: list[Arm], examples: int = 5) -> dict[str, Any]:

@@ -43,6 +43,9 @@ def add_command(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--verifier-fallbacks", default="boxed")
+    p.add_argument("--prompt-style", default="chat", choices=["chat", "paper"],
+                   help="chat: the chat route with the boxed instruction; paper: the paper's raw prompt on the "
+                        "completions route, stops Human: / Assistant: (use the style the adapter was fitted with)")
     p.add_argument("--out", required=True, help="output folder (resumed if it holds the same run)")
     p.set_defaults(func=run_ab_command)
 
@@ -51,6 +54,17 @@ def add_command(sub) -> None:
     p.add_argument("--markdown", action="store_true", help="print the per-arm table as Markdown instead of JSON")
     p.add_argument("--arms", default=None, help="report only these arms (names as in the folder), e.g. base,X:gated")
     p.set_defaults(func=run_report_command)
+
+    p = sub.add_parser("probe-report", help="summarise a probe-branches folder (also one still running)")
+    p.add_argument("out", help="a `probe-branches --out` folder")
+    p.set_defaults(func=lambda args: _probe_report(args.out))
+
+
+def _probe_report(out: str) -> int:
+    from .probe_report import write_summary
+
+    write_summary(Path(out) / "branches.jsonl")
+    return 0
 
 
 def _free_port() -> int:
@@ -113,7 +127,8 @@ def run_ab_command(args) -> int:
             raise ValueError(f"the server at {url} does not serve adapter(s) {missing}; it serves {served}")
         model = args.served_model or served[0]
         config = AbConfig(samples=args.samples, max_tokens=args.max_tokens, temperature=args.temperature,
-                          top_p=args.top_p, seed=args.seed, concurrency=args.concurrency)
+                          top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
+                          prompt_style=args.prompt_style)
         fallbacks = tuple(x.strip() for x in args.verifier_fallbacks.split(",") if x.strip())
         with Verifier(fallbacks=fallbacks) as verifier:
             records = run_ab(client, model, problems, arms, config, args.out, verifier.score)
@@ -131,7 +146,7 @@ def _summarize(records, arms, model: str, selection: dict, out: str | Path, as_m
     if as_markdown:
         print(markdown(summary), end="")
         return
-    print(json.dumps({n: {k: a[k] for k in ("n", "pass_at_1", "ci95", "fire_rate_mean")} |
+    print(json.dumps({n: {k: a[k] for k in ("n", "pass_at_1", "ci95", "fire_rate_mean", "failures")} |
                       ({"vs_base": a["vs_base"]} if "vs_base" in a else {}) for n, a in summary["arms"].items()},
                      indent=2))
     print(f"wrote {Path(out) / 'ab.json'} and {Path(out) / 'report.html'}")

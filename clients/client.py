@@ -69,8 +69,9 @@ class SteeringClient:
 
     def complete(self, model: str, prompt: str, *, adapter: str | None = None, mode: str | None = None,
                  threshold: float | None = None, top_k: int | None = None, trace: bool = False,
-                 **kwargs) -> list[Answer]:
-        extra = {**kwargs.pop("extra_body", {}), **self._steering(adapter, mode, threshold, top_k, trace)}
+                 rate: float | None = None, **kwargs) -> list[Answer]:
+        """As `chat`, on the completions route with a raw prompt."""
+        extra = {**kwargs.pop("extra_body", {}), **self._steering(adapter, mode, threshold, top_k, trace, rate)}
         r = self.openai.completions.create(model=model, prompt=prompt, extra_body=extra or None, **kwargs)
         per = (r.usage.completion_tokens // len(r.choices)) if r.usage else 0
         return [Answer(c.text, c.finish_reason, (gate_report(c) or {}).get("tokens", per), gate_report(c), r)

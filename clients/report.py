@@ -2,7 +2,8 @@
 
 Contract: `render(summary)` takes `aggregate(...)`'s dict and returns HTML with: pass@1 per arm with its
 95% interval, pass@1 against fire rate across arms (the threshold sweep), the fire-rate histogram of each
-steered arm, the paired differences against base, and a few problems where the arms disagree.
+steered arm, the paired differences against base, the failure taxonomy (right / wrong with a boxed answer /
+wrong without one / truncated, as stacked bars and table columns), and a few problems where the arms disagree.
 `plots(summary)` gives the same plots, `standalone(svg)` makes one an SVG file.
 """
 
@@ -113,9 +114,44 @@ def _histogram(name: str, counts: list[int]) -> str:
     return "".join(parts)
 
 
+FAILURE_COLOURS = {"right": "#54a24b", "wrong_boxed": "#e45756", "wrong_unboxed": "#f58518", "truncated": "#b279a2"}
+
+
+def _failures(arms: dict[str, Any]) -> str:
+    """One stacked bar per arm: right, wrong with a boxed answer, wrong without one, truncated (shares of answers)."""
+    names = list(arms)
+    left, bar_h = PAD + int(6.5 * max(len(n) for n in names)), 22
+    height = 40 + bar_h * len(names) + 30
+    span = W - left - PAD
+    parts = [f'<svg width="{W}" height="{height}" role="img" aria-label="failure taxonomy per arm">']
+    for i, name in enumerate(names):
+        shares = {"right": arms[name]["pass_at_1"], **arms[name].get("failures", {})}
+        y, x = 30 + i * bar_h, float(left)
+        parts.append(f'<text x="{left - 6}" y="{y + 14}" font-size="10" text-anchor="end">{html.escape(name)}</text>')
+        for kind, share in shares.items():
+            w = span * share
+            parts.append(f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{bar_h - 4}" '
+                         f'fill="{FAILURE_COLOURS[kind]}"><title>{kind} {share:.3f}</title></rect>')
+            if w > 28:
+                parts.append(f'<text x="{x + w / 2:.1f}" y="{y + 13}" font-size="9" text-anchor="middle" '
+                             f'fill="#fff">{share:.2f}</text>')
+            x += w
+    for j, (kind, colour) in enumerate(FAILURE_COLOURS.items()):  # legend
+        parts.append(f'<rect x="{left + j * 120}" y="8" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{left + j * 120 + 14}" y="17" font-size="10">{kind.replace("_", ", ")}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _failure_cells(a: dict[str, Any]) -> list[str]:
+    f = a.get("failures") or {}
+    return [f"{f[k]:.3f}" if k in f else "-" for k in ("wrong_boxed", "wrong_unboxed", "truncated")]
+
+
 def _table(arms: dict[str, Any]) -> str:
     rows = ["<tr><th>arm</th><th>n</th><th>pass@1 [95% CI]</th><th>vs base [95% CI]</th><th>McNemar p</th>"
-            "<th>fire rate</th><th>tokens/answer</th><th>tokens/s</th><th>latency p50/p90 (s)</th></tr>"]
+            "<th>fire rate</th><th>wrong, boxed</th><th>wrong, no box</th><th>truncated</th>"
+            "<th>tokens/answer</th><th>tokens/s</th><th>latency p50/p90 (s)</th></tr>"]
     for name, a in arms.items():
         vs = a.get("vs_base")
         diff = f'{vs["diff"]:+.3f} [{vs["ci95"][0]:+.3f}, {vs["ci95"][1]:+.3f}]' if vs else "-"
@@ -123,21 +159,23 @@ def _table(arms: dict[str, Any]) -> str:
         lat = a["latency_s"]
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{a['n']}</td>"
                     f"<td>{a['pass_at_1']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]</td><td>{diff}</td>"
-                    f"<td>{p}</td><td>{a['fire_rate_mean']:.3f}</td><td>{a['tokens_per_answer']:.1f}</td>"
+                    f"<td>{p}</td><td>{a['fire_rate_mean']:.3f}</td>"
+                    + "".join(f"<td>{c}</td>" for c in _failure_cells(a)) + f"<td>{a['tokens_per_answer']:.1f}</td>"
                     f"<td>{a['tokens_per_s']:.1f}</td><td>{lat['p50']:.2f} / {lat['p90']:.2f}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
 def markdown(summary: dict[str, Any]) -> str:
     """The per-arm table as Markdown (for write-ups): pass@1, difference against base, McNemar p, fire rate."""
-    lines = ["| arm | n | pass@1 [95% CI] | vs base [95% CI] | McNemar p | fire rate | tokens/answer |",
-             "|---|---:|---|---|---:|---:|---:|"]
+    lines = ["| arm | n | pass@1 [95% CI] | vs base [95% CI] | McNemar p | fire rate | wrong, boxed | wrong, no box "
+             "| truncated | tokens/answer |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, a in summary["arms"].items():
         vs = a.get("vs_base")
         diff = f'{vs["diff"]:+.3f} [{vs["ci95"][0]:+.3f}, {vs["ci95"][1]:+.3f}]' if vs else "-"
         p = f'{vs["mcnemar_p"]:.3g}' if vs else "-"
         lines.append(f"| {name} | {a['n']} | {a['pass_at_1']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | "
-                     f"{diff} | {p} | {a['fire_rate_mean']:.3f} | {a['tokens_per_answer']:.0f} |")
+                     f"{diff} | {p} | {a['fire_rate_mean']:.3f} | " + " | ".join(_failure_cells(a))
+                     + f" | {a['tokens_per_answer']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +191,8 @@ def _marked(d: dict[str, Any]) -> str:
 def plots(summary: dict[str, Any]) -> dict[str, str]:
     """The report's plots as inline SVG, by file stem (`ab` writes each through `standalone` to OUTDIR/plots/)."""
     arms = summary["arms"]
-    out = {"pass_at_1": _bars(arms), "vs_base": _forest(arms), "pass_vs_fire_rate": _scatter(arms)}
+    out = {"pass_at_1": _bars(arms), "vs_base": _forest(arms), "pass_vs_fire_rate": _scatter(arms),
+           "failures": _failures(arms)}
     for n, a in arms.items():
         if a["mode"] != "off":
             out["fire_rate_" + "".join(c if c.isalnum() or c in "-_." else "_" for c in n)] = _histogram(
@@ -184,5 +223,6 @@ def render(summary: dict[str, Any], title: str = "ReasonMaxxer A/B") -> str:
             f"<h2>pass@1 per arm (95% CI; dashed: base)</h2>{svg['pass_at_1']}"
             f"<h2>Paired difference against base (95% CI, exact McNemar p)</h2>{svg['vs_base']}"
             f"<h2>pass@1 against fire rate</h2>{svg['pass_vs_fire_rate']}"
+            f"<h2>How answers fail (share of all answers)</h2>{svg['failures']}"
             f"<h2>Fire rate per answer</h2>{hists}<h2>Where the arms disagree</h2>{disagreements or '<p>none</p>'}"
             "</body></html>")

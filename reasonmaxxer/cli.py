@@ -156,7 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
     add_command(sub)
+    sub.choices["probe-branches"].set_defaults(func=_probe_branches)
     return parser
+
+
+def _probe_branches(args: argparse.Namespace) -> int:
+    """training makes the branch records, clients summarises them (each package keeps to its imports)."""
+    from reasonmaxxer.clients.probe_report import write_summary
+    from reasonmaxxer.training.cli import run_probe_command
+
+    write_summary(run_probe_command(args))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

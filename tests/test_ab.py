@@ -169,3 +169,34 @@ def test_a_folder_pools_paired_samples_across_runs_with_other_arms(url, problems
     args[args.index("--max-tokens") + 1] = "9"  # other sampling settings: another run
     assert main(args) == 2
     assert "other sampling settings" in capsys.readouterr().err
+
+
+def test_the_failure_taxonomy_on_hand_made_answers():
+    from reasonmaxxer.clients.ab import failure_kind, failure_shares
+
+    assert failure_kind("so it is \\boxed{4}", 1.0, False) is None
+    assert failure_kind("so it is \\boxed{5}", 0.0, False) == "wrong_boxed"
+    assert failure_kind("the answer is 5", 0.0, False) == "wrong_unboxed"
+    assert failure_kind("\\boxed{5} and then on and on", 0.0, True) == "truncated"  # truncation wins
+    rows = [{"text": t, "reward": r, "finish_reason": f} for t, r, f in [
+        ("\\boxed{4}", 1.0, "stop"), ("\\boxed{5}", 0.0, "stop"), ("\\boxed{6}", 0.0, "stop"),
+        ("five", 0.0, "stop"), ("on and on", 0.0, "length")]]
+    assert failure_shares(rows) == {"wrong_boxed": 0.4, "wrong_unboxed": 0.2, "truncated": 0.2}
+
+
+def test_ab_with_the_paper_prompt_uses_the_completions_route_and_reports_failures(url, problems, tmp_path, capsys):
+    out = tmp_path / "paper"
+    args = ["ab", "--url", url, "--problems", str(problems), "--question-field", "q", "--answer-field", "a",
+            "--samples", "1", "--max-tokens", "6", "--arms", "base,tiny-head:gated", "--prompt-style", "paper",
+            "--out", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "ab.json").read_text())
+    jsonschema.validate(summary, SCHEMA)
+    for arm in summary["arms"].values():
+        f = arm["failures"]
+        assert sum(f.values()) == pytest.approx(1 - arm["pass_at_1"])
+    assert json.loads((out / "meta.json").read_text())["config"]["prompt_style"] == "paper"
+    html = (out / "report.html").read_text()
+    assert "failure taxonomy per arm" in html and "wrong, no box" in html
+    # another prompt style is another run: refused, nothing written
+    assert main([*args[:-4], "--prompt-style", "chat", "--out", str(out)]) == 2

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .fit import FitArgs
+from .recipe import RECIPES, ROLLOUT_DEFAULTS, resolve
 
 __all__ = ["add_commands"]
 
@@ -44,13 +45,26 @@ def json_object(text: str) -> dict:
     return value
 
 
+def _recipe_flag(p: argparse.ArgumentParser) -> None:
+    from .recipe import RECIPES
+
+    p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
+                   help="a preset of settings; paper: the paper's released recipe (flags given still win)")
+
+
 def _rollout_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--samples", type=int, default=20, help="rollouts per problem")
-    p.add_argument("--max-new-tokens", type=int, default=384)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
+    d = ROLLOUT_DEFAULTS
+    p.add_argument("--samples", type=int, default=None, help=f"rollouts per problem (default {d['samples']})")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"completion budget; hitting it scores 0 (default {d['max_new_tokens']})")
+    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature (default {d['temperature']})")
+    p.add_argument("--top-p", type=float, default=None, help=f"nucleus mass (default {d['top_p']})")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--prompt-style", default="auto", choices=["auto", "chat", "paper"])
+    p.add_argument("--prompt-style", default=None, choices=["auto", "chat", "paper"],
+                   help="auto: chat when the tokenizer has a template; paper: the raw prompt (default auto; "
+                        "the paper recipe: paper)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable); default: the prompt style's (paper: Human:, Assistant:; chat: none)")
     p.add_argument("--concurrency", type=int, default=32, help="requests decoded together")
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
                    help="decode engine for the rollouts: transformers (embedded) or vllm (the vllm extra; faster)")
@@ -86,6 +100,7 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", default="bfloat16")
     _device_flag(p)
     _problem_flags(p)
+    _recipe_flag(p)
     _rollout_flags(p)
     p.add_argument("--out", required=True, help="rollout JSONL (resumed if it exists)")
     p.set_defaults(func=run_rollouts_command)
@@ -103,13 +118,127 @@ def add_commands(sub) -> None:
     p.add_argument("--score-cache", default=None, metavar="DIR",
                    help="keep the teacher-forced scores here and reuse them: a refit on the same rollouts and "
                         "model skips the scoring pass (head: seconds instead of minutes)")
+    p.add_argument("--tau-sweep", type=_floats, default=None, metavar="TAU,TAU,...",
+                   help="refit one adapter per tau (e.g. 1.0,1.4,1.8) from one scoring pass; keep the best on "
+                        "validation (needs --val-problems); the adapter records the sweep")
+    p.add_argument("--val-mode", default="gated", choices=["gated", "always"],
+                   help="the mode checkpoints are scored in on validation: the mode the adapter will be served in")
+    _recipe_flag(p)
     for f in fields(FitArgs):
         if f.name == "lora_targets":
             continue
         flag = "--" + _FIT_FLAGS.get(f.name, f.name).replace("_", "-")
-        kind = type(f.default) if f.default is not None else float
-        p.add_argument(flag, dest="fit_" + f.name, type=kind, default=f.default, help=f.metadata.get("help", ""))
+        paper = RECIPES["paper"].get("fit_" + f.name)
+        shown = "calibrate" if f.default is None else f.default
+        extra = f" (default {shown}" + (f"; paper {paper})" if paper is not None and paper != f.default else ")")
+        p.add_argument(flag, dest="fit_" + f.name, type=_fit_type(f), default=None,
+                       metavar=f.name.upper(), help=f.metadata.get("help", "") + extra)
     p.set_defaults(func=run_fit_command)
+    _add_probe(sub)
+
+
+def _add_probe(sub) -> None:
+    from .probe import ProbeConfig
+
+    p = sub.add_parser("probe-branches", help="the causal test of the premise: force base alternatives at "
+                                              "decision points and at random positions, continue, score")
+    p.add_argument("--model", required=True, help="the base model the rollouts came from")
+    p.add_argument("--rollouts", required=True, help="rollout JSONL of a training pool (never evaluation rows)")
+    p.add_argument("--out", required=True, help="output folder: meta.json, branches.jsonl (resumable), summary")
+    p.add_argument("--wrong", type=int, default=40, help="wrong answers to branch (default 40)")
+    p.add_argument("--right", type=int, default=40, help="right answers to branch (default 40)")
+    p.add_argument("--per-problem", type=int, default=2, help="at most this many answers of each kind per problem")
+    for f in fields(ProbeConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{f.metadata['help']} (default {f.default})")
+    p.add_argument("--backend", default="vllm", choices=["transformers", "vllm"], help="decode engine (default vllm)")
+    p.add_argument("--vllm-args", type=json_object, default=None, help="more vllm engine arguments as JSON")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--verifier-fallbacks", default="boxed", help="answer extractors in order (as for rollouts)")
+    _device_flag(p)
+    p.set_defaults(func=run_probe_command)
+
+
+def run_probe_command(args) -> Path:
+    """Plan (pick answers, score them), then continue every branch; returns the branches file."""
+    from reasonmaxxer.steering.models import load_model
+
+    from .probe import ProbeConfig, plan, run_probe
+    from .problems import check_not_evaluation
+    from .rollouts import load_rollouts
+
+    meta, records = load_rollouts(args.rollouts)
+    check_not_evaluation(meta.get("problems", {}), "the probed rollouts' problem selection")
+    config = ProbeConfig(**{f.name: getattr(args, f.name) for f in fields(ProbeConfig)})
+    out = Path(args.out)
+    settings = {"rollouts": str(Path(args.rollouts).resolve()), "model": meta["model"], "sampling": meta["sampling"],
+                "wrong": args.wrong, "right": args.right, "per_problem": args.per_problem,
+                "config": {k: v for k, v in vars(config).items() if k != "concurrency"}}
+    if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()) != settings:
+        raise ValueError(f"{out} holds a probe with other settings: pass another --out, or delete it")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
+    if _fingerprint(model, tokenizer, args.model) != meta["model"]["fingerprint"]:
+        raise ValueError(f"{args.rollouts} was made with model {meta['model']['name']!r}, not {args.model!r}")
+    answers, points = plan(model, records, config, args.wrong, args.right, args.per_problem)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").write_text(json.dumps(settings, indent=2))
+    args.concurrency = config.concurrency
+    if args.backend == "vllm":
+        del model
+    engine = _rollout_engine(args, None if args.backend == "vllm" else model, tokenizer)
+    try:
+        with _verifier(args) as verifier:
+            run_probe(engine, answers, points, meta["sampling"], config, verifier.score, out / "branches.jsonl")
+    finally:
+        if args.backend == "vllm":
+            engine.close()
+    return out / "branches.jsonl"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"give numbers separated by commas, e.g. 1.0,1.4,1.8 ({e})") from e
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError("give one or more taus >= 0, e.g. 1.0,1.4,1.8")
+    return values
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError("give true or false")
+
+
+def _threshold(text: str) -> float | str:
+    if text == "calibrate":
+        return text
+    try:
+        return float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError("give tau in nats, or 'calibrate' (to --target-fire-rate)") from e
+
+
+def _fit_type(f):
+    if f.name == "threshold":
+        return _threshold
+    if isinstance(f.default, bool):
+        return _boolean
+    return type(f.default)
+
+
+def _fit_args(args) -> FitArgs:
+    """FitArgs from the flags: given flags, else the recipe's value, else FitArgs' default."""
+    defaults = {"fit_" + f.name: f.default for f in fields(FitArgs) if f.name != "lora_targets"}
+    defaults["fit_threshold"] = "calibrate"
+    resolve(args, args.recipe, defaults)
+    values = {f.name: getattr(args, "fit_" + f.name) for f in fields(FitArgs) if f.name != "lora_targets"}
+    if values["threshold"] == "calibrate":
+        values["threshold"] = None
+    return FitArgs(**values)
 
 
 def _load_problems(args, prefix: str = ""):
@@ -126,7 +255,7 @@ def _rollout_config(args):
 
     return RolloutConfig(samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, prompt_style=args.prompt_style,
-                         concurrency=args.concurrency)
+                         concurrency=args.concurrency, stop=tuple(args.stop) if args.stop is not None else None)
 
 
 def _verifier(args):
@@ -163,6 +292,7 @@ def _rollout_engine(args, model, tokenizer):
 def run_rollouts_command(args) -> int:
     from reasonmaxxer.steering.models import load_model, load_tokenizer
 
+    resolve(args, args.recipe, ROLLOUT_DEFAULTS)
     start = time.perf_counter()
     if args.backend == "vllm":  # vLLM loads the weights itself
         model, tokenizer = None, load_tokenizer(args.model)
@@ -172,6 +302,17 @@ def run_rollouts_command(args) -> int:
     summary["wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _check_sources(args, meta: dict) -> None:
+    """Before any model work: training rollouts and validation rows read no evaluation rows, and are disjoint."""
+    from .problems import check_not_evaluation
+
+    check_not_evaluation(meta.get("problems", {}), "the training rollouts' problem selection")
+    if args.val_problems:
+        val = _load_problems(args, prefix="val_")
+        check_not_evaluation(val.selection, "the validation split")
+        _check_val_disjoint(meta, val)
 
 
 def _check_val_disjoint(meta: dict, val) -> None:
@@ -193,24 +334,33 @@ def run_fit_command(args) -> int:
 
     if not args.rollouts and not args.problems:
         raise ValueError("fit needs --rollouts R.jsonl (from `reasonmaxxer rollouts`) or --problems FILE")
+    fit_args = _fit_args(args)
+    resolve(args, args.recipe, ROLLOUT_DEFAULTS)
+    if args.tau_sweep and not args.val_problems:
+        raise ValueError("--tau-sweep keeps the tau that does best on validation: add --val-problems FILE "
+                         "(with --val-offset/--val-limit; a training pool, disjoint from the rollouts)")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    dtype = args.dtype or ("bfloat16" if args.fit_kind == "head" else "float32")
-    model, tokenizer = load_model(args.model, dtype=dtype, device=resolve_device(args.device))
     rollouts = Path(args.rollouts or Path(args.out).with_suffix(".rollouts.jsonl"))
+    if args.problems:  # checked before the model loads; the rollout file is checked again below
+        _check_sources(args, {"problems": _load_problems(args).selection})
+    else:
+        _check_sources(args, load_rollouts(rollouts)[0])
+    dtype = args.dtype or ("bfloat16" if fit_args.kind == "head" else "float32")
+    model, tokenizer = load_model(args.model, dtype=dtype, device=resolve_device(args.device))
     if args.problems:
         _do_rollouts(args, model, tokenizer, rollouts)
         times["rollouts_s"] = time.perf_counter() - t0
     meta, records = load_rollouts(rollouts)
+    _check_sources(args, meta)
     if meta["model"]["fingerprint"] != _fingerprint(model, tokenizer, args.model):
         raise ValueError(f"{rollouts} was made with model {meta['model']['name']!r}, not {args.model!r}: "
                          "fit on the model the rollouts came from")
-    fit_args = FitArgs(**{f.name: getattr(args, "fit_" + f.name) for f in fields(FitArgs) if f.name != "lora_targets"})
     validate, val_report = _validation(args, meta, model, tokenizer, fit_args)
     adapter, report = fit(model, tokenizer, records, fit_args, callback=validate,
                           provenance={"model": args.model, "command": " ".join(["reasonmaxxer", *sys.argv[1:]]),
                                       "rollouts": str(rollouts), "rollout_meta": meta},
-                          score_cache=args.score_cache)
+                          score_cache=args.score_cache, tau_sweep=args.tau_sweep)
     adapter.manifest.metrics["validation"] = val_report
     adapter.save(args.out)
     times.update(report["times"])
@@ -236,7 +386,6 @@ def _validation(args, meta, model, tokenizer, fit_args: FitArgs):
     from .rollouts import RolloutConfig, evaluate
 
     val = _load_problems(args, prefix="val_")
-    _check_val_disjoint(meta, val)
     # A separate model for LoRA (the fitted one is wrapped by PEFT while training).
     val_model = model if fit_args.kind == "head" else load_model(args.model, dtype="bfloat16")[0]
     engine = Engine(val_model, tokenizer, name=args.model)
@@ -249,7 +398,7 @@ def _validation(args, meta, model, tokenizer, fit_args: FitArgs):
     def callback(step: int, adapter) -> float:
         engine.add_adapter(adapter)
         try:
-            result = evaluate(engine, val, config, verifier.score, SteeringParams(adapter.name, "gated"), True)
+            result = evaluate(engine, val, config, verifier.score, SteeringParams(adapter.name, args.val_mode), True)
         finally:
             engine.remove_adapter(adapter.name)
         report["checkpoints"].append({"step": step, **result})

@@ -18,24 +18,24 @@ The returned adapter carries tau, its calibration, provenance and losses in its 
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.manifest import GateSpec, Manifest, base_identity
 
+from . import loop
 from .loss import group_advantages, head_kl, head_log_probs
 from .score_cache import score_all
 from .scoring import Scored, calibrate_tau
 
-__all__ = ["FitArgs", "TrainItem", "fit", "head_diagnostics", "prepare_items", "select_problems"]
+__all__ = ["FitArgs", "TrainItem", "advantages_of", "fit", "head_diagnostics", "make_items", "prepare_items",
+           "select_problems", "trim_shortest"]
 
 Callback = Callable[[int, Any], float | None]
 
@@ -44,14 +44,15 @@ Callback = Callable[[int, Any], float | None]
 class FitArgs:
     kind: str = field(default="head", metadata={"help": "head | lora"})
     name: str = field(default="adapter", metadata={"help": "registered name of the adapter"})
-    threshold: float | None = field(default=None, metadata={"help": "tau in nats; None = calibrate"})
+    threshold: float | None = field(default=None, metadata={
+        "help": "tau in nats, or calibrate (to --target-fire-rate)"})
     target_fire_rate: float = field(default=0.03, metadata={"help": "fraction of completion tokens above tau"})
     keep_problems: int = field(default=50, metadata={"help": "M: mixed problems kept, closest to pass rate 0.5"})
     adv_clip: float = field(default=2.5, metadata={"help": "advantages clipped to [-clip, clip]"})
     kl_weight: float = field(default=0.2, metadata={"help": "weight of the KL(base || adapted) anchor"})
     epochs: int = field(default=1, metadata={"help": "passes over the kept rollouts"})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
-    warmup: int = field(default=50, metadata={"help": "linear warm-up steps (capped at a third of all steps)"})
+    warmup: int = field(default=50, metadata={"help": "linear warm-up steps (see --warmup-cap)"})
     accumulation: int = field(default=8, metadata={"help": "sequences per optimizer step"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     seed: int = field(default=42, metadata={"help": "seed of init and data order"})
@@ -60,6 +61,17 @@ class FitArgs:
     lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha"})
     lora_targets: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"))
     checkpoints: int = field(default=1, metadata={"help": "evenly spaced checkpoints offered to the callback"})
+    trim: float = field(default=1.0, metadata={
+        "help": "keep the globally shortest fraction of the kept problems' rollouts before advantages"})
+    order: str = field(default="shuffle", metadata={
+        "help": "shuffle (seeded, per epoch) | curriculum (|A| x decision density, descending)"})
+    max_steps: int = field(default=0, metadata={
+        "help": "stop after this many optimizer steps, the schedule still sized for --epochs (0: run it all)"})
+    warmup_cap: bool = field(default=True, metadata={
+        "help": "cap the warm-up at a third of the steps (false: the released schedule, warm-up as given)"})
+    checkpoint_every: float = field(default=0.0, metadata={
+        "help": "a checkpoint every this fraction of an epoch; 0: use --checkpoints"})
+    autocast: str = field(default="none", metadata={"help": "lora: none | bfloat16 (autocast of the forwards)"})
 
 
 @dataclass
@@ -69,15 +81,31 @@ class TrainItem:
     anchor: torch.Tensor  # (P,) bool: every other position (prompt included)
     advantage: float
     ids: list[int]
+    problem_id: str = ""
+    sample: int = 0
+
+    @property
+    def completion_len(self) -> int:
+        return int(self.scored.entropy.numel() - (self.scored.prompt_len - 1))
+
+
+def _length(r: dict) -> int:
+    return len(r["completion_ids"]) if "completion_ids" in r else int(r.get("tokens", 0))
 
 
 def select_problems(records: Sequence[dict], m: int) -> list[dict]:
-    """Rollouts of the `m` mixed problems whose pass rate is closest to 0.5."""
+    """Rollouts of the `m` mixed problems whose pass rate is closest to 0.5; ties broken as the released
+    `select_mid_pool.py`: fewer truncated rollouts, then shorter mean completion, then problem id."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         groups[r["problem_id"]].append(r)
-    rates = {pid: sum(r["reward"] for r in rs) / len(rs) for pid, rs in groups.items()}
-    mixed = sorted((pid for pid, rate in rates.items() if 0 < rate < 1), key=lambda p: (abs(rates[p] - 0.5), p))
+
+    def key(pid: str) -> tuple:
+        rs = groups[pid]
+        rate = sum(r["reward"] for r in rs) / len(rs)
+        return (abs(rate - 0.5), sum(bool(r.get("truncated")) for r in rs), sum(map(_length, rs)) / len(rs), pid)
+
+    mixed = sorted((pid for pid, rs in groups.items() if 0 < sum(r["reward"] for r in rs) < len(rs)), key=key)
     if not mixed:
         raise ValueError(
             f"none of the {len(groups)} problems has mixed outcomes (pass rate strictly between 0 and 1): "
@@ -86,72 +114,56 @@ def select_problems(records: Sequence[dict], m: int) -> list[dict]:
     return [r for pid in mixed[:m] for r in groups[pid]]
 
 
+def trim_shortest(records: Sequence[dict], fraction: float) -> list[dict]:
+    """The globally shortest `fraction` of `records` (round(fraction x n) of them), sorted as the released
+    code sorts before cutting: by completion length, untruncated first, problem id, sample."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"--trim must be a fraction in (0, 1], got {fraction}")
+    if fraction == 1:
+        return list(records)
+    ordered = sorted(records, key=lambda r: (_length(r), bool(r.get("truncated")), str(r["problem_id"]),
+                                             int(r.get("sample", 0))))
+    return ordered[: round(fraction * len(ordered))]
+
+
+def advantages_of(records: Sequence[dict], clip: float) -> list[float]:
+    """Group-standardised advantages, one per record, within each problem's records as given."""
+    out = [0.0] * len(records)
+    by_problem: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_problem[r["problem_id"]].append(i)
+    for idx in by_problem.values():
+        for i, a in zip(idx, group_advantages([records[i]["reward"] for i in idx], clip), strict=True):
+            out[i] = a
+    return out
+
+
+def make_items(records: Sequence[dict], scored: Sequence[Scored], args: FitArgs) -> tuple[list, float, dict]:
+    """Decision sets at tau (`args.threshold`, or calibrated to `args.target_fire_rate`), advantages, items.
+    No model needed: a tau sweep calls this once per tau on the same scores. Returns (items, tau, stats)."""
+    completion_h = torch.cat([s.completion_entropy for s in scored])
+    tau = args.threshold if args.threshold is not None else calibrate_tau(completion_h, args.target_fire_rate)
+    advantages = advantages_of(records, args.adv_clip)
+    items = []
+    for r, s, a in zip(records, scored, advantages, strict=True):
+        is_completion = torch.zeros_like(s.entropy, dtype=torch.bool)
+        is_completion[s.completion] = True
+        decision = is_completion & (s.entropy > tau)
+        items.append(TrainItem(s, decision, ~decision, a, r["prompt_ids"] + r["completion_ids"],
+                               str(r["problem_id"]), int(r.get("sample", 0))))
+    stats = {
+        "tau": tau, "fire_rate": float((completion_h > tau).float().mean()), "completion_tokens": completion_h.numel(),
+        "sequences": len(items), "problems": len({r["problem_id"] for r in records}),
+    }
+    return items, tau, stats
+
+
 def prepare_items(model, records: Sequence[dict], args: FitArgs, progress: bool = True,
                   score_cache: str | None = None) -> tuple[list, float, dict]:
     """Score the rollouts (reusing `score_cache`, see score_cache.py), set tau, compute advantages.
     Returns (items, tau, stats)."""
     scored = score_all(model, records, args.top_k, args.kind == "head", score_cache, progress)
-    completion_h = torch.cat([s.completion_entropy for s in scored])
-    tau = args.threshold if args.threshold is not None else calibrate_tau(completion_h, args.target_fire_rate)
-    advantages: dict[int, float] = {}
-    by_problem: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(records):
-        by_problem[r["problem_id"]].append(i)
-    for idx in by_problem.values():
-        for i, a in zip(idx, group_advantages([records[i]["reward"] for i in idx], args.adv_clip), strict=True):
-            advantages[i] = a
-    items = []
-    for i, (r, s) in enumerate(zip(records, scored, strict=True)):
-        is_completion = torch.zeros_like(s.entropy, dtype=torch.bool)
-        is_completion[s.completion] = True
-        decision = is_completion & (s.entropy > tau)
-        items.append(TrainItem(s, decision, ~decision, advantages[i], r["prompt_ids"] + r["completion_ids"]))
-    stats = {
-        "tau": tau, "fire_rate": float((completion_h > tau).float().mean()), "completion_tokens": completion_h.numel(),
-        "sequences": len(items), "problems": len(by_problem),
-    }
-    return items, tau, stats
-
-
-def _schedule(optimizer, warmup: int, total: int):
-    warmup = min(warmup, max(1, total // 3))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _train(params, items: list[TrainItem], args: FitArgs, seq_loss, on_checkpoint, desc: str) -> list[dict]:
-    """The shared optimisation loop; `seq_loss(item) -> (loss, decision term, anchor term)` tensors."""
-    rng = random.Random(args.seed)
-    order = [i for _ in range(args.epochs) for i in rng.sample(range(len(items)), len(items))]
-    total = math.ceil(len(order) / args.accumulation)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    scheduler = _schedule(optimizer, args.warmup, total)
-    marks = {round(total * (j + 1) / max(1, args.checkpoints)) for j in range(max(1, args.checkpoints))}
-    history, bar = [], tqdm(total=total, desc=desc, unit="step")
-    for step in range(1, total + 1):
-        batch = order[(step - 1) * args.accumulation : step * args.accumulation]
-        sums = torch.zeros(3)
-        for i in batch:
-            loss, dec, anc = seq_loss(items[i])
-            (loss / len(batch)).backward()
-            sums += torch.tensor([loss.item(), dec.item(), anc.item()]) / len(batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step, "loss": sums[0].item(), "decision": sums[1].item(), "anchor": sums[2].item(),
-                        "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]})
-        bar.update(1)
-        bar.set_postfix(loss=f"{sums[0]:.4f}", anchor=f"{sums[2]:.5f}")
-        if step in marks:
-            on_checkpoint(step)
-    bar.close()
-    return history
+    return make_items(records, scored, args)
 
 
 def _head_loss(w_u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kl_weight: float):
@@ -188,7 +200,7 @@ def fit_head(model, tokenizer, items: list[TrainItem], tau: float, args: FitArgs
         if not best or value is None or (best["value"] is not None and value > best["value"]):
             best.update(step=step, value=value, adapter=adapter)
 
-    history = _train([a, b], items, args, _head_loss(w_u, a, b, args.kl_weight), on_checkpoint, "fit head")
+    history = loop.run([a, b], items, args, _head_loss(w_u, a, b, args.kl_weight), on_checkpoint, "fit head")
     return best["adapter"], history, {"step": best["step"], "value": best["value"]}
 
 
@@ -209,32 +221,56 @@ def head_diagnostics(model, items: list[TrainItem], adapter: HeadAdapter) -> dic
     return {"logp_shift_positive": mean(pos), "logp_shift_negative": mean(neg), "anchor_kl": mean(kls)}
 
 
+def _fit_one(model, tokenizer, items, tau: float, args: FitArgs, callback: Callback | None):
+    if args.kind == "head":
+        return fit_head(model, tokenizer, items, tau, args, callback)
+    from .fit_lora import fit_lora
+
+    return fit_lora(model, tokenizer, items, tau, args, callback)
+
+
 def fit(model, tokenizer, records: Sequence[dict], args: FitArgs, callback: Callback | None = None,
-        provenance: dict | None = None, progress: bool = True, score_cache: str | None = None):
-    """The whole fit: select, score (reusing `score_cache` if given), calibrate, train, pick the checkpoint.
-    Returns (adapter, report)."""
+        provenance: dict | None = None, progress: bool = True, score_cache: str | None = None,
+        tau_sweep: Sequence[float] | None = None):
+    """The whole fit: select, trim, score (reusing `score_cache` if given), set tau, train, pick the checkpoint.
+    With `tau_sweep`, one adapter per tau from the one scoring pass, each with its own checkpoint choice; the
+    one with the best validation value is returned and its manifest records the sweep. Returns (adapter, report)."""
     if args.kind not in ("head", "lora"):
         raise ValueError(f"unknown adapter kind {args.kind!r}: use head or lora")
+    if tau_sweep and callback is None:
+        raise ValueError("a tau sweep keeps the tau that does best on validation: give a validation split "
+                         "(--val-problems FILE with --val-offset/--val-limit)")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    kept = select_problems(records, args.keep_problems)
-    items, tau, stats = prepare_items(model, kept, args, progress, score_cache)
+    selected = select_problems(records, args.keep_problems)
+    kept = trim_shortest(selected, args.trim)
+    scored = score_all(model, kept, args.top_k, args.kind == "head", score_cache, progress)
     times["scoring_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    if args.kind == "head":
-        adapter, history, chosen = fit_head(model, tokenizer, items, tau, args, callback)
-    else:
-        from .fit_lora import fit_lora
-
-        adapter, history, chosen = fit_lora(model, tokenizer, items, tau, args, callback)
+    runs = []
+    for threshold in (tau_sweep or [args.threshold]):
+        run_args = replace(args, threshold=threshold)
+        items, tau, stats = make_items(kept, scored, run_args)
+        adapter, history, chosen = _fit_one(model, tokenizer, items, tau, run_args, callback)
+        runs.append((items, tau, stats, adapter, history, chosen))
+    best = max(runs, key=lambda r: r[5]["value"]) if tau_sweep else runs[0]
+    items, tau, stats, adapter, history, chosen = best
     times["train_s"] = time.perf_counter() - t1
+    stats.update(selected_sequences=len(selected), trimmed_to=len(kept),
+                 trim_cutoff_tokens=max((_length(r) for r in kept), default=0))
     if args.kind == "head":
         stats["diagnostics"] = head_diagnostics(model, items, adapter)
     report = {"data": stats, "chosen_checkpoint": chosen, "times": times,
               "final": history[-1] if history else None, "steps": len(history)}
-    adapter.manifest.gate = GateSpec(tau=tau, target_fire_rate=None if args.threshold is not None
-                                     else args.target_fire_rate, measured_fire_rate=stats["fire_rate"])
-    adapter.manifest.provenance.update({**(provenance or {}), "args": asdict(args), "data": stats,
-                                        "times": times, "losses": history})
+    if tau_sweep:
+        report["tau_sweep"] = [{"tau": r[1], "fire_rate": r[2]["fire_rate"], "chosen_checkpoint": r[5]} for r in runs]
+    calibrated = args.threshold is None and not tau_sweep
+    adapter.manifest.gate = GateSpec(tau=tau, target_fire_rate=args.target_fire_rate if calibrated else None,
+                                     measured_fire_rate=stats["fire_rate"])
+    adapter.manifest.provenance.update({**(provenance or {}), "args": asdict(replace(args, threshold=tau)
+                                        if tau_sweep else args), "data": stats, "times": times, "losses": history})
     adapter.manifest.metrics.update({"chosen_checkpoint": chosen})
+    if tau_sweep:
+        adapter.manifest.metrics["tau_sweep"] = report["tau_sweep"]
     return adapter, report
+

@@ -1,7 +1,7 @@
 """LoRA fitting (the paper's adapter): PEFT LoRA trained with the decision-point loss.
 
 Contract: `fit_lora(model, tokenizer, items, tau, args, callback)` wraps `model` with a PEFT LoRA
-(r, alpha, dropout 0, target modules from `args`), trains it with the shared loop of `fit.py`, where each
+(r, alpha, dropout 0, target modules from `args`), trains it with the shared loop of `loop.py`, where each
 sequence costs one forward with the adapter (with gradients) and one without (the base logits of the
 anchor, no gradients), and returns the best checkpoint as a `LoraAdapter` built from the very files PEFT
 writes (`save_pretrained`). The model is unwrapped again (`unload`, no merge) before returning, so the
@@ -10,6 +10,7 @@ caller gets its base model back unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,27 @@ import torch
 from reasonmaxxer.steering.adapters import LoraAdapter
 from reasonmaxxer.steering.manifest import GateSpec, Manifest, base_identity
 
+from . import loop
 from .loss import decision_loss, kl_anchor
 
 __all__ = ["fit_lora"]
 
 
-def _lora_loss(peft_model, kl_weight: float):
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "none":
+        return contextlib.nullcontext()
+    if dtype != "bfloat16":
+        raise ValueError(f"--autocast {dtype!r}: use none or bfloat16")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _lora_loss(peft_model, kl_weight: float, autocast: str = "none"):
     def seq_loss(item):
         ids = torch.tensor([item.ids], device=peft_model.device)  # (1, S)
-        with torch.no_grad(), peft_model.disable_adapter():
+        with torch.no_grad(), peft_model.disable_adapter(), _autocast(ids.device, autocast):
             base = peft_model(input_ids=ids).logits[0, :-1].float()  # (P, V)
-        logits = peft_model(input_ids=ids).logits[0, :-1].float()  # (P, V)
+        with _autocast(ids.device, autocast):
+            logits = peft_model(input_ids=ids).logits[0, :-1].float()  # (P, V)
         logp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0]  # (P,)
         dec = decision_loss(logp, item.decision.to(logp.device), item.advantage)
         anc = kl_anchor(base, logits, item.anchor.to(logp.device))
@@ -47,8 +58,6 @@ def _snapshot(peft_model, manifest: Manifest) -> LoraAdapter:
 
 def fit_lora(model, tokenizer, items, tau: float, args, callback) -> tuple[LoraAdapter, list[dict], dict[str, Any]]:
     from peft import LoraConfig, get_peft_model
-
-    from .fit import _train
 
     identity = base_identity(model, tokenizer)
     torch.manual_seed(args.seed)
@@ -69,7 +78,8 @@ def fit_lora(model, tokenizer, items, tau: float, args, callback) -> tuple[LoraA
 
     try:
         peft_model.train()
-        history = _train(params, items, args, _lora_loss(peft_model, args.kl_weight), on_checkpoint, "fit lora")
+        history = loop.run(params, items, args, _lora_loss(peft_model, args.kl_weight, args.autocast), on_checkpoint,
+                           "fit lora")
     finally:
         peft_model.eval()
         peft_model.unload()

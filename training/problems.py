@@ -315,6 +315,34 @@ def check_disjoint(a: ProblemSet, b: ProblemSet) -> None:
             )
 
 
+# The evaluation sets of this project (docs/results.md), by the sha256 prefix of their file in ../shared/data
+# (MANIFEST.md): rows that no fit, validation split or checkpoint choice may read. None = every row.
+EVALUATION_ROWS: dict[str, tuple[str, range | None]] = {
+    "c2c4636bc8d4cb80": ("gsm8k/test.jsonl", None),
+    "5ccc0e7fe3935ec0": ("svamp/test.jsonl rows 400-699", range(400, 700)),
+    "35dc41080a368085": ("math500/test.jsonl", None),
+    "af2b8bd2aa911b63": ("aime24/test.jsonl", None),
+    "43707e1ca784602d": ("amc23/test.jsonl", None),
+    "0e656b430d3a0a1d": ("minerva_math/test.jsonl", None),
+    "bb8c1e38a16ea9ea": ("olympiadbench/test.jsonl", None),
+}
+
+
+def check_not_evaluation(selection: dict, what: str) -> None:
+    """Raise ProblemError if `selection` (a ProblemSet's or a rollout file's) reads evaluation rows."""
+    entry = EVALUATION_ROWS.get(str(selection.get("sha256", ""))[:16])
+    if entry is None:
+        return
+    name, rows = entry
+    indices = selection.get("indices") or []
+    shared = [i for i in indices if rows is None or i in rows]
+    if shared:
+        raise ProblemError(
+            f"{what} reads {len(shared)} rows of an evaluation set ({name}, e.g. row {shared[0]}): fit, validate "
+            "and pick checkpoints on training pools only (GSM8K train, SVAMP rows 0-399, CollegeMath)."
+        )
+
+
 def _norm(text: str) -> str:
     return " ".join(text.split())
 

@@ -4,6 +4,8 @@ Contract:
 
 - ``PAPER_PROMPT``: the paper's raw-text prompt for base models (no chat template); ``{problem}`` is the
   only placeholder (filled by ``str.replace``: the prompt also holds a literal ``\\boxed{}``).
+- ``PAPER_STOP`` / ``default_stop(style)``: the stop strings a raw-prompt completion ends at (the model
+  would otherwise write the next "Human:" turn itself); none for chat.
 - ``CHAT_INSTRUCTION``: appended (after a newline) to the question in the chat-style user message.
 - ``STYLES = ("auto", "paper", "chat")``. ``prompt_style_for(tokenizer, style)`` resolves "auto" to "chat"
   when the tokenizer has a chat template, else "paper"; asking for "chat" without a template raises
@@ -25,6 +27,14 @@ PAPER_PROMPT = (
 )
 CHAT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 STYLES = ("auto", "paper", "chat")
+# The released code's stop strings for raw prompts (reasonmaxxer/config.py STOP_SEQUENCES; its "\nHuman:"
+# variants are covered, since a stop string matches anywhere in the text).
+PAPER_STOP = ("Human:", "Assistant:")
+
+
+def default_stop(style: str) -> tuple[str, ...]:
+    """Stop strings of a resolved prompt style: the released ones for "paper", none for "chat" (EOS ends it)."""
+    return PAPER_STOP if style == "paper" else ()
 
 
 def paper_prompt(question: str) -> str:

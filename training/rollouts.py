@@ -29,7 +29,7 @@ from reasonmaxxer.steering.request import Request, SteeringParams, TokenEvent
 from reasonmaxxer.steering.sampling import SamplingParams
 
 from .problems import Problem, ProblemSet
-from .prompts import build_prompt_ids, prompt_style_for
+from .prompts import build_prompt_ids, default_stop, prompt_style_for
 
 __all__ = ["RolloutConfig", "evaluate", "generate", "load_rollouts", "run_rollouts", "summarize"]
 
@@ -43,15 +43,25 @@ class RolloutConfig:
     seed: int = field(default=0, metadata={"help": "base seed; sample seeds derive from (seed, row, sample)"})
     prompt_style: str = field(default="auto", metadata={"help": "auto | chat | paper"})
     concurrency: int = field(default=32, metadata={"help": "requests decoded together"})
+    stop: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "stop strings (excluded from the text); None: the prompt style's (paper: Human:, Assistant:)"})
 
 
 def sample_seed(seed: int, row: int, sample: int) -> int:
     return (seed * 1_000_003 + row * 1009 + sample) % (2**63)
 
 
+def resolved_stop(tokenizer, config: RolloutConfig) -> tuple[str, ...]:
+    """The stop strings a rollout ends at: ``config.stop``, else the prompt style's default."""
+    if config.stop is not None:
+        return tuple(config.stop)
+    return default_stop(prompt_style_for(tokenizer, config.prompt_style))
+
+
 def _meta(engine: Engine, problems: ProblemSet, config: RolloutConfig) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(config).items() if k != "concurrency"}
     settings["prompt_style"] = prompt_style_for(engine.tokenizer, config.prompt_style)
+    settings["stop"] = list(resolved_stop(engine.tokenizer, config))
     return {"model": asdict(engine.identity), "sampling": settings, "problems": problems.selection}
 
 
@@ -189,7 +199,7 @@ def _request(
     ids = build_prompt_ids(engine.tokenizer, problem.question, config.prompt_style)
     sp = SamplingParams(
         max_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-        seed=sample_seed(config.seed, problem.index, k),
+        seed=sample_seed(config.seed, problem.index, k), stop=resolved_stop(engine.tokenizer, config),
     )
     return Request(ids, sp, steering or SteeringParams())
 

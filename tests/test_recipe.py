@@ -1,0 +1,209 @@
+"""The paper's recipe, piece by piece: selection tie-breaks, the trim, the curriculum, the schedule, the
+recipe preset, checkpoint and tau selection on validation, and the guard on evaluation rows."""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from reasonmaxxer.training import loop
+from reasonmaxxer.training.fit import FitArgs, TrainItem, fit, select_problems, trim_shortest
+from reasonmaxxer.training.problems import ProblemError, check_not_evaluation, load_problems
+from reasonmaxxer.training.recipe import RECIPES, ROLLOUT_DEFAULTS, resolve
+
+from conftest import sampled_records
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _rec(pid, sample, reward, length, truncated=False):
+    return {"problem_id": pid, "sample": sample, "reward": float(reward), "completion_ids": [7] * length,
+            "truncated": truncated}
+
+
+def test_selection_breaks_ties_by_truncations_then_length_then_id():
+    pool = [
+        # a, b, c, d all at pass rate 0.5; e at 0.25; f is not mixed
+        *[_rec("a", k, k % 2, 10, truncated=k == 0) for k in range(4)],  # 1 truncated
+        *[_rec("b", k, k % 2, 30) for k in range(4)],  # no truncation, long
+        *[_rec("c", k, k % 2, 20) for k in range(4)],  # no truncation, shorter
+        *[_rec("d", k, k % 2, 20) for k in range(4)],  # ties c on everything but the id
+        *[_rec("e", k, k == 0, 5) for k in range(4)],
+        *[_rec("f", k, 1, 5) for k in range(4)],
+    ]
+    order = [r["problem_id"] for r in select_problems(pool, 6)][::4]
+    assert order == ["c", "d", "b", "a", "e"]
+    assert [r["problem_id"] for r in select_problems(pool, 2)][::4] == ["c", "d"]
+
+
+def test_the_trim_keeps_exactly_the_globally_shortest_fraction():
+    lengths = [9, 3, 7, 1, 5, 8, 2, 6, 4, 10]
+    records = [_rec(f"p{i % 3}", i, i % 2, n) for i, n in enumerate(lengths)]
+    kept = trim_shortest(records, 0.8)
+    assert len(kept) == 8 and sorted(len(r["completion_ids"]) for r in kept) == list(range(1, 9))
+    assert trim_shortest(records, 1.0) == records
+    # Ties at the cut: untruncated first, then problem id, then sample (the released sort key).
+    tied = [_rec("b", 0, 0, 5, truncated=True), _rec("b", 1, 1, 5), _rec("a", 2, 1, 5), _rec("a", 1, 0, 1)]
+    assert [(r["problem_id"], r["sample"]) for r in trim_shortest(tied, 0.5)] == [("a", 1), ("a", 2)]
+    with pytest.raises(ValueError, match="fraction in"):
+        trim_shortest(records, 0.0)
+
+
+def _item(pid, sample, advantage, decisions, completion):
+    prompt_len = 3
+    decision = torch.zeros(prompt_len - 1 + completion, dtype=torch.bool)
+    decision[prompt_len - 1 : prompt_len - 1 + decisions] = True
+    scored = type("S", (), {"entropy": torch.zeros(decision.numel()), "prompt_len": prompt_len})()
+    return TrainItem(scored, decision, ~decision, advantage, [], pid, sample)
+
+
+def test_the_curriculum_orders_by_advantage_times_decision_density():
+    items = [
+        _item("a", 0, 0.5, 2, 10),   # clarity 0.10
+        _item("b", 0, -2.0, 1, 10),  # 0.20
+        _item("c", 0, 1.0, 2, 10),   # 0.20, |A| 1 < 2: after b
+        _item("d", 0, 0.0, 5, 10),   # 0
+        _item("e", 1, 1.0, 4, 20),   # 0.20, |A| 1, 4 decision points > c's 2: before c
+        _item("e", 0, 1.0, 4, 20),   # ties e#1 on everything but the sample
+    ]
+    args = FitArgs(order="curriculum", epochs=2)
+    order = loop.train_order(items, args)
+    names = [f"{items[i].problem_id}{items[i].sample}" for i in order]
+    assert names[:6] == ["b0", "e0", "e1", "c0", "a0", "d0"] and names[6:] == names[:6]
+    shuffled = loop.train_order(items, FitArgs(order="shuffle", epochs=2, seed=3))
+    assert sorted(shuffled) == sorted(order) and shuffled != order
+
+
+def test_the_paper_schedule_is_sized_for_two_epochs_and_stopped_at_149():
+    args = FitArgs(epochs=2, accumulation=8, warmup=50, warmup_cap=False, max_steps=149, checkpoint_every=0.15)
+    assert loop.schedule_steps(800, args) == (200, 149, 50)
+    assert loop.checkpoint_steps(800, args) == {15 * j for j in range(1, 10)} | {149}
+    # Ours: warm-up capped at a third of the steps; evenly spaced checkpoints, the last one last.
+    ours = FitArgs(epochs=1, accumulation=8, warmup=50, checkpoints=2)
+    assert loop.schedule_steps(400, ours) == (50, 50, 16)
+    assert loop.checkpoint_steps(400, ours) == {25, 50}
+
+
+def test_the_recipe_fills_what_was_not_given_and_given_flags_win():
+    args = resolve(argparse.Namespace(samples=None, temperature=None, top_p=0.9, prompt_style=None,
+                                      max_new_tokens=None), "paper", ROLLOUT_DEFAULTS)
+    assert (args.samples, args.prompt_style, args.top_p, args.max_new_tokens) == (20, "paper", 0.9, 384)
+    plain = resolve(argparse.Namespace(samples=None, prompt_style=None), None, {"samples": 20, "prompt_style": "auto"})
+    assert (plain.samples, plain.prompt_style, plain.recipe) == (20, "auto", "default")
+    assert RECIPES["paper"]["fit_threshold"] == 1.4 and RECIPES["paper"]["fit_max_steps"] == 149
+    with pytest.raises(ValueError, match="unknown recipe"):
+        resolve(argparse.Namespace(), "rl", {})
+
+
+def test_fit_args_from_the_cli_follow_the_recipe():
+    from reasonmaxxer.cli import build_parser
+    from reasonmaxxer.training.cli import _fit_args
+
+    parse = build_parser().parse_args
+    paper = _fit_args(parse(["fit", "--out", "x", "--rollouts", "r", "--recipe", "paper", "--lr", "3e-4"]))
+    assert (paper.threshold, paper.trim, paper.order, paper.max_steps, paper.warmup_cap) == (1.4, 0.8, "curriculum",
+                                                                                            149, False)
+    assert paper.lr == 3e-4 and paper.autocast == "bfloat16" and paper.checkpoint_every == 0.15
+    calibrated = _fit_args(parse(["fit", "--out", "x", "--rollouts", "r", "--recipe", "paper", "--threshold",
+                                  "calibrate", "--warmup-cap", "true"]))
+    assert calibrated.threshold is None and calibrated.warmup_cap is True
+    assert _fit_args(parse(["fit", "--out", "x", "--rollouts", "r"])) == FitArgs()
+
+
+@pytest.fixture(scope="module")
+def rollouts(tiny_model, tokenizer, prompts):
+    return sampled_records(tiny_model, tokenizer, prompts, max_tokens=12, seed_base=500)
+
+
+def test_checkpoint_selection_returns_the_best_validation_checkpoint(tiny_model, tokenizer, rollouts):
+    scores = {2: 0.3, 4: 0.5, 6: 0.4, 8: 0.1}
+    seen = {}
+
+    def validate(step, adapter):
+        seen[step] = adapter.B.clone()
+        return scores[step]
+
+    args = FitArgs(kind="head", name="ck", target_fire_rate=0.2, rank=4, lr=3e-3, epochs=1, accumulation=2,
+                   warmup=1, checkpoint_every=0.25)  # 16 rollouts / 2 = 8 steps, a checkpoint every 2
+    adapter, report = fit(tiny_model, tokenizer, rollouts, args, callback=validate, progress=False)
+    assert sorted(seen) == [2, 4, 6, 8]
+    assert report["chosen_checkpoint"] == {"step": 4, "value": 0.5}
+    assert torch.equal(adapter.B, seen[4]) and not torch.equal(adapter.B, seen[8])
+
+
+def test_a_tau_sweep_refits_per_tau_from_cached_scores_without_a_forward_pass(tiny_model, tokenizer, rollouts,
+                                                                             tmp_path):
+    args = FitArgs(kind="head", name="sw", rank=4, lr=3e-3, epochs=2, accumulation=2, warmup=1)
+    fit(tiny_model, tokenizer, rollouts, args, progress=False, score_cache=tmp_path)  # warms the cache
+    forwards = []
+    hook = tiny_model.register_forward_pre_hook(lambda *a: forwards.append(1))
+    taus_seen = []
+
+    def validate(step, adapter):
+        taus_seen.append(adapter.manifest.gate.tau)
+        return {2.0: 0.2, 2.5: 0.6, 3.0: 0.4}[adapter.manifest.gate.tau]
+
+    try:
+        adapter, _report = fit(tiny_model, tokenizer, rollouts, args, callback=validate, progress=False,
+                              score_cache=tmp_path, tau_sweep=[2.0, 2.5, 3.0])
+    finally:
+        hook.remove()
+    assert forwards == [] and taus_seen == [2.0, 2.5, 3.0]
+    assert adapter.manifest.gate.tau == 2.5 and adapter.manifest.gate.target_fire_rate is None
+    sweep = adapter.manifest.metrics["tau_sweep"]
+    assert [s["tau"] for s in sweep] == [2.0, 2.5, 3.0]
+    assert [s["chosen_checkpoint"]["value"] for s in sweep] == [0.2, 0.6, 0.4]
+    assert sweep[0]["fire_rate"] > sweep[1]["fire_rate"] > sweep[2]["fire_rate"]
+    with pytest.raises(ValueError, match="validation split"):
+        fit(tiny_model, tokenizer, rollouts, args, progress=False, score_cache=tmp_path, tau_sweep=[2.0])
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def test_validation_and_training_never_read_evaluation_rows():
+    with pytest.raises(ProblemError, match=r"evaluation set \(gsm8k/test.jsonl"):
+        check_not_evaluation(load_problems(DATA / "gsm8k" / "test.jsonl", offset=900, limit=60).selection, "val")
+    with pytest.raises(ProblemError, match=r"svamp/test\.jsonl rows 400-699, e\.g\. row 400"):
+        check_not_evaluation(load_problems(DATA / "svamp" / "test.jsonl", offset=390, limit=20).selection, "val")
+    check_not_evaluation(load_problems(DATA / "svamp" / "test.jsonl", offset=0, limit=400).selection, "val")
+    check_not_evaluation(load_problems(DATA / "gsm8k" / "train.jsonl", offset=1000, limit=60).selection, "val")
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")
+def test_fit_refuses_an_evaluation_validation_split_before_loading_a_model(tmp_path):
+    rollouts = tmp_path / "r.jsonl"
+    meta = {"model": {"name": "m", "fingerprint": "x"}, "sampling": {},
+            "problems": load_problems(DATA / "gsm8k" / "train.jsonl", limit=3).selection}
+    rollouts.write_text(json.dumps({"meta": meta}) + "\n")
+    cli = [sys.executable, "-m", "reasonmaxxer.cli", "fit", "--model", "no-such-model", "--rollouts", str(rollouts),
+           "--out", str(tmp_path / "ad")]
+    cases = [
+        (["--val-problems", str(DATA / "gsm8k" / "test.jsonl"), "--val-limit", "60"], "evaluation set"),
+        (["--val-problems", str(DATA / "gsm8k" / "train.jsonl"), "--val-limit", "5"], "share 3 rows"),
+        (["--tau-sweep", "1.0,1.4"], "--tau-sweep keeps the tau"),
+    ]
+    for extra, message in cases:
+        out = subprocess.run([*cli, *extra], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr, (extra, out.stderr[-1500:])
+
+
+def test_a_lora_fit_with_the_paper_settings_runs_in_bf16_autocast(tiny_model, tokenizer, rollouts):
+    import copy
+
+    model = copy.deepcopy(tiny_model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = FitArgs(kind="lora", name="p-lora", threshold=2.5, rank=4, lora_alpha=8, lr=1e-3, epochs=2,
+                   accumulation=4, warmup=2, warmup_cap=False, max_steps=5, checkpoint_every=0.5,
+                   order="curriculum", trim=0.75, autocast="bfloat16")
+    seen = []
+    _adapter, report = fit(model, tokenizer, rollouts, args, callback=lambda s, a: seen.append(s) or float(s == 4),
+                          progress=False)
+    assert seen == [2, 4, 5] and report["chosen_checkpoint"] == {"step": 4, "value": 1.0} and report["steps"] == 5
+    assert report["data"]["sequences"] == 12 and report["data"]["trimmed_to"] == 12  # 16 rollouts x 0.75
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="--autocast"):
+        fit(copy.deepcopy(tiny_model), tokenizer, rollouts, FitArgs(kind="lora", autocast="fp8", threshold=2.5),
+            progress=False)
