@@ -121,7 +121,7 @@ def _failures(arms: dict[str, Any]) -> str:
     """One stacked bar per arm: right, wrong with a boxed answer, wrong without one, truncated (shares of answers)."""
     names = list(arms)
     left, bar_h = PAD + int(6.5 * max(len(n) for n in names)), 22
-    height = 40 + bar_h * len(names) + 30
+    height = 30 + bar_h * len(names) + 8
     span = W - left - PAD
     parts = [f'<svg width="{W}" height="{height}" role="img" aria-label="failure taxonomy per arm">']
     for i, name in enumerate(names):
@@ -136,9 +136,11 @@ def _failures(arms: dict[str, Any]) -> str:
                 parts.append(f'<text x="{x + w / 2:.1f}" y="{y + 13}" font-size="9" text-anchor="middle" '
                              f'fill="#fff">{share:.2f}</text>')
             x += w
-    for j, (kind, colour) in enumerate(FAILURE_COLOURS.items()):  # legend
-        parts.append(f'<rect x="{left + j * 120}" y="8" width="10" height="10" fill="{colour}"/>'
-                     f'<text x="{left + j * 120 + 14}" y="17" font-size="10">{kind.replace("_", ", ")}</text>')
+    legend = {"right": "right", "wrong_boxed": "wrong, boxed", "wrong_unboxed": "wrong, no box",
+              "truncated": "truncated"}
+    for j, (kind, colour) in enumerate(FAILURE_COLOURS.items()):
+        parts.append(f'<rect x="{PAD + j * 120}" y="8" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{PAD + j * 120 + 14}" y="17" font-size="10">{legend[kind]}</text>')
     parts.append("</svg>")
     return "".join(parts)
 

@@ -123,6 +123,8 @@ def add_commands(sub) -> None:
                         "validation (needs --val-problems); the adapter records the sweep")
     p.add_argument("--val-mode", default="gated", choices=["gated", "always"],
                    help="the mode checkpoints are scored in on validation: the mode the adapter will be served in")
+    p.add_argument("--val-backend", default="transformers", choices=["transformers", "vllm"],
+                   help="the engine that scores checkpoints (vllm: about twice as fast on a CPU; the vllm extra)")
     _recipe_flag(p)
     for f in fields(FitArgs):
         if f.name == "lora_targets":
@@ -356,11 +358,15 @@ def run_fit_command(args) -> int:
     if meta["model"]["fingerprint"] != _fingerprint(model, tokenizer, args.model):
         raise ValueError(f"{rollouts} was made with model {meta['model']['name']!r}, not {args.model!r}: "
                          "fit on the model the rollouts came from")
-    validate, val_report = _validation(args, meta, model, tokenizer, fit_args)
-    adapter, report = fit(model, tokenizer, records, fit_args, callback=validate,
-                          provenance={"model": args.model, "command": " ".join(["reasonmaxxer", *sys.argv[1:]]),
-                                      "rollouts": str(rollouts), "rollout_meta": meta},
-                          score_cache=args.score_cache, tau_sweep=args.tau_sweep)
+    validate, val_report, val_engine = _validation(args, meta, model, tokenizer, fit_args)
+    try:
+        adapter, report = fit(model, tokenizer, records, fit_args, callback=validate,
+                              provenance={"model": args.model, "command": " ".join(["reasonmaxxer", *sys.argv[1:]]),
+                                          "rollouts": str(rollouts), "rollout_meta": meta},
+                              score_cache=args.score_cache, tau_sweep=args.tau_sweep)
+    finally:
+        if val_engine is not None and hasattr(val_engine, "close"):
+            val_engine.close()
     adapter.manifest.metrics["validation"] = val_report
     adapter.save(args.out)
     times.update(report["times"])
@@ -374,25 +380,43 @@ def _fingerprint(model, tokenizer, name: str) -> str:
     return base_identity(model, tokenizer, name).fingerprint
 
 
-def _validation(args, meta, model, tokenizer, fit_args: FitArgs):
-    """A callback scoring each checkpoint's gated pass@1 on the validation split (or None)."""
-    report: dict[str, Any] = {}
-    if not args.val_problems:
-        return None, report
+def _val_engine(args, model, tokenizer, fit_args: FitArgs):
+    """The engine that scores checkpoints: the embedded one (a separate bf16 copy of the model for LoRA, which
+    PEFT wraps while training), or vLLM (`--val-backend vllm`: head adapters gated or always, LoRA always)."""
+    if args.val_backend == "vllm":
+        from reasonmaxxer.steering.models import resolve_model
+        from reasonmaxxer.steering.vllm.offline import VllmOfflineEngine
+
+        if fit_args.kind == "lora" and args.val_mode != "always":
+            raise ValueError("vLLM serves LoRA adapters always-on only: use --val-mode always or --val-backend "
+                             "transformers")
+        extra = {"dtype": "bfloat16", "max_num_seqs": args.concurrency, **(args.vllm_args or {})}
+        return VllmOfflineEngine.start(str(resolve_model(args.model)), tokenizer, extra, name=args.model,
+                                       lora_rank=fit_args.rank if fit_args.kind == "lora" else None)
     from reasonmaxxer.steering.engine import Engine
     from reasonmaxxer.steering.models import load_model
+
+    val_model = model if fit_args.kind == "head" else load_model(args.model, dtype="bfloat16")[0]
+    return Engine(val_model, tokenizer, name=args.model)
+
+
+def _validation(args, meta, model, tokenizer, fit_args: FitArgs):
+    """(callback scoring each checkpoint's pass@1 on the validation split in --val-mode, report, engine);
+    (None, {}, None) without a validation split."""
+    report: dict[str, Any] = {}
+    if not args.val_problems:
+        return None, report, None
     from reasonmaxxer.steering.request import SteeringParams
 
     from .rollouts import RolloutConfig, evaluate
 
     val = _load_problems(args, prefix="val_")
-    # A separate model for LoRA (the fitted one is wrapped by PEFT while training).
-    val_model = model if fit_args.kind == "head" else load_model(args.model, dtype="bfloat16")[0]
-    engine = Engine(val_model, tokenizer, name=args.model)
+    engine = _val_engine(args, model, tokenizer, fit_args)
     config = RolloutConfig(samples=args.val_samples, temperature=args.temperature, top_p=args.top_p,
-                           max_new_tokens=args.max_new_tokens, seed=args.seed + 1, prompt_style=args.prompt_style)
+                           max_new_tokens=args.max_new_tokens, seed=args.seed + 1, prompt_style=args.prompt_style,
+                           concurrency=args.concurrency, stop=tuple(args.stop) if args.stop is not None else None)
     verifier = _verifier(args)
-    report.update(problems=val.selection, samples=args.val_samples,
+    report.update(problems=val.selection, samples=args.val_samples, mode=args.val_mode, backend=args.val_backend,
                   base=evaluate(engine, val, config, verifier.score, progress=True), checkpoints=[])
 
     def callback(step: int, adapter) -> float:
@@ -401,10 +425,12 @@ def _validation(args, meta, model, tokenizer, fit_args: FitArgs):
             result = evaluate(engine, val, config, verifier.score, SteeringParams(adapter.name, args.val_mode), True)
         finally:
             engine.remove_adapter(adapter.name)
-        report["checkpoints"].append({"step": step, **result})
+        report["checkpoints"].append({"step": step, "tau": adapter.manifest.gate.tau, **result})
+        print(f"checkpoint {step} (tau {adapter.manifest.gate.tau:.2f}): validation pass@1 {result['pass@1']:.3f} "
+              f"(base {report['base']['pass@1']:.3f}), fire rate {result['fire_rate']:.3%}")
         return result["pass@1"]
 
-    return callback, report
+    return callback, report, engine
 
 
 def collapse_warning(d: dict[str, float]) -> str | None:

@@ -44,3 +44,39 @@ def test_rollouts_on_vllm_write_resume_and_match_the_model(smol, tmp_path, colle
     records2 = [json.loads(x) for x in out.read_text().splitlines()[1:]]
     assert records2[:2] == records[:2] and len(records2) == 4
     assert sorted((r["row"], r["sample"]) for r in records2) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.skipif(not DATA.is_file(), reason=f"no SVAMP file at {DATA} (see ../shared/data/MANIFEST.md)")
+def test_fit_scores_its_checkpoints_on_vllm(smol, tmp_path, collector):
+    """`fit --val-backend vllm`: the validation split decoded by vLLM with each head checkpoint, gated."""
+    from reasonmaxxer.steering.engine import Engine
+    from reasonmaxxer.steering.manifest import base_identity
+    from reasonmaxxer.steering.request import Request
+    from reasonmaxxer.steering.sampling import SamplingParams
+    from reasonmaxxer.training.problems import load_problems
+
+    _, model, tokenizer = smol
+    problems = load_problems(DATA, limit=3)
+    engine = Engine(model, tokenizer)
+    out = tmp_path / "r.jsonl"
+    lines = [{"meta": {"model": {"name": "smollm2-135m-instruct", "fingerprint": base_identity(model, tokenizer)
+                                 .fingerprint}, "sampling": {}, "problems": problems.selection}}]
+    for p in problems.problems:  # real sampled completions, rewarded 1, 0, 1, 0: every problem mixed
+        prompt = tokenizer(p.question)["input_ids"]
+        params = [SamplingParams(max_tokens=12, temperature=1.0, seed=k) for k in range(4)]
+        done = engine.generate([Request(prompt, sp) for sp in params])
+        lines += [{"problem_id": p.id, "sample": k, "prompt_ids": prompt, "completion_ids": c.token_ids,
+                   "reward": float(k % 2 == 0), "truncated": False} for k, c in enumerate(done)]
+    out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cmd = [sys.executable, "-m", "reasonmaxxer.cli", "fit", "--model", "smollm2-135m-instruct", "--rollouts", str(out),
+           "--kind", "head", "--name", "v-head", "--threshold", "1.0", "--rank", "4", "--accumulation", "4",
+           "--warmup", "1", "--checkpoints", "2", "--val-problems", str(DATA), "--val-offset", "300", "--val-limit",
+           "2", "--val-samples", "1", "--max-new-tokens", "16", "--val-backend", "vllm", "--concurrency", "4",
+           "--vllm-args", '{"enforce_eager": true, "max_model_len": 1024}', "--out", str(tmp_path / "ad")]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    validation = json.loads((tmp_path / "ad" / "adapter.json").read_text())["metrics"]["validation"]
+    assert validation["backend"] == "vllm" and validation["mode"] == "gated"
+    assert [c["step"] for c in validation["checkpoints"]] == [2, 3] and validation["base"]["samples"] == 2
+    assert all(c["tau"] == 1.0 and c["samples"] == 2 for c in validation["checkpoints"])
