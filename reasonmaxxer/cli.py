@@ -152,9 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     from reasonmaxxer.clients.cli import add_command
+    from reasonmaxxer.training import probe_cli
     from reasonmaxxer.training.cli import add_commands
 
     add_commands(sub)
+    probe_cli.add_command(sub)
     add_command(sub)
     sub.choices["probe-branches"].set_defaults(func=_probe_branches)
     return parser
@@ -163,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _probe_branches(args: argparse.Namespace) -> int:
     """training makes the branch records, clients summarises them (each package keeps to its imports)."""
     from reasonmaxxer.clients.probe_report import write_summary
-    from reasonmaxxer.training.cli import run_probe_command
+    from reasonmaxxer.training.probe_cli import run_probe_command
 
     write_summary(run_probe_command(args))
     return 0

@@ -97,3 +97,32 @@ def test_the_summary_counts_fixes_breaks_and_wins_on_hand_made_records():
     assert d["oracle_gain"]["mean"] == 0.5 and r["ties"] == 1.0
     assert s["decision_minus_random"]["fix_alt"]["diff"] == 0.5
     assert s["decision_minus_random"]["break_alt"]["diff"] == 1.0
+
+
+def test_probe_branches_from_the_command_line(tiny_model, tokenizer, tmp_path, capsys):
+    """The CLI end to end on the tiny model (transformers backend): rollouts, then the probe and its summary;
+    a folder of other settings is refused. Stop strings make the tiny model's answers finish."""
+    from reasonmaxxer.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"q": f"What is {i} + 2?", "a": str(i + 2)}) + "\n" for i in range(2)))
+    rollouts = tmp_path / "r.jsonl"
+    assert main(["rollouts", "--model", str(folder), "--problems", str(problems), "--question-field", "q",
+                 "--answer-field", "a", "--samples", "3", "--max-new-tokens", "12", "--stop", " ", "--stop", "i",
+                 "--out", str(rollouts)]) == 0
+    probe = ["probe-branches", "--model", str(folder), "--rollouts", str(rollouts), "--backend", "transformers",
+             "--wrong", "2", "--right", "0", "--tau", "0.5", "--positions", "1", "--alternatives", "1",
+             "--continuations", "1", "--out", str(tmp_path / "probe")]
+    capsys.readouterr()
+    assert main(probe) == 0
+    assert "| decision |" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "probe" / "branches.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2 and {r["kind"] for r in rows} == {"decision", "random"}  # answers x kinds x cands
+    assert (tmp_path / "probe" / "summary.md").exists()
+    assert main([*probe[:-2], "--seed", "9", "--out", str(tmp_path / "probe")]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main([*probe[:-2], "--wrong", "50", "--out", str(tmp_path / "p2")]) == 2
+    assert "too few finished answers" in capsys.readouterr().err

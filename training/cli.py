@@ -136,65 +136,6 @@ def add_commands(sub) -> None:
         p.add_argument(flag, dest="fit_" + f.name, type=_fit_type(f), default=None,
                        metavar=f.name.upper(), help=f.metadata.get("help", "") + extra)
     p.set_defaults(func=run_fit_command)
-    _add_probe(sub)
-
-
-def _add_probe(sub) -> None:
-    from .probe import ProbeConfig
-
-    p = sub.add_parser("probe-branches", help="the causal test of the premise: force base alternatives at "
-                                              "decision points and at random positions, continue, score")
-    p.add_argument("--model", required=True, help="the base model the rollouts came from")
-    p.add_argument("--rollouts", required=True, help="rollout JSONL of a training pool (never evaluation rows)")
-    p.add_argument("--out", required=True, help="output folder: meta.json, branches.jsonl (resumable), summary")
-    p.add_argument("--wrong", type=int, default=40, help="wrong answers to branch (default 40)")
-    p.add_argument("--right", type=int, default=40, help="right answers to branch (default 40)")
-    p.add_argument("--per-problem", type=int, default=2, help="at most this many answers of each kind per problem")
-    for f in fields(ProbeConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"{f.metadata['help']} (default {f.default})")
-    p.add_argument("--backend", default="vllm", choices=["transformers", "vllm"], help="decode engine (default vllm)")
-    p.add_argument("--vllm-args", type=json_object, default=None, help="more vllm engine arguments as JSON")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--verifier-fallbacks", default="boxed", help="answer extractors in order (as for rollouts)")
-    _device_flag(p)
-    p.set_defaults(func=run_probe_command)
-
-
-def run_probe_command(args) -> Path:
-    """Plan (pick answers, score them), then continue every branch; returns the branches file."""
-    from reasonmaxxer.steering.models import load_model
-
-    from .probe import ProbeConfig, plan, run_probe
-    from .problems import check_not_evaluation
-    from .rollouts import load_rollouts
-
-    meta, records = load_rollouts(args.rollouts)
-    check_not_evaluation(meta.get("problems", {}), "the probed rollouts' problem selection")
-    config = ProbeConfig(**{f.name: getattr(args, f.name) for f in fields(ProbeConfig)})
-    out = Path(args.out)
-    settings = {"rollouts": str(Path(args.rollouts).resolve()), "model": meta["model"], "sampling": meta["sampling"],
-                "wrong": args.wrong, "right": args.right, "per_problem": args.per_problem,
-                "config": {k: v for k, v in vars(config).items() if k != "concurrency"}}
-    if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()) != settings:
-        raise ValueError(f"{out} holds a probe with other settings: pass another --out, or delete it")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
-    if _fingerprint(model, tokenizer, args.model) != meta["model"]["fingerprint"]:
-        raise ValueError(f"{args.rollouts} was made with model {meta['model']['name']!r}, not {args.model!r}")
-    answers, points = plan(model, records, config, args.wrong, args.right, args.per_problem)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").write_text(json.dumps(settings, indent=2))
-    args.concurrency = config.concurrency
-    if args.backend == "vllm":
-        del model
-    engine = _rollout_engine(args, None if args.backend == "vllm" else model, tokenizer)
-    try:
-        with _verifier(args) as verifier:
-            run_probe(engine, answers, points, meta["sampling"], config, verifier.score, out / "branches.jsonl")
-    finally:
-        if args.backend == "vllm":
-            engine.close()
-    return out / "branches.jsonl"
 
 
 def _floats(text: str) -> list[float]:
