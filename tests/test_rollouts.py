@@ -81,3 +81,18 @@ def test_resume_with_other_settings_is_refused(tiny_model, tokenizer, problem_fi
 def test_missing_rollout_file_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `reasonmaxxer rollouts` first"):
         load_rollouts(tmp_path / "none.jsonl")
+
+
+def test_a_complete_run_is_known_without_an_engine_and_paper_stops_are_recorded(tiny_model, tokenizer, problem_file,
+                                                                                 tmp_path):
+    from reasonmaxxer.training.rollouts import completed
+
+    out = tmp_path / "r.jsonl"
+    problems = load_problems(str(problem_file), question_field="q", answer_field="a")
+    assert completed(out, problems, _config(), tokenizer) is None  # nothing yet
+    summary = _run(tiny_model, tokenizer, problem_file, out, prompt_style="paper")
+    assert load_rollouts(out)[0]["sampling"]["stop"] == ["Human:", "Assistant:"]  # the released stops
+    assert completed(out, problems, _config(prompt_style="paper"), tokenizer) == summary
+    assert completed(out, problems, _config(prompt_style="paper", samples=4), tokenizer) is None  # more to do
+    assert completed(out, problems, _config(prompt_style="paper", temperature=0.5), tokenizer) is None  # another run
+    assert completed(out, problems, _config(prompt_style="paper", stop=("x",)), tokenizer) is None

@@ -208,9 +208,13 @@ def _verifier(args):
 
 
 def _do_rollouts(args, model, tokenizer, out: Path) -> dict[str, Any]:
-    from .rollouts import run_rollouts
+    from .rollouts import completed, run_rollouts
 
     problems = _load_problems(args)
+    done = completed(out, problems, _rollout_config(args), tokenizer)
+    if done is not None:
+        print(f"{out} already holds every rollout of this run: nothing to sample", file=sys.stderr)
+        return done
     engine = _rollout_engine(args, model, tokenizer)
     try:
         with _verifier(args) as verifier:

@@ -31,7 +31,7 @@ from reasonmaxxer.steering.sampling import SamplingParams
 from .problems import Problem, ProblemSet
 from .prompts import build_prompt_ids, default_stop, prompt_style_for
 
-__all__ = ["RolloutConfig", "evaluate", "generate", "load_rollouts", "run_rollouts", "summarize"]
+__all__ = ["RolloutConfig", "completed", "evaluate", "generate", "load_rollouts", "run_rollouts", "summarize"]
 
 
 @dataclass
@@ -58,11 +58,32 @@ def resolved_stop(tokenizer, config: RolloutConfig) -> tuple[str, ...]:
     return default_stop(prompt_style_for(tokenizer, config.prompt_style))
 
 
-def _meta(engine: Engine, problems: ProblemSet, config: RolloutConfig) -> dict[str, Any]:
+def _settings(tokenizer, config: RolloutConfig) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(config).items() if k != "concurrency"}
-    settings["prompt_style"] = prompt_style_for(engine.tokenizer, config.prompt_style)
-    settings["stop"] = list(resolved_stop(engine.tokenizer, config))
-    return {"model": asdict(engine.identity), "sampling": settings, "problems": problems.selection}
+    settings["prompt_style"] = prompt_style_for(tokenizer, config.prompt_style)
+    settings["stop"] = list(resolved_stop(tokenizer, config))
+    return settings
+
+
+def _meta(engine: Engine, problems: ProblemSet, config: RolloutConfig) -> dict[str, Any]:
+    return {"model": asdict(engine.identity), "sampling": _settings(engine.tokenizer, config),
+            "problems": problems.selection}
+
+
+def completed(out: str | Path, problems: ProblemSet, config: RolloutConfig, tokenizer) -> dict[str, Any] | None:
+    """`summarize` of `out` when it already holds every rollout of this run (same sampling settings and
+    problems): the caller can skip starting an engine. None otherwise (including a run with other settings,
+    which `run_rollouts` then refuses with its reason)."""
+    out = Path(out)
+    if not out.exists():
+        return None
+    meta, records = load_rollouts(out)
+    same = meta["sampling"] == _settings(tokenizer, config) and all(
+        meta["problems"].get(k) == problems.selection.get(k) for k in ("sha256", "offset", "limit", "seed", "preset"))
+    done = {(r["problem_id"], r["sample"]) for r in records}
+    if not same or any((p.id, k) not in done for p in problems.problems for k in range(config.samples)):
+        return None
+    return summarize(records)
 
 
 def _same_run(old: dict[str, Any], new: dict[str, Any]) -> str | None:

@@ -4,6 +4,7 @@
 #   bash docs/measure/qwen-paper-recipe.sh rollouts   # GSM8K train rows 0-149 x 20, paper prompt (~900k tokens)
 #   bash docs/measure/qwen-paper-recipe.sh probe      # GSM8K train rows 150-299 x 2, then branch 40+40 answers
 #   bash docs/measure/qwen-paper-recipe.sh taxonomy   # base on GSM8K test rows 0-299: chat x 1, paper x 2
+#                                                     # (PAPER_SAMPLES=1: x 1, as docs/results.md ran it)
 #   bash docs/measure/qwen-paper-recipe.sh fit        # --recipe paper head, tau sweep, validation rows 1000-1059
 #   bash docs/measure/qwen-paper-recipe.sh ab         # the fitted head gated / always / random, GSM8K and SVAMP
 # Training pools only for rollouts, probe and validation (GSM8K train); evaluation: GSM8K test rows 0-299 and
@@ -29,11 +30,11 @@ case ${1:?stage: rollouts, probe, taxonomy, fit or ab} in
       --continuations 2 --out "$WORK/probe" ;;
   taxonomy)
     serve_vllm 8210 "$WORK/serve-base.log" --model $M --no-bundled-adapter
-    for style in chat paper; do
-      samples=1; [[ $style == paper ]] && samples=2
+    for style in chat paper; do  # PAPER_SAMPLES=2 makes the paper folder the ab stage's base arm
+      samples=1; [[ $style == paper ]] && samples=${PAPER_SAMPLES:-2}
       .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8210 --problems ../shared/data/gsm8k/test.jsonl \
-        --preset gsm8k --limit 300 --samples $samples --arms base --prompt-style $style --max-tokens 512 \
-        --concurrency 32 --out "$WORK/ab-gsm8k-test-$style"
+        --preset gsm8k --limit 300 --samples "$samples" --arms base --prompt-style $style --max-tokens 512 \
+        --concurrency 32 --out "$WORK/ab-gsm8k-test-$style-x$samples"
     done ;;
   fit)
     .venv/bin/reasonmaxxer fit --model $M --rollouts "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl" --recipe paper \
@@ -44,7 +45,7 @@ case ${1:?stage: rollouts, probe, taxonomy, fit or ab} in
     ARMS="base,$HEAD:gated,$HEAD:always,$HEAD:random"
     .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8211 --problems ../shared/data/gsm8k/test.jsonl \
       --preset gsm8k --limit 300 --samples 2 --arms "$ARMS" --prompt-style paper --max-tokens 512 \
-      --concurrency 32 --out "$WORK/ab-gsm8k-test-paper"
+      --concurrency 32 --out "$WORK/ab-gsm8k-test-paper-x2"
     .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8211 --problems ../shared/data/svamp/test.jsonl \
       --preset svamp --offset 400 --limit 300 --samples 1 --arms "$ARMS" --prompt-style paper --max-tokens 512 \
       --concurrency 32 --out "$WORK/ab-svamp-paper" ;;
