@@ -31,6 +31,7 @@ def _parity(text: str, gold: str, truncated: bool) -> float:
 def test_answers_and_positions_follow_the_seed(records):
     a = pick_answers(records, wrong=3, right=3, per_problem=1, seed=1)
     assert [r["reward"] for r in a].count(0.0) == 3 and len({(r["problem_id"], r["reward"]) for r in a}) == 6
+    assert [r["reward"] > 0 for r in a] == [False, True] * 3  # alternating kinds
     assert a == pick_answers(records, 3, 3, 1, seed=1) and a != pick_answers(records, 3, 3, 1, seed=2)
     with pytest.raises(ValueError, match="too few finished answers"):
         pick_answers(records, wrong=9, right=1, per_problem=2, seed=0)

@@ -2,7 +2,8 @@
 
 Contract:
 - `pick_answers(records, wrong, right, per_problem, seed)`: from finished (not truncated) rollouts, `wrong`
-  wrong and `right` right answers, at most `per_problem` of each kind per problem, drawn with `seed`.
+  wrong and `right` right answers, at most `per_problem` of each kind per problem, drawn with `seed`, in
+  alternating kinds (branches run in answer order, so a run cut short holds both kinds alike).
 - `pick_positions(entropy, tau, n, rng)`: (decision positions, random positions) of one answer's completion:
   up to `n` completion indices whose base entropy is > tau, and as many drawn uniformly from all of its
   indices, both with the given `random.Random`. The last index (usually EOS) is never a branch point.
@@ -23,6 +24,7 @@ draws what an uninterrupted one would, and every candidate at a point is continu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from collections import defaultdict
@@ -78,7 +80,9 @@ def pick_answers(records: Sequence[dict], wrong: int, right: int, per_problem: i
     if want[0.0] or want[1.0]:
         raise ValueError(f"the rollouts have too few finished answers: {want[0.0]} wrong and {want[1.0]} right ones "
                          f"are missing (at most {per_problem} per problem); use more rollouts or --per-problem")
-    return out
+    wrongs, rights = [r for r in out if r["reward"] <= 0], [r for r in out if r["reward"] > 0]
+    mixed = [r for pair in itertools.zip_longest(wrongs, rights) for r in pair if r is not None]
+    return mixed  # alternating kinds: a run cut short has as many of each
 
 
 def pick_positions(entropy: torch.Tensor, tau: float, n: int, rng: random.Random) -> tuple[list[int], list[int]]:
