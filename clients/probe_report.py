@@ -2,6 +2,8 @@
 
 Contract: `summarize(records)` takes the records `training/probe.py` writes (one per continuation) and
 returns, per kind of point (decision, random):
+- `entropy_mean` (base entropy at the points) and `alt_prob_mean` (base probability of the forced
+  alternatives): how large a perturbation forcing an alternative is at each kind of point;
 - `fix_alt` / `fix_resample`: among originally wrong answers, the share of continuations that end right
   after forcing a base alternative / after re-sampling from the sampled token itself (the control that
   changes nothing but the randomness of the rest);
@@ -78,7 +80,11 @@ def _kind_stats(rows: Sequence[dict]) -> dict[str, Any]:
     for r in rows:
         if r["original_reward"] == 0.0 and not r["sampled"]:
             wrong[_answer(r)].append(r["reward"])
+    alts = [r for r in rows if not r["sampled"] and r.get("k", 0) == 0]
+    points = {(_answer(r), r["position"]): r.get("entropy", 0.0) for r in rows}
     return {"answers": len({_answer(r) for r in rows}),
+            "entropy_mean": sum(points.values()) / max(1, len(points)),
+            "alt_prob_mean": sum(r.get("prob", 0.0) for r in alts) / max(1, len(alts)),
             "fix_alt": share(0.0, False, False), "fix_resample": share(0.0, True, False),
             "break_alt": share(1.0, False, True), "break_resample": share(1.0, True, True),
             "answers_fixed": sum(max(v) > 0 for v in wrong.values()) / max(1, len(wrong)),
@@ -115,15 +121,18 @@ def _fmt(x: dict[str, Any] | None) -> str:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    lines = ["| points | answers | wrong fixed: alternative | wrong fixed: resample | right broken: alternative "
-             "| right broken: resample | wrong answers fixed by some alternative | best alt > sampled "
-             "(ties, worse) | oracle gain per point |", "|---|---:|---|---|---|---|---:|---|---|"]
+    header = ["points", "answers", "mean H", "mean base p of the alternatives", "wrong fixed: alternative",
+              "wrong fixed: resample", "right broken: alternative", "right broken: resample",
+              "wrong answers fixed by some alternative", "best alt > sampled (ties, worse)", "oracle gain per point"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---|---|---|---|---:|---|---|"]
     for kind in KINDS:
         k = summary["kinds"][kind]
-        lines.append(f"| {kind} | {k['answers']} | {_fmt(k['fix_alt'])} | {_fmt(k['fix_resample'])} | "
-                     f"{_fmt(k['break_alt'])} | {_fmt(k['break_resample'])} | {k['answers_fixed']:.3f} | "
-                     f"{k['best_alt_beats_sampled']:.3f} ({k['ties']:.3f}, {k['worse']:.3f}) of {k['points']} | "
-                     f"{_fmt(k['oracle_gain'])} |")
+        cells = [kind, str(k["answers"]), f"{k['entropy_mean']:.2f}", f"{k['alt_prob_mean']:.3f}",
+                 *(_fmt(k[x]) for x in ("fix_alt", "fix_resample", "break_alt", "break_resample")),
+                 f"{k['answers_fixed']:.3f}",
+                 f"{k['best_alt_beats_sampled']:.3f} ({k['ties']:.3f}, {k['worse']:.3f}) of {k['points']}",
+                 _fmt(k["oracle_gain"])]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     for name, d in summary["decision_minus_random"].items():
         if d:
