@@ -37,9 +37,10 @@ case ${1:?stage: rollouts, probe, taxonomy, fit or ab} in
         --concurrency 32 --out "$WORK/ab-gsm8k-test-$style-x$samples"
     done ;;
   fit)
-    .venv/bin/reasonmaxxer fit --model $M --rollouts "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl" --recipe paper \
-      --kind head --name $HEAD --tau-sweep 1.0,1.4,1.8 --val-problems $TRAIN --val-offset 1000 --val-limit 60 \
-      --val-samples 1 --max-new-tokens 512 --score-cache "$WORK/scores" --out "$WORK/$HEAD" ;;
+    .venv-vllm/bin/reasonmaxxer fit --model $M --rollouts "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl" \
+      --recipe paper --kind head --name $HEAD --tau-sweep 1.0,1.4,1.8 --val-problems $TRAIN --val-offset 1000 \
+      --val-limit 60 --val-samples 1 --val-backend vllm --max-new-tokens 512 --concurrency 64 \
+      --score-cache "$WORK/scores" --out "$WORK/$HEAD" ;;
   ab)
     serve_vllm 8211 "$WORK/serve-head.log" --model $M --adapter "$WORK/$HEAD"
     ARMS="base,$HEAD:gated,$HEAD:always,$HEAD:random"
