@@ -139,8 +139,10 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     _install_handlers(app)
 
     from .routes import router
+    from .tokenize import router as tokenizer_router
 
     app.include_router(router)
+    app.include_router(tokenizer_router)
     app.add_middleware(AuthMiddleware, api_key=settings.api_key, metrics_open=settings.metrics_open)
     app.add_middleware(StatusCounter)  # outermost: counts 401s too
     return app

@@ -1,7 +1,8 @@
 """Prometheus metrics on an explicit registry (never the global one), one instance per app.
 
 Contract: `Metrics.observe_choice` counts generated and gate-fired tokens by model, adapter and mode and
-records the choice's fire rate; request latency and time to first token are histograms; running and
+records the choice's fire rate; `observe_echo` counts prompt tokens scored for echo logprobs and where the
+gate fired among them; request latency and time to first token are histograms; running and
 waiting requests are gauges read from the engine at scrape time; responses are counted by status code.
 """
 
@@ -24,6 +25,10 @@ class Metrics:
         self.generated = Counter("reasonmaxxer_generated_tokens", "Tokens generated", labels, registry=r)
         self.gate_fired = Counter("reasonmaxxer_gate_fired_tokens", "Tokens where the adapter was applied",
                                   labels, registry=r)
+        self.prompt_scored = Counter("reasonmaxxer_prompt_scored_tokens", "Prompt tokens scored for echo logprobs",
+                                     labels, registry=r)
+        self.prompt_fired = Counter("reasonmaxxer_prompt_gate_fired_tokens",
+                                    "Prompt tokens scored (echo) where the adapter was applied", labels, registry=r)
         self.fire_rate = Histogram("reasonmaxxer_request_fire_rate", "Per-choice gate fire rate", ("model", "mode"),
                                    buckets=(0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0), registry=r)
         self.latency = Histogram("reasonmaxxer_request_latency_seconds", "Request latency", ("endpoint",),
@@ -41,6 +46,12 @@ class Metrics:
         self.generated.labels(model, adapter, mode).inc(report.tokens)
         self.gate_fired.labels(model, adapter, mode).inc(report.gate_fired)
         self.fire_rate.labels(model, mode).observe(report.fire_rate)
+
+    def observe_echo(self, model: str, steering, scores) -> None:
+        """Count one prompt scored for echo logprobs (once per prompt, not per choice)."""
+        labels = (model, steering.adapter or "", steering.mode)
+        self.prompt_scored.labels(*labels).inc(scores.scored)
+        self.prompt_fired.labels(*labels).inc(scores.fired)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

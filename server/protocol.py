@@ -4,7 +4,9 @@ Contract: request models validate types and ranges (pydantic raises, the app tur
 error object with status 400). Unknown top-level fields are ignored, as OpenAI-compatible servers do;
 unknown fields inside our own `steering` object are refused (a typo there would silently change
 nothing). Fields of the OpenAI API that this server does not implement are accepted only at their
-neutral value (e.g. `presence_penalty` 0, `echo` false) and refused otherwise with a message saying so.
+neutral value (e.g. `presence_penalty` 0, `suffix` empty) and refused otherwise with a message saying so.
+`echo` returns the prompt before the completion and, with `logprobs`, the prompt's logprobs under the model
+the request is served as (steered for an adapter's model id; see steering/prompt_logprobs.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 __all__ = [
     "ChatCompletionRequest",
@@ -102,19 +104,19 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     best_of: int | None = None
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0)
-    max_tokens: int | None = Field(default=16, ge=1)
+    max_tokens: int | None = Field(default=16, ge=0, description="0 only with echo: score the prompt, generate nothing")
     suffix: str | None = None
 
     @model_validator(mode="after")
     def _completion_unsupported(self):
         if self.best_of not in (None, 1):
             raise ValueError("best_of is not supported: use n")
-        if self.echo:
-            raise ValueError("echo is not supported by this server")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it is only allowed with echo: true (prompt logprobs)")
         if self.suffix:
             raise ValueError("suffix is not supported by this server")
         if isinstance(self.prompt, list) and not self.prompt:
@@ -181,3 +183,40 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# -- extensions: vLLM's tokenizer routes (/tokenize, /detokenize, /tokenizer_info) ---------------------------
+class TokenizeCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = Field(default=True, description="add the tokenizer's special tokens (e.g. BOS)")
+    return_token_strs: bool | None = Field(default=False, description="also return the token strings")
+
+
+class TokenizeChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = Field(default=True, description="end with the assistant's turn opening")
+    return_token_strs: bool | None = Field(default=False, description="also return the token strings")
+    continue_final_message: bool = Field(default=False, description="leave the last message open-ended")
+    add_special_tokens: bool = Field(default=False, description="special tokens on top of the chat template's")
+
+    @model_validator(mode="after")
+    def _one_ending(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: set "
+                             "add_generation_prompt to false")
+        if not self.messages:
+            raise ValueError("messages must not be empty: send at least one message")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[StrictInt]

@@ -21,7 +21,17 @@ from pydantic import BaseModel
 from reasonmaxxer.steering.async_engine import EngineFull
 
 from .protocol import ChatCompletionRequest, CompletionRequest, make_id, now
-from .serving import ApiError, check_limits, plan, resolve_steering, stream_all, usage
+from .serving import (
+    ApiError,
+    attach_echo,
+    check_limits,
+    check_token_ids,
+    encode,
+    plan,
+    resolve_steering,
+    stream_all,
+    usage,
+)
 
 router = APIRouter()
 
@@ -80,8 +90,18 @@ def _prepare(request: Request, body, prompts: list[list[int]], max_tokens: int):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     s = _state(request)
-    prompts = [p if isinstance(p, list) else s.tokenizer(p)["input_ids"] for p in body.prompts]
-    choices = _prepare(request, body, prompts, body.max_tokens or 16)
+    prompts = [p if isinstance(p, list) else await asyncio.to_thread(encode, s.tokenizer, p) for p in body.prompts]
+    check_token_ids(prompts, len(s.tokenizer))
+    choices = _prepare(request, body, prompts, 16 if body.max_tokens is None else body.max_tokens)
+    if body.echo:
+        try:
+            scores = await attach_echo(s.engine, s.tokenizer, body, choices, prompts)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="echo") from e
+        except EngineFull as e:
+            raise ApiError(503, str(e), "server_error", code="overloaded") from e
+        for sc in scores:
+            s.metrics.observe_echo(s.served_name, choices[0].request.steering, sc)
     return await _respond(request, body, choices, chat=False)
 
 
@@ -112,15 +132,16 @@ async def _respond(request: Request, body, choices, chat: bool):
     s, start = _state(request), time.perf_counter()
     endpoint = "chat" if chat else "completions"
     first: list[float] = []
+    running = [c for c in choices if c.generate]
     try:
-        async for _choice, event in _watch_disconnect(request, stream_all(s.engine, choices, s.metrics.cancelled.inc)):
+        async for _choice, event in _watch_disconnect(request, stream_all(s.engine, running, s.metrics.cancelled.inc)):
             if not first and event.token_id is not None:
                 first.append(time.perf_counter() - start)
                 s.metrics.ttft.labels(endpoint).observe(first[0])
     except EngineFull as e:
         raise ApiError(503, str(e), "server_error", code="overloaded") from e
     s.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-    for c in choices:
+    for c in running:
         s.metrics.observe_choice(s.served_name, c.report)
     return JSONResponse(_body(s, body, choices, chat))
 

@@ -14,10 +14,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reasonmaxxer.steering.prompt_logprobs import PromptLogprobs
 from reasonmaxxer.steering.request import GateReport, Request, SteeringParams, TokenEvent
 from reasonmaxxer.steering.sampling import SamplingParams
 
-__all__ = ["ApiError", "Choice", "plan", "stream_all", "usage"]
+__all__ = ["ApiError", "Choice", "Echo", "attach_echo", "check_token_ids", "encode", "plan", "stream_all", "usage"]
 
 
 class ApiError(Exception):
@@ -28,11 +29,22 @@ class ApiError(Exception):
 
 
 @dataclass
+class Echo:
+    """`echo: true`: the prompt's text, shown before the completion, and its logprobs when asked."""
+
+    text: str
+    scores: PromptLogprobs | None = None
+
+
+@dataclass
 class Choice:
     index: int
     prompt_tokens: int
     request: Request
     events: list[TokenEvent]
+    echo: Echo | None = None
+    generate: bool = True  # False for max_tokens 0 (echo only): nothing is generated, finish_reason "length"
+    idle_report: GateReport | None = None  # the gate report of a choice that generates nothing
 
     @property
     def text(self) -> str:
@@ -40,11 +52,13 @@ class Choice:
 
     @property
     def finish_reason(self) -> str | None:
+        if not self.generate:
+            return "length"
         return self.events[-1].finish_reason if self.events else None
 
     @property
     def report(self) -> GateReport | None:
-        return self.events[-1].report if self.events else None
+        return self.events[-1].report if self.events else self.idle_report
 
 
 def resolve_steering(model: str, served_name: str, adapters: Sequence[str], opts) -> SteeringParams:
@@ -70,6 +84,20 @@ def resolve_steering(model: str, served_name: str, adapters: Sequence[str], opts
                               rate=None if opts is None else opts.rate)
     except ValueError as e:
         raise ApiError(400, str(e), param="steering") from e
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """A text prompt's token ids, as the completions route tokenizes it (the tokenizer's special tokens)."""
+    return tokenizer(text)["input_ids"]
+
+
+def check_token_ids(prompts: list[list[int]], vocab: int, param: str = "prompt") -> None:
+    """Token-id prompts must hold ids in [0, vocab): an id outside would fail the engine's step."""
+    for ids in prompts:
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is out of range: this model's token ids are 0 to {vocab - 1}",
+                           param=param)
 
 
 def check_limits(settings, n: int, max_tokens: int, stop: list[str], top_logprobs: int | None) -> None:
@@ -101,12 +129,31 @@ def plan(body, prompts: list[list[int]], max_tokens: int, logprobs: int | None, 
         for j in range(body.n):
             i = p * body.n + j
             sp = SamplingParams(
-                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                max_tokens=max(1, max_tokens), temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 min_p=body.min_p, seed=None if body.seed is None else body.seed + i, stop=body.stop_list,
                 ignore_eos=body.ignore_eos, logprobs=logprobs, logprobs_source=source,
             )
-            choices.append(Choice(i, len(ids), Request(list(ids), sp, steering), []))
+            choices.append(Choice(i, len(ids), Request(list(ids), sp, steering), [], generate=max_tokens > 0))
     return choices
+
+
+async def attach_echo(engine, tokenizer, body, choices: list[Choice],
+                      prompts: list[list[int]]) -> list[PromptLogprobs]:
+    """Give each choice its prompt's text and, with `logprobs`, the prompt logprobs of the model the request
+    is served as (scored once per prompt, shared by its n choices). Returns the scores (one per prompt, none
+    without logprobs); ValueError if the engine cannot."""
+    texts = [p if isinstance(p, str) else None for p in body.prompts]
+    scores: list[PromptLogprobs | None] = [None] * len(prompts)
+    if body.logprobs is not None:
+        st, source = choices[0].request.steering, choices[0].request.sampling.logprobs_source
+        scores = await engine.prompt_logprobs(prompts, st, body.logprobs, source, choices[0].request.gate_key)
+    for c in choices:
+        p = c.index // body.n
+        if not c.generate:
+            c.idle_report = _idle_report(engine, c.request.steering)
+        text = texts[p] if texts[p] is not None else await asyncio.to_thread(tokenizer.decode, prompts[p])
+        c.echo = Echo(text, scores[p])
+    return [sc for sc in scores if sc is not None]
 
 
 async def stream_all(engine, choices: list[Choice], on_cancel=None) -> AsyncIterator[tuple[Choice, TokenEvent]]:
@@ -156,10 +203,22 @@ def usage(choices: list[Choice], prompt_counts: dict[int, int]) -> dict[str, Any
     }
 
 
-def steering_report(report: GateReport | None) -> dict[str, Any] | None:
+def _idle_report(engine, st: SteeringParams) -> GateReport:
+    from reasonmaxxer.steering.rows import GateSettings
+
+    adapter = engine.adapters.get(st.adapter) if st.adapter else None
+    gate = GateSettings.of(st, adapter)
+    return GateReport(adapter=st.adapter if adapter is not None else None, mode=st.mode,
+                      threshold=gate.tau if st.mode in ("gated", "always") else None, rate=gate.random_rate)
+
+
+def steering_report(report: GateReport | None, echo: Echo | None = None) -> dict[str, Any] | None:
+    """The gate report of a choice; with echo logprobs, also where the correction applied in the prompt."""
     if report is None:
         return None
     out = report.to_dict()
+    if echo is not None and echo.scores is not None:
+        out["prompt_tokens_scored"], out["prompt_gate_fired"] = echo.scores.scored, echo.scores.fired
     if out.get("threshold") is not None and math.isinf(out["threshold"]):
         out["threshold"] = "inf"
     return out

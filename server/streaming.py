@@ -30,7 +30,10 @@ async def sse(request, body, choices, chat: bool) -> AsyncIterator[str]:
         for c in choices:
             yield _event({**head, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                "logprobs": None, "finish_reason": None}]})
-    events = stream_all(s.engine, choices, s.metrics.cancelled.inc)
+    for c in choices:
+        if c.echo is not None:
+            yield _event({**head, "choices": [_echo_piece(s, c)]})
+    events = stream_all(s.engine, [c for c in choices if c.generate], s.metrics.cancelled.inc)
     try:
         async for choice, event in events:
             if first and event.token_id is not None:
@@ -46,7 +49,7 @@ async def sse(request, body, choices, chat: bool) -> AsyncIterator[str]:
                 piece["text"] = event.text
                 piece["logprobs"] = completion_logprobs(s.tokenizer, [event])
             if event.finished:
-                piece["steering"] = steering_report(event.report)
+                piece["steering"] = steering_report(event.report, choice.echo)
                 s.metrics.observe_choice(s.served_name, event.report)
             yield _event({**head, "choices": [piece]})
     finally:
@@ -56,3 +59,13 @@ async def sse(request, body, choices, chat: bool) -> AsyncIterator[str]:
         prompts = {c.index // body.n: c.prompt_tokens for c in choices}
         yield _event({**head, "choices": [], "usage": usage(choices, prompts)})
     yield "data: [DONE]\n\n"
+
+
+def _echo_piece(s, c) -> dict[str, Any]:
+    """The first chunk of an echoed choice: the prompt (and its logprobs); the last too if nothing is generated."""
+    piece: dict[str, Any] = {"index": c.index, "text": c.echo.text,
+                             "logprobs": completion_logprobs(s.tokenizer, [], c.echo.scores),
+                             "finish_reason": None if c.generate else c.finish_reason}
+    if not c.generate:
+        piece["steering"] = steering_report(c.report, c.echo)
+    return piece

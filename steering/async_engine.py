@@ -6,12 +6,14 @@ thread produces them (delivered to the caller's event loop with `call_soon_threa
 stops early (client disconnect, `aclose`, task cancellation) the request is cancelled in the engine at
 the next step boundary, so its slot frees within one decode step. `submit` raises `EngineFull` when
 `max_waiting` requests are already queued. `close()` stops the thread after the running requests finish
-(or at once with `drain=False`).
+(or at once with `drain=False`). `call(fn, ...)` runs other work that uses the model (prompt logprobs) on
+the same thread between two steps, so it never races a step for the model's LoRA routes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -34,6 +36,7 @@ class AsyncEngine:
         self._wake = threading.Condition()
         self._stopping = False
         self._error: BaseException | None = None
+        self._jobs: list[tuple[Any, tuple, asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._thread = threading.Thread(target=self._run, name="reasonmaxxer-engine", daemon=True)
         self._thread.start()
 
@@ -68,13 +71,37 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self.engine.num_waiting
 
+    async def prompt_logprobs(self, prompts: list[list[int]], steering, top_n: int = 0, source: str = "steered",
+                              key: int = 0) -> list:
+        """`Engine.prompt_logprobs`, run on the engine thread between two steps (ValueError if it cannot run)."""
+        if steering.mode != "off" and steering.adapter not in self.engine.adapters:
+            raise ValueError(f"unknown adapter {steering.adapter!r}; loaded adapters: "
+                             f"{', '.join(sorted(self.engine.adapters)) or 'none'}")
+        return await self.call(self.engine.prompt_logprobs, prompts, steering, top_n, source, key)
+
+    async def call(self, fn, *args) -> Any:
+        """Run `fn(*args)` on the engine thread between two steps and return its result (or raise its error)."""
+        if self._stopping:
+            raise EngineFull("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._wake:
+            self._jobs.append((fn, args, loop, future))
+            self._wake.notify()
+        return await future
+
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self.engine.has_work and not self._stopping:
+                while not self.engine.has_work and not self._jobs and not self._stopping:
                     self._wake.wait()
-                if self._stopping and not self.engine.has_work:
+                if self._stopping and not self.engine.has_work and not self._jobs:
                     return
+                jobs, self._jobs = self._jobs, []
+            for job in jobs:
+                _run_job(*job)
+            if not self.engine.has_work:
+                continue
             try:
                 events = self.engine.step()
             except BaseException as e:  # deliver to every waiter, keep serving
@@ -138,3 +165,21 @@ class AsyncEngine:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout)
+
+
+def _run_job(fn, args: tuple, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+    try:
+        result, error = fn(*args), None
+    except Exception as e:  # handed to the caller
+        result, error = None, e
+
+    def settle() -> None:
+        if future.done():  # the caller went away
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # the caller's loop has closed
+        loop.call_soon_threadsafe(settle)

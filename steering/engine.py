@@ -39,7 +39,8 @@ from .batch import Batch, forward_hidden
 from .gate import entropy, gate_mask, random_fire, topk_candidates
 from .lora import LoraRouter
 from .manifest import base_identity
-from .request import Completion, Request, TokenEvent
+from .prompt_logprobs import PromptLogprobs, score_prompts
+from .request import Completion, Request, SteeringParams, TokenEvent
 from .rows import Row
 from .sampling import sample
 
@@ -246,6 +247,19 @@ class Engine:
             for name in self._retired - in_use:
                 self.lora.remove(name)
             self._retired &= in_use
+
+    # ---- prompt logprobs (echo) ---------------------------------------------------------------------------
+    def prompt_logprobs(self, prompts: list[list[int]], steering: SteeringParams, top_n: int = 0,
+                        source: str = "steered", key: int = 0) -> list[PromptLogprobs]:
+        """Logprobs of every prompt token under `steering`, from one prefill per prompt (prompt_logprobs.py).
+        Call it from the thread that steps the engine (the LoRA router is shared); ValueError if it cannot run."""
+        for ids in prompts:
+            if not ids:
+                raise ValueError("the prompt is empty: send at least one token")
+            if len(ids) > self.max_model_len:
+                raise ValueError(f"the prompt ({len(ids)} tokens) exceeds the model's context of "
+                                 f"{self.max_model_len} tokens: shorten it")
+        return score_prompts(self, prompts, steering, top_n, source, key)
 
     # ---- conveniences ----------------------------------------------------------------------------------
     def iter_events(self, requests: Iterable[Request]) -> Iterator[TokenEvent]:

@@ -10,6 +10,7 @@ the model's context), and keeps the `GateReport`. `gate_tau` folds the mode into
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,9 +20,31 @@ from .detok import TextStream
 from .request import GateReport, Request, TokenEvent, TraceEntry, random_rate
 from .sampling import make_generator, top_logprobs
 
-__all__ = ["Row"]
+__all__ = ["GateSettings", "Row"]
 
 DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """A request's gate resolved against its adapter: `tau` (the request's threshold, else the adapter's),
+    `gate_tau` (the mode folded in: +inf off/random, tau gated, -inf always), `random_rate` (mode random's
+    coin, else None), `cand_k` (head candidates) and whether a LoRA runs in every forward."""
+
+    tau: float
+    gate_tau: float
+    random_rate: float | None
+    cand_k: int
+    lora_always: bool
+
+    @classmethod
+    def of(cls, steering, adapter: HeadAdapter | LoraAdapter | None) -> GateSettings:
+        manifest = adapter.manifest if adapter is not None else None
+        tau = steering.threshold if steering.threshold is not None else (manifest.gate.tau if manifest else math.inf)
+        gate_tau = {"off": math.inf, "gated": float(tau), "always": -math.inf, "random": math.inf}[steering.mode]
+        rate = random_rate(steering, manifest) if steering.mode == "random" else None  # a coin, not H
+        k = steering.top_k or (manifest.top_k if manifest else DEFAULT_TOP_K)
+        return cls(float(tau), gate_tau, rate, k, isinstance(adapter, LoraAdapter) and steering.mode == "always")
 
 
 class Row:
@@ -29,12 +52,9 @@ class Row:
         self, request: Request, adapter: HeadAdapter | LoraAdapter | None, tokenizer: Any, device: Any = "cpu"
     ):
         steering, self.request, self.adapter = request.steering, request, adapter
-        manifest = adapter.manifest if adapter is not None else None
-        tau = steering.threshold if steering.threshold is not None else (manifest.gate.tau if manifest else math.inf)
-        self.gate_tau = {"off": math.inf, "gated": float(tau), "always": -math.inf, "random": math.inf}[steering.mode]
-        self.random_rate = random_rate(steering, manifest) if steering.mode == "random" else None  # a coin, not H
-        self.cand_k = steering.top_k or (manifest.top_k if manifest else DEFAULT_TOP_K)
-        self.lora_always = isinstance(adapter, LoraAdapter) and steering.mode == "always"
+        gate = GateSettings.of(steering, adapter)
+        tau, self.gate_tau, self.random_rate, self.cand_k = gate.tau, gate.gate_tau, gate.random_rate, gate.cand_k
+        self.lora_always = gate.lora_always
         self.generator = make_generator(request.sampling.seed, device)
         self.stream = TextStream(tokenizer, request.sampling.stop)
         self.token_ids: list[int] = []

@@ -17,6 +17,7 @@ import asyncio
 import math
 import shutil
 import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from reasonmaxxer.steering.adapters import HeadAdapter, LoraAdapter
 from reasonmaxxer.steering.async_engine import EngineFull
 from reasonmaxxer.steering.manifest import check_identity, config_identity
+from reasonmaxxer.steering.prompt_logprobs import PromptLogprobs
 from reasonmaxxer.steering.request import GateReport, Request, TokenEvent, TraceEntry, random_rate
 from reasonmaxxer.steering.rows import DEFAULT_TOP_K
 
@@ -241,6 +243,44 @@ class VllmEngine(VllmSteering):
             if not finished:
                 await self.llm.abort(rid)
                 self.collector.discard(rid)
+
+    async def prompt_logprobs(self, prompts: list[list[int]], steering, top_n: int = 0, source: str = "steered",
+                              key: int = 0) -> list[PromptLogprobs]:
+        """Prompt logprobs from vLLM's `prompt_logprobs` (one token generated and dropped per prompt). vLLM
+        computes them from the raw logits, before any logits processor: steered ones cannot be exact here,
+        so a steered model id asks for `steering.logprobs: "base"` (ValueError otherwise)."""
+        if steering.mode != "off" and source != "base":
+            raise ValueError(
+                "on the vLLM backend prompt logprobs (echo) come from the base model: vLLM computes them before "
+                "logits processors, so a steered model's cannot be exact. Set steering.logprobs to 'base', or "
+                "serve with --backend transformers for the steered model's prompt logprobs")
+        return list(await asyncio.gather(*(self._prompt_logprobs(ids, top_n) for ids in prompts)))
+
+    async def _prompt_logprobs(self, ids: list[int], top_n: int) -> PromptLogprobs:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        rid = f"echo-{uuid.uuid4().hex}"
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=top_n,
+                                output_kind=RequestOutputKind.FINAL_ONLY,
+                                extra_args=make_xargs(rid, "off", math.inf, None))
+        final = None
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": list(ids)}, params, rid):
+                final = out
+        finally:
+            if final is None or not final.finished:
+                await self.llm.abort(rid)
+                self.collector.discard(rid)
+        n = len(final.outputs[0].token_ids)
+        await asyncio.to_thread(self.collector.take, rid, n, self.report_timeout)  # the workers' records of it
+        entries = list(final.prompt_logprobs or [None] * len(ids))
+        result = PromptLogprobs(list(ids), [None], [None])
+        for token, entry in zip(ids[1:], entries[1:], strict=True):
+            lp, top = _logprobs(token, entry, top_n)
+            result.logprobs.append(lp)
+            result.top.append(top)
+        return result
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         self.llm.shutdown()

@@ -1,0 +1,127 @@
+"""Prompt logprobs (`echo` with `logprobs`): the log-probability of every prompt token under the model a
+request is served as, from one prefill. This is what a loglikelihood task (lm-eval's multiple choice)
+measures, so for a steered model it must be the steered model's, by the same gate as generation.
+
+Contract: `score_prompts(engine, prompts, steering, top_n, source, key)` returns one `PromptLogprobs` per
+prompt. Token 0 has no logprob (None: nothing predicts it). Token j >= 1 is scored by the distribution
+computed from the hidden state at token j - 1, exactly as a generated token is scored from the position
+before it:
+- mode `off`: the base distribution.
+- `head` adapter: where the gate fires on the base entropy at j - 1 (`gated`: H > tau; `always`: every
+  position; `random`: the coin `random_fire(key, -j, rate)`, prompt tokens keyed by negative positions so
+  they never share a coin with a completion token), logits[c] += scale * W_U[c] (B A h) on the base
+  top-k candidates c, as in decoding.
+- `lora` adapter, `always`: the adapted model over the whole prompt (PEFT's model with the adapter on).
+- `lora` adapter, `gated` / `random`: the base prefill; at a fired position the hidden state of token
+  j - 1 is recomputed with the LoRA on over the base cache of tokens < j - 1, as gated decoding does.
+`source` "base" reports the base distribution whatever the steering (`steering.logprobs: "base"`).
+`fired` counts the scored positions where the correction applied. Logits are taken in chunks of CHUNK
+positions, so a long prompt never holds (n, V) float32 logits at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import HeadAdapter, LoraAdapter
+from .batch import cache_kwarg, forward_hidden, new_cache
+from .gate import entropy, gate_mask, random_fire, topk_candidates
+from .request import SteeringParams
+from .rows import GateSettings
+from .sampling import top_logprobs
+
+__all__ = ["CHUNK", "PromptLogprobs", "score_prompts"]
+
+CHUNK = 256
+
+
+@dataclass
+class PromptLogprobs:
+    token_ids: list[int]
+    logprobs: list[float | None]  # one per token; None for token 0
+    top: list[list[tuple[int, float]] | None]  # the top_n (token id, logprob) per token; None for token 0
+    fired: int = 0  # scored positions where the correction applied
+
+    @property
+    def scored(self) -> int:
+        return max(0, len(self.token_ids) - 1)
+
+
+def score_prompts(engine, prompts: list[list[int]], steering: SteeringParams, top_n: int, source: str = "steered",
+                  key: int = 0) -> list[PromptLogprobs]:
+    """Prompt logprobs of each prompt under `steering` (see the module docstring). Runs on the engine's
+    thread (the LoRA router is shared state); `engine` is an `Engine`."""
+    adapter = engine.adapters.get(steering.adapter or "") if steering.mode != "off" else None
+    if steering.mode != "off" and adapter is None:
+        loaded = ", ".join(sorted(engine.adapters)) or "none"
+        raise ValueError(f"unknown adapter {steering.adapter!r}; loaded adapters: {loaded}")
+    gate = GateSettings.of(steering, adapter)
+    with torch.inference_mode():
+        return [_score_one(engine, ids, adapter, gate, top_n, source, key) for ids in prompts]
+
+
+def _score_one(engine, ids: list[int], adapter, gate: GateSettings, top_n: int, source: str,
+               key: int) -> PromptLogprobs:
+    device = engine.model.device
+    x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, n)
+    routes = {adapter.name: torch.zeros(1, dtype=torch.long, device=device)} if gate.lora_always else {}
+    decoder = engine.model.get_decoder()
+    cache = new_cache()
+    with engine.lora.route(routes):
+        positions = torch.arange(len(ids), device=device)[None]  # (1, n)
+        out = decoder(input_ids=x, attention_mask=torch.ones_like(x), position_ids=positions, use_cache=True,
+                      **{cache_kwarg(decoder): cache})
+    hidden = out.last_hidden_state[0, :-1]  # (n-1, d): row j-1 predicts token j
+    targets = x[0, 1:]  # (n-1,)
+    result = PromptLogprobs(list(ids), [None], [None])
+    for start in range(0, hidden.shape[0], CHUNK):
+        end = min(start + CHUNK, hidden.shape[0])
+        lp, top, fired = _score_chunk(engine, x, cache, hidden[start:end], targets[start:end], start, adapter, gate,
+                                      top_n, source, key)
+        result.logprobs += lp
+        result.top += top
+        result.fired += fired
+    return result
+
+
+def _score_chunk(engine, x, cache, hidden, targets, start: int, adapter, gate: GateSettings, top_n: int,
+                 source: str, key: int):
+    """Positions start .. start + len(hidden) - 1 (as hidden rows); they predict tokens start + 1 ..."""
+    logits = engine.lm_head(hidden).float()  # (c, V) base (adapted for lora-always)
+    fired = _fired(entropy(logits), gate, start, key)  # (c,) bool
+    steered = logits
+    if fired.any() and not gate.lora_always:
+        sel = fired.nonzero()[:, 0]  # (f,)
+        steered = logits.clone()
+        if isinstance(adapter, HeadAdapter):
+            cand = topk_candidates(logits[sel], gate.cand_k)  # (f, k)
+            delta = adapter.delta(hidden[sel], cand, engine.lm_head.weight)  # (f, k)
+            steered[sel] = logits[sel].scatter_add(1, cand, delta)
+        elif isinstance(adapter, LoraAdapter):
+            for i in sel.tolist():
+                steered[i] = _recompute(engine, x, cache, start + i, adapter.name)
+    n_fired = int(fired.sum())  # lora always: every position (h > -inf)
+    use = logits if source == "base" else steered
+    chosen, values, indices = top_logprobs(use, targets, top_n)
+    top = [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(indices, values, strict=True)]
+    return chosen.tolist(), top, n_fired
+
+
+def _fired(h: torch.Tensor, gate: GateSettings, start: int, key: int) -> torch.Tensor:
+    """Where the correction applies at hidden rows start.. (predicting tokens start+1..). (c,) -> bool (c,)"""
+    if gate.random_rate is not None:
+        coins = [random_fire(key, -(start + i + 1), gate.random_rate) for i in range(h.shape[0])]
+        return torch.tensor(coins, dtype=torch.bool, device=h.device)
+    return gate_mask(h, gate.gate_tau)
+
+
+def _recompute(engine, x: torch.Tensor, cache, col: int, name: str) -> torch.Tensor:
+    """Logits at prompt column `col` with LoRA `name` on, over the base cache of columns < col. -> (V,)"""
+    data = [(layer.keys[:, :, :col], layer.values[:, :, :col]) for layer in cache.layers] if col else None
+    device = x.device
+    mask = torch.ones((1, col + 1), dtype=torch.long, device=device)
+    with engine.lora.route({name: torch.zeros(1, dtype=torch.long, device=device)}):
+        h = forward_hidden(engine.model, x[:, col:col + 1], mask, torch.tensor([[col]], device=device), new_cache(data))
+    return engine.lm_head(h).float()[0]
