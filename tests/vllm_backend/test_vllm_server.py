@@ -166,3 +166,32 @@ def _fired(url: str) -> float:
         if fam.name == "reasonmaxxer_gate_fired_tokens":
             total += sum(s.value for s in fam.samples if s.name.endswith("_total"))
     return total
+
+
+def test_echo_prompt_logprobs_come_from_vllm_for_the_base_and_steered_ones_are_refused(server, smol):
+    import torch
+
+    _, model, tokenizer = smol
+    ids = tokenizer(PROMPT)["input_ids"]
+    body = {"model": "smollm2-135m-instruct", "prompt": ids, "echo": True, "max_tokens": 0, "logprobs": 1}
+    r = httpx.post(f"{server}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert r.json()["choices"][0]["text"] == tokenizer.decode(ids) and lp["token_logprobs"][0] is None
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    want = [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
+    diffs = [abs(a - b) for a, b in zip(lp["token_logprobs"][1:], want, strict=True)]
+    assert max(diffs) < 0.5 and sum(diffs) / len(diffs) < 0.05  # vLLM's bf16 kernels against transformers' bf16
+    steered = {**body, "steering": {"adapter": _head(server), "mode": "always"}}
+    refused = httpx.post(f"{server}/v1/completions", json=steered, timeout=60)
+    assert refused.status_code == 400 and "steering.logprobs" in refused.json()["error"]["message"]
+    steered["steering"]["logprobs"] = "base"
+    as_base = httpx.post(f"{server}/v1/completions", json=steered, timeout=120)
+    assert as_base.status_code == 200
+    assert as_base.json()["choices"][0]["logprobs"]["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1:],
+                                                                                          abs=1e-3)
+
+
+def _head(url: str) -> str:
+    return next(a["id"] for a in httpx.get(f"{url}/v1/adapters").json()["data"] if a["kind"] == "head")
