@@ -60,8 +60,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from reasonmaxxer.server.app import create_app
     from reasonmaxxer.server.settings import Settings
 
@@ -71,9 +69,9 @@ def _serve(args: argparse.Namespace) -> int:
         from reasonmaxxer.steering.vllm import check_vllm_version
 
         check_vllm_version()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=settings.drain_timeout_s)
-    return 0
+    from reasonmaxxer.server.runner import serve
+
+    return serve(create_app(settings), settings, args.log_level)
 
 
 def build_parser() -> argparse.ArgumentParser:

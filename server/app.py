@@ -11,6 +11,7 @@ the URL's host are never consulted.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -36,9 +37,15 @@ class ServerState:
     served_name: str
     metrics: Metrics = field(init=False)
     adapter_paths: dict[str, str] = field(default_factory=dict)
+    draining: bool = False  # SIGTERM: new requests get 503 while running ones finish
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # set at the end of the drain: end what still runs
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.engine.num_running, lambda: self.engine.num_waiting)
+
+    @property
+    def busy(self) -> int:
+        return self.engine.num_running + self.engine.num_waiting
 
     @property
     def adapters(self) -> list[str]:

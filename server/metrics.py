@@ -1,9 +1,11 @@
 """Prometheus metrics on an explicit registry (never the global one), one instance per app.
 
 Contract: `Metrics.observe_choice` counts generated and gate-fired tokens by model, adapter and mode and
-records the choice's fire rate; `observe_echo` counts prompt tokens scored for echo logprobs and where the
-gate fired among them; request latency and time to first token are histograms; running and
-waiting requests are gauges read from the engine at scrape time; responses are counted by status code.
+records the choice's fire rate; `observe_cancelled` counts choices that ended unfinished and the tokens
+they had generated; rejections (queue full, shutting down) are counted apart from cancellations;
+`observe_echo` counts prompt tokens scored for echo logprobs and where the gate fired among them; request
+latency and time to first token are histograms; running and waiting requests are gauges read from the
+engine at scrape time; every response is counted by status code, 500s included.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class Metrics:
                               buckets=_LATENCY, registry=r)
         self.cancelled = Counter("reasonmaxxer_cancelled_requests", "Choices cancelled before finishing (client left)",
                                  registry=r)
+        self.rejected = Counter("reasonmaxxer_rejected_requests", "Requests refused before they ran (queue full, "
+                                "shutting down)", ("reason",), registry=r)
         self.responses = Counter("reasonmaxxer_responses", "Responses by status code", ("status",), registry=r)
         Gauge("reasonmaxxer_requests_running", "Requests in the running batch", registry=r).set_function(running)
         Gauge("reasonmaxxer_requests_waiting", "Requests waiting to join the batch", registry=r).set_function(waiting)
@@ -46,6 +50,15 @@ class Metrics:
         self.generated.labels(model, adapter, mode).inc(report.tokens)
         self.gate_fired.labels(model, adapter, mode).inc(report.gate_fired)
         self.fire_rate.labels(model, mode).observe(report.fire_rate)
+
+    def observe_cancelled(self, model: str, choices) -> None:
+        """Choices that ended before finishing (client left, drain ended): counted, and their tokens too."""
+        self.cancelled.inc(len(choices))
+        for c in choices:
+            labels = (model, c.request.steering.adapter or "", c.request.steering.mode)
+            tokens = [e for e in c.events if e.token_id is not None]
+            self.generated.labels(*labels).inc(len(tokens))
+            self.gate_fired.labels(*labels).inc(sum(1 for e in tokens if e.fired))
 
     def observe_echo(self, model: str, steering, scores) -> None:
         """Count one prompt scored for echo logprobs (once per prompt, not per choice)."""

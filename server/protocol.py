@@ -16,7 +16,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 __all__ = [
     "ChatCompletionRequest",
@@ -36,6 +36,33 @@ def make_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def _check_text(value: Any, where: str = "body") -> None:
+    """Every string in a request must be valid Unicode: a lone surrogate (e.g. "\\ud800") cannot be encoded."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{where}: the text is not valid Unicode (a lone surrogate at character {e.start}): "
+                             "send UTF-8 text") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where)
+            _check_text(v, f"{where}.{k}" if where != "body" else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_text(v, f"{where}[{i}]")
+
+
+class _Request(BaseModel):
+    """Base of every request body: its strings are valid Unicode, checked before any field is parsed."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data: Any) -> Any:
+        _check_text(data)
+        return data
 
 
 class SteeringOptions(BaseModel):
@@ -64,10 +91,10 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    """Fields shared by both endpoints, OpenAI's first, then vLLM-style extensions."""
+class _Sampling(_Request):
+    """Fields shared by both endpoints, OpenAI's first, then vLLM-style extensions. Floats must be finite."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     frequency_penalty: float = 0.0
@@ -108,7 +135,8 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0)
-    max_tokens: int | None = Field(default=16, ge=0, description="0 only with echo: score the prompt, generate nothing")
+    max_tokens: int | None = Field(default=None, ge=0, description="default 16 (at most the server's limit); 0 only "
+                                   "with echo: score the prompt, generate nothing")
     suffix: str | None = None
 
     @model_validator(mode="after")
@@ -133,18 +161,24 @@ class CompletionRequest(_Sampling):
         return list(p)
 
 
+class TextPart(BaseModel):
+    """A content part: only text parts are supported (`{"type": "text", "text": "..."}`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"] = Field(description="only 'text' parts are supported")
+    text: StrictStr
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: StrictStr | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            parts = [p.get("text", "") for p in self.content if p.get("type") == "text"]
-            if len(parts) != len(self.content):
-                raise ValueError("only text content parts are supported")
-            return "".join(parts)
+            return "".join(p.text for p in self.content)
         return self.content or ""
 
 
@@ -186,7 +220,7 @@ class ErrorResponse(BaseModel):
 
 
 # -- extensions: vLLM's tokenizer routes (/tokenize, /detokenize, /tokenizer_info) ---------------------------
-class TokenizeCompletionRequest(BaseModel):
+class TokenizeCompletionRequest(_Request):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -195,7 +229,7 @@ class TokenizeCompletionRequest(BaseModel):
     return_token_strs: bool | None = Field(default=False, description="also return the token strings")
 
 
-class TokenizeChatRequest(BaseModel):
+class TokenizeChatRequest(_Request):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -215,7 +249,7 @@ class TokenizeChatRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Request):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from reasonmaxxer.steering.async_engine import EngineFull
@@ -23,11 +24,15 @@ from reasonmaxxer.steering.async_engine import EngineFull
 from .protocol import ChatCompletionRequest, CompletionRequest, make_id, now
 from .serving import (
     ApiError,
+    RequestFailed,
+    ShuttingDown,
+    admit,
     attach_echo,
     check_limits,
     check_token_ids,
     encode,
     plan,
+    release,
     resolve_steering,
     stream_all,
     usage,
@@ -92,7 +97,8 @@ async def completions(body: CompletionRequest, request: Request):
     s = _state(request)
     prompts = [p if isinstance(p, list) else await asyncio.to_thread(encode, s.tokenizer, p) for p in body.prompts]
     check_token_ids(prompts, len(s.tokenizer))
-    choices = _prepare(request, body, prompts, 16 if body.max_tokens is None else body.max_tokens)
+    default = min(16, s.settings.max_tokens_limit)  # OpenAI's default, within this server's limit
+    choices = _prepare(request, body, prompts, default if body.max_tokens is None else body.max_tokens)
     if body.echo:
         try:
             scores = await attach_echo(s.engine, s.tokenizer, body, choices, prompts)
@@ -108,10 +114,10 @@ async def completions(body: CompletionRequest, request: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     s = _state(request)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     try:
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids = list(s.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False))
+        ids = list(await asyncio.to_thread(s.tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                           tokenize=True, return_dict=False))
     except ValueError as e:
         raise ApiError(400, f"messages: {e}", param="messages") from e
     context = s.engine.max_model_len
@@ -120,26 +126,43 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await _respond(request, body, choices, chat=True)
 
 
-async def _respond(request: Request, body, choices, chat: bool):
-    if body.stream:
-        from .streaming import sse
+def _admit(s, choices) -> None:
+    """Admission, before any response: 503 while draining or with the queue full (counted as rejections)."""
+    if s.draining:
+        s.metrics.rejected.labels("shutting_down").inc()
+        raise ApiError(503, "the server is shutting down: retry on another replica or later", "server_error",
+                       code="shutting_down")
+    try:
+        admit(s.engine, choices)
+    except ApiError as e:
+        if e.status == 503:
+            s.metrics.rejected.labels("overloaded").inc()
+        raise
 
-        engine = _state(request).engine
-        if engine.num_waiting >= engine.max_waiting:
-            raise ApiError(503, f"{engine.num_waiting} requests are already waiting: retry later", "server_error",
-                           code="overloaded")
-        return StreamingResponse(sse(request, body, choices, chat), media_type="text/event-stream")
-    s, start = _state(request), time.perf_counter()
-    endpoint = "chat" if chat else "completions"
+
+async def _respond(request: Request, body, choices, chat: bool):
+    s = _state(request)
+    _admit(s, choices)
+    if body.stream:
+        from .streaming import EngineStream, sse
+
+        return EngineStream(sse(request, body, choices, chat), lambda: release(s.engine, choices),
+                            media_type="text/event-stream")
+    start, endpoint = time.perf_counter(), "chat" if chat else "completions"
     first: list[float] = []
     running = [c for c in choices if c.generate]
+    cancelled = functools.partial(s.metrics.observe_cancelled, s.served_name)
     try:
-        async for _choice, event in _watch_disconnect(request, stream_all(s.engine, running, s.metrics.cancelled.inc)):
+        async for _choice, event in _watch_disconnect(request, stream_all(s.engine, running, cancelled, s.stop)):
             if not first and event.token_id is not None:
                 first.append(time.perf_counter() - start)
                 s.metrics.ttft.labels(endpoint).observe(first[0])
-    except EngineFull as e:
-        raise ApiError(503, str(e), "server_error", code="overloaded") from e
+    except ShuttingDown as e:
+        raise ApiError(503, str(e), "server_error", code="shutting_down") from e
+    except RequestFailed as e:
+        raise ApiError(500, str(e), "server_error", code="engine_error") from e
+    finally:
+        release(s.engine, choices)
     s.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
     for c in running:
         s.metrics.observe_choice(s.served_name, c.report)

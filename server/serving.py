@@ -1,8 +1,9 @@
 """From an OpenAI request to engine requests and back: steering resolution, limits, choices, chunks.
 
 Contract: `plan(...)` turns a validated request into one engine `Request` per choice (prompt x n) or raises
-`ApiError` (status + OpenAI error type + message). `stream_all` yields
-(choice index, event) as events arrive and cancels every unfinished choice if the consumer stops.
+`ApiError` (status + OpenAI error type + message). `admit` opens every choice in the engine before any
+response is sent (all or none), `stream_all` yields (choice, event) as events arrive and cancels every
+unfinished choice if the consumer stops, or when the server's drain ends.
 Choice i of a request with `seed` s samples with seed s + i, so n > 1 gives different, reproducible choices.
 """
 
@@ -14,11 +15,13 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reasonmaxxer.steering.async_engine import EngineFull
 from reasonmaxxer.steering.prompt_logprobs import PromptLogprobs
 from reasonmaxxer.steering.request import GateReport, Request, SteeringParams, TokenEvent
 from reasonmaxxer.steering.sampling import SamplingParams
 
-__all__ = ["ApiError", "Choice", "Echo", "attach_echo", "check_token_ids", "encode", "plan", "stream_all", "usage"]
+__all__ = ["ApiError", "Choice", "Echo", "RequestFailed", "ShuttingDown", "admit", "attach_echo", "check_token_ids",
+           "encode", "plan", "release", "stream_all", "usage"]
 
 
 class ApiError(Exception):
@@ -43,6 +46,7 @@ class Choice:
     request: Request
     events: list[TokenEvent]
     echo: Echo | None = None
+    iterator: Any = None  # its events, once admitted (`admit`)
     generate: bool = True  # False for max_tokens 0 (echo only): nothing is generated, finish_reason "length"
     idle_report: GateReport | None = None  # the gate report of a choice that generates nothing
 
@@ -156,15 +160,55 @@ async def attach_echo(engine, tokenizer, body, choices: list[Choice],
     return [sc for sc in scores if sc is not None]
 
 
-async def stream_all(engine, choices: list[Choice], on_cancel=None) -> AsyncIterator[tuple[Choice, TokenEvent]]:
-    """Events of every choice as they arrive; unfinished choices are cancelled if the consumer stops
-    (`on_cancel(n)` is then told how many)."""
+class ShuttingDown(Exception):
+    """The server is shutting down: a request still running at the end of the drain ends with this."""
+
+
+class RequestFailed(Exception):
+    """The engine could not run this request (the others went on)."""
+
+
+def admit(engine, choices: list[Choice]) -> None:
+    """Admit every choice that generates, before any response is sent: a request larger than the queue is a
+    400, a full queue a 503, a request the engine cannot run a 400. All or none: on a refusal the choices
+    admitted so far are released."""
+    running = [c for c in choices if c.generate]
+    if len(running) > engine.max_waiting:
+        raise ApiError(400, f"this request asks for {len(running)} sequences (prompts x n) but the server queues "
+                       f"at most {engine.max_waiting}: lower n or send fewer prompts", param="n")
+    if engine.num_waiting + len(running) > engine.max_waiting:
+        raise ApiError(503, f"{engine.num_waiting} requests are already waiting: retry later", "server_error",
+                       code="overloaded")
+    try:
+        for c in running:
+            c.iterator = engine.open(c.request)
+    except EngineFull as e:
+        release(engine, running)
+        raise ApiError(503, str(e), "server_error", code="overloaded") from e
+    except ValueError as e:
+        release(engine, running)
+        raise ApiError(400, str(e), param="steering") from e
+
+
+def release(engine, choices: list[Choice]) -> None:
+    """Give back what `admit` took for choices that did not finish (idempotent)."""
+    for c in choices:
+        if c.iterator is not None and c.finish_reason is None:
+            engine.release(c.request)
+
+
+async def stream_all(engine, choices: list[Choice], on_cancel=None,
+                     stop: asyncio.Event | None = None) -> AsyncIterator[tuple[Choice, TokenEvent]]:
+    """Events of every admitted choice as they arrive. If the consumer stops, unfinished choices are cancelled
+    (`on_cancel(n)` is told how many); when `stop` is set (the end of a drain) this raises ShuttingDown; an
+    "error" event (the engine could not run a choice) raises RequestFailed."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
+    choices = [c for c in choices if c.iterator is not None]
 
     async def pump(choice: Choice) -> None:
         try:
-            async for event in engine.stream(choice.request):
+            async for event in choice.iterator:
                 choice.events.append(event)
                 await queue.put((choice, event))
         except Exception as e:  # handed to the consumer
@@ -172,8 +216,14 @@ async def stream_all(engine, choices: list[Choice], on_cancel=None) -> AsyncIter
         finally:
             await queue.put((choice, done))
 
+    async def watch_stop() -> None:
+        await stop.wait()
+        await queue.put((None, ShuttingDown("the server is shutting down: retry on another replica or later")))
+
     tasks = [asyncio.create_task(pump(c)) for c in choices]
-    remaining = len(tasks)
+    if stop is not None:
+        tasks.append(asyncio.create_task(watch_stop()))
+    remaining = len(choices)
     try:
         while remaining:
             choice, item = await queue.get()
@@ -181,6 +231,8 @@ async def stream_all(engine, choices: list[Choice], on_cancel=None) -> AsyncIter
                 remaining -= 1
             elif isinstance(item, BaseException):
                 raise item
+            elif item.finish_reason == "error":
+                raise RequestFailed(f"the engine could not run this request: {item.error}")
             else:
                 yield choice, item
     finally:
@@ -188,8 +240,9 @@ async def stream_all(engine, choices: list[Choice], on_cancel=None) -> AsyncIter
         unfinished = sum(1 for c in choices if c.finish_reason is None)
         for t in tasks:
             t.cancel()
+        release(engine, choices)
         if unfinished and on_cancel is not None:
-            on_cancel(unfinished)
+            on_cancel([c for c in choices if c.finish_reason is None])
         await asyncio.gather(*tasks, return_exceptions=True)
 
 

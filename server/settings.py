@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     backend: Literal["transformers", "vllm"] = Field(
         default="transformers", description="transformers (embedded engine) or vllm (needs the vllm extra)")
     max_batch_size: int = Field(default=32, ge=1, description="requests decoded together")
-    max_waiting: int = Field(default=256, ge=0, description="queued requests before 503")
+    max_waiting: int = Field(default=256, ge=1, description="queued sequences before 503 (a request of more: 400)")
     max_tokens_limit: int = Field(default=4096, ge=1, description="largest max_tokens a request may ask")
     max_n: int = Field(default=16, ge=1)
     max_top_logprobs: int = Field(default=20, ge=0)

@@ -1,19 +1,24 @@
 """Server-sent events for `stream: true`: chunks as tokens arrive, the gate report in each choice's last
-chunk, an optional usage chunk, then `data: [DONE]`. If the client goes away, Starlette cancels this
+chunk, an optional usage chunk, then `data: [DONE]`. A stream that cannot go on after its 200 (the engine
+could not run it, the drain ended, an internal error) sends one last event in OpenAI's error shape
+(`{"error": {...}}`), then `data: [DONE]`. If the client goes away, Starlette cancels this
 generator and `stream_all` cancels the generations (their slots free within one decode step)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from starlette.responses import StreamingResponse
+
 from .formatting import chat_logprobs, completion_logprobs
 from .protocol import make_id, now
-from .serving import steering_report, stream_all, usage
+from .serving import RequestFailed, ShuttingDown, steering_report, stream_all, usage
 
-__all__ = ["sse"]
+__all__ = ["EngineStream", "sse"]
 
 
 def _event(obj: dict[str, Any]) -> str:
@@ -33,9 +38,13 @@ async def sse(request, body, choices, chat: bool) -> AsyncIterator[str]:
     for c in choices:
         if c.echo is not None:
             yield _event({**head, "choices": [_echo_piece(s, c)]})
-    events = stream_all(s.engine, [c for c in choices if c.generate], s.metrics.cancelled.inc)
+    cancelled = functools.partial(s.metrics.observe_cancelled, s.served_name)
+    events = stream_all(s.engine, [c for c in choices if c.generate], cancelled, s.stop)
     try:
-        async for choice, event in events:
+        async for choice, event in _until_failure(events):
+            if isinstance(event, dict):  # the stream cannot go on: a last event in OpenAI's error shape
+                yield _event(event)
+                break
             if first and event.token_id is not None:
                 first = False
                 s.metrics.ttft.labels(endpoint).observe(time.perf_counter() - start)
@@ -69,3 +78,35 @@ def _echo_piece(s, c) -> dict[str, Any]:
     if not c.generate:
         piece["steering"] = steering_report(c.report, c.echo)
     return piece
+
+
+async def _until_failure(events):
+    """The events, then (if the engine fails, the request cannot run, or the drain ends) one error body."""
+    try:
+        async for item in events:
+            yield item
+    except ShuttingDown as e:
+        yield None, _error(str(e), "shutting_down")
+    except RequestFailed as e:
+        yield None, _error(str(e), "engine_error")
+    except Exception as e:  # after the 200 nothing else can tell the client
+        yield None, _error(f"internal error: {type(e).__name__}: {e}", "internal_error")
+
+
+def _error(message: str, code: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
+class EngineStream(StreamingResponse):
+    """A streaming response whose admitted choices are released when it ends, whatever happened (even if its
+    body never started: a client gone before the first byte)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()

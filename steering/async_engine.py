@@ -137,9 +137,24 @@ class AsyncEngine:
             self._wake.notify()
         return queue
 
+    def open(self, request: Request) -> AsyncIterator[TokenEvent]:
+        """Admit `request` now (EngineFull or ValueError here, before a response is sent) and return the
+        iterator of its events; `release(request)` must follow, whether or not it was iterated."""
+        return self._events(request, self.submit(request))
+
+    def release(self, request: Request) -> None:
+        """Cancel `request` in the engine unless it finished (idempotent)."""
+        if self._queues.pop(request.request_id, None) is not None:
+            self.engine.cancel(request.request_id)
+            with self._wake:
+                self._wake.notify()
+
     async def stream(self, request: Request) -> AsyncIterator[TokenEvent]:
         """Events of `request` in order; cancels it in the engine if the consumer stops early."""
-        queue = self.submit(request)
+        async for event in self.open(request):
+            yield event
+
+    async def _events(self, request: Request, queue: asyncio.Queue) -> AsyncIterator[TokenEvent]:
         finished = False
         try:
             while True:

@@ -64,6 +64,7 @@ class Engine:
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.identity = base_identity(model, tokenizer, name)
         self.lm_head = model.get_output_embeddings()
+        self.vocab = int(model.get_input_embeddings().num_embeddings)
         self.lora = LoraRouter(model)
         self.adapters: dict[str, HeadAdapter | LoraAdapter] = {}
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -105,6 +106,7 @@ class Engine:
         n = len(request.prompt_ids)
         if n == 0:
             raise ValueError("the prompt is empty: send at least one token")
+        self._check_ids(request.prompt_ids)
         if n + request.sampling.max_tokens > self.max_model_len:
             raise ValueError(
                 f"the prompt ({n} tokens) plus max_tokens ({request.sampling.max_tokens}) exceeds the model's "
@@ -119,6 +121,11 @@ class Engine:
                     raise ValueError(f"unknown adapter {request.steering.adapter!r}; loaded adapters: {loaded}")
             self._waiting.append(Row(request, adapter, self.tokenizer, self.model.device))
         return request.request_id
+
+    def _check_ids(self, ids: list[int]) -> None:
+        bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad!r} is out of range: this model's token ids are 0 to {self.vocab - 1}")
 
     def cancel(self, request_id: str) -> None:
         """Stop a request at the next step boundary; its last event has finish_reason 'cancelled'."""
@@ -149,15 +156,27 @@ class Engine:
             events += self._advance(self._rows, self._batch, hidden)
         new = self._admit()
         if new:
+            events += self._join(new)
+        self._evict_finished()
+        return events
+
+    def _join(self, new: list[Row]) -> list[TokenEvent]:
+        """Prefill `new` rows and merge them into the running batch. If their batch fails, each row is tried
+        alone, so one request that cannot run ends alone, with finish_reason "error" (defence in depth: the
+        server validates what it can first), and the running rows never see it."""
+        try:
             with self.lora.route(self._lora_routes(new)):
                 batch, hidden = Batch.prefill(self.model, [r.request.prompt_ids for r in new], self.pad_id)
-            events += self._advance(new, batch, hidden)
-            if self._batch is None:
-                self._batch = batch
-            else:
-                self._batch.merge(batch)
-            self._rows = self._rows + new
-        self._evict_finished()
+            events = self._advance(new, batch, hidden)
+        except Exception as e:
+            if len(new) == 1:
+                return [new[0].fail(f"{type(e).__name__}: {e}")]
+            return [event for row in new for event in self._join([row])]
+        if self._batch is None:
+            self._batch = batch
+        else:
+            self._batch.merge(batch)
+        self._rows = self._rows + new
         return events
 
     def _advance(self, rows: list[Row], batch: Batch, hidden: torch.Tensor) -> list[TokenEvent]:
@@ -256,6 +275,7 @@ class Engine:
         for ids in prompts:
             if not ids:
                 raise ValueError("the prompt is empty: send at least one token")
+            self._check_ids(ids)
             if len(ids) > self.max_model_len:
                 raise ValueError(f"the prompt ({len(ids)} tokens) exceeds the model's context of "
                                  f"{self.max_model_len} tokens: shorten it")

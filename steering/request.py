@@ -4,7 +4,8 @@ Contract:
 - A `Request` is token ids plus `SamplingParams` (how to sample) and `SteeringParams` (which adapter,
   `mode` off | gated | always, threshold override, candidate top-k override, whether to trace).
 - The engine answers with `TokenEvent`s, one per generated token, in order; the last event of a request
-  has `finish_reason` set ("stop", "length" or "cancelled") and carries its `GateReport`.
+  has `finish_reason` set ("stop", "length", "cancelled", or "error" with `error` saying why the engine
+  could not run it) and carries its `GateReport`.
 - `GateReport.gate_fired` counts the generated tokens at which the adapter was applied: 0 in mode off,
   the tokens whose base entropy exceeded the threshold in mode gated, every token in mode always, and in
   mode random (the paper's random-position control) the tokens a seeded coin with probability `rate`
@@ -122,6 +123,8 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None
     report: GateReport | None = None
+    error: str | None = None  # with finish_reason "error": why the engine could not run this request
+    fired: bool | None = None  # the adapter was applied at this token (None where the backend cannot tell yet)
 
     @property
     def finished(self) -> bool:

@@ -102,12 +102,17 @@ class Row:
             text += self.stream.finish()
         return TokenEvent(
             self.request_id, token, text, logprob, top, self.finish_reason,
-            self.report if self.finish_reason else None,
+            self.report if self.finish_reason else None, fired=fired,
         )
 
     def cancel(self) -> TokenEvent:
         self.finish_reason = "cancelled"
         return TokenEvent(self.request_id, None, self.stream.finish(), finish_reason="cancelled", report=self.report)
+
+    def fail(self, message: str) -> TokenEvent:
+        """End this request because the engine could not run it (the others go on)."""
+        self.finish_reason = "error"
+        return TokenEvent(self.request_id, None, "", finish_reason="error", report=self.report, error=message)
 
     def _logprobs(self, token: int, base: torch.Tensor, steered: torch.Tensor):
         n = self.params.logprobs

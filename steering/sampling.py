@@ -80,7 +80,7 @@ def logits_to_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     if not any(p.filters for p in params):
         return torch.softmax(logits, dim=-1)
     vocab = logits.shape[-1]
-    top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)  # (B,)
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=dev)  # (B,)
     top_p = torch.tensor([p.top_p for p in params], device=dev)  # (B,)
     sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
     ranks = torch.arange(vocab, device=dev)[None, :]  # (1, V)

@@ -103,9 +103,7 @@ def _sigterm_drains(server: subprocess.Popen, url: str) -> None:
     assert lines and lines[-1] == "data: [DONE]", lines[-3:]
     last = json.loads(lines[-2][len("data: "):])
     assert last["choices"][0]["finish_reason"] == "length" and last["choices"][0]["steering"]["tokens"] == 40
-    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught, so the status says "terminated by
-    # SIGTERM" (143 in a shell) after a clean shutdown; the log shows the shutdown completed.
-    assert server.wait(60) in (0, -signal.SIGTERM)
+    assert server.wait(60) == 0  # a drained shutdown exits 0 (server/runner.py)
     log = server.stdout.read()
     assert "Application shutdown complete" in log, log[-2000:]
 

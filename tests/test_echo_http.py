@@ -144,3 +144,18 @@ def test_tokenizer_routes_are_behind_the_api_key(tiny_model, tokenizer):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_echo_of_a_batch_of_text_prompts_as_lm_eval_sends_without_a_tokenizer(live, tiny_model):
+    texts = [TEXT, "How many clips"]
+    r = _post(live, "/v1/completions", {"model": "tiny", "prompt": texts, "echo": True, "max_tokens": 1,
+                                        "logprobs": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+    for c in sorted(r.json()["choices"], key=lambda c: c["index"]):
+        ids = live.tok(texts[c["index"]])["input_ids"]
+        lp = c["logprobs"]
+        assert c["text"].startswith(texts[c["index"]]) and len(lp["token_logprobs"]) == len(ids) + 1
+        assert lp["token_logprobs"][1:len(ids)] == pytest.approx(_base_logprobs(tiny_model, ids), abs=1e-4)
+        # lm-eval's is_greedy compares each logprob with the max of its top_logprobs, exactly
+        assert all(v <= max(top.values()) for v, top in zip(lp["token_logprobs"][1:], lp["top_logprobs"][1:],
+                                                            strict=True))

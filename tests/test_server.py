@@ -252,19 +252,41 @@ def test_non_stream_client_that_leaves_frees_its_slot(live):
     assert _metric(live.url, "reasonmaxxer_cancelled_requests_total") - cancelled == 4
 
 
-def test_full_queue_answers_503(tiny_model, tokenizer):
-    state, settings = _state(tiny_model, tokenizer, max_waiting=0)
+def test_full_queue_answers_503_before_any_stream_starts_and_a_request_larger_than_the_queue_400(
+        tiny_model, tokenizer):
+    state, settings = _state(tiny_model, tokenizer, max_waiting=1)
+    gate, step = threading.Event(), state.engine.engine.step
+    state.engine.engine.step = lambda: (gate.wait(), step())[1]  # the engine holds: submitted requests wait
     server, thread, url = _serve(create_app(settings, state))
     try:
+        waiting = threading.Thread(target=httpx.post, args=(url + "/v1/completions",),
+                                   kwargs={"json": {"model": "tiny", "prompt": "x", "max_tokens": 2}, "timeout": 30})
+        waiting.start()
+        deadline = time.time() + 10
+        while state.engine.num_waiting < 1:
+            assert time.time() < deadline
+            time.sleep(0.01)
         for stream in (False, True):
             r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "stream": stream})
-            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+            assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+        big = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "n": 2})
+        assert big.status_code == 400 and "queues at most 1" in big.json()["error"]["message"]
         assert httpx.get(url + "/health").status_code == 200
+        gate.set()
+        waiting.join(30)
         text = httpx.get(url + "/metrics").text
         assert 'reasonmaxxer_responses_total{status="503"} 2.0' in text
+        assert 'reasonmaxxer_rejected_requests_total{reason="overloaded"} 2.0' in text
+        assert "reasonmaxxer_cancelled_requests_total 0.0" in text  # a rejection is not a cancellation
     finally:
+        gate.set()
         server.should_exit = True
         thread.join(10)
+
+
+def test_max_waiting_must_be_positive():
+    with pytest.raises(ValueError, match="max_waiting"):
+        Settings(max_waiting=0)
 
 
 def test_python_client_reads_gate_reports(live):

@@ -200,6 +200,7 @@ class VllmEngine(VllmSteering):
         super().__init__(tokenizer, collector, lora_enabled_rank, identity, int(llm.model_config.max_model_len))
         self.llm, self.max_waiting, self.max_num_seqs = llm, max_waiting, max_num_seqs
         self._inflight = 0
+        self._held: set[str] = set()  # admitted by open(), not yet iterated
 
     @classmethod
     def start(cls, model_path: str, tokenizer, max_waiting: int = 256, lora_rank: int | None = None,
@@ -222,14 +223,31 @@ class VllmEngine(VllmSteering):
     def num_waiting(self) -> int:
         return max(0, self._inflight - self.max_num_seqs)
 
-    async def stream(self, request: Request) -> AsyncIterator[TokenEvent]:
+    def open(self, request: Request) -> AsyncIterator[TokenEvent]:
+        """Admit `request` now (ValueError / EngineFull here, before a response is sent): its place is held
+        until its events are consumed or `release(request)` gives it back."""
         self.check(request)
         if self.num_waiting >= self.max_waiting:
             raise EngineFull(f"{self.num_waiting} requests are already waiting: retry later")
-        report, xargs, lora = self._steering(request)
-        rid, token_ids, finished = request.request_id, [], False
         self._inflight += 1
+        self._held.add(request.request_id)
+        return self._generate(request)
+
+    def release(self, request: Request) -> None:
+        """Give back the place of a request whose events were never consumed (idempotent)."""
+        if request.request_id in self._held:
+            self._held.discard(request.request_id)
+            self._inflight -= 1
+
+    async def stream(self, request: Request) -> AsyncIterator[TokenEvent]:
+        async for event in self.open(request):
+            yield event
+
+    async def _generate(self, request: Request) -> AsyncIterator[TokenEvent]:
+        self._held.discard(request.request_id)  # from here on the finally below gives the place back
+        rid, token_ids, finished = request.request_id, [], False
         try:
+            report, xargs, lora = self._steering(request)
             prompt = {"prompt_token_ids": list(request.prompt_ids)}
             async for out in self.llm.generate(prompt, to_vllm_params(request, xargs), rid, lora_request=lora):
                 token_ids += out.outputs[0].token_ids

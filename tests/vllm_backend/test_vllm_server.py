@@ -182,7 +182,14 @@ def test_echo_prompt_logprobs_come_from_vllm_for_the_base_and_steered_ones_are_r
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
     want = [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))]
     diffs = [abs(a - b) for a, b in zip(lp["token_logprobs"][1:], want, strict=True)]
-    assert max(diffs) < 0.5 and sum(diffs) / len(diffs) < 0.05  # vLLM's bf16 kernels against transformers' bf16
+    assert max(diffs) < 0.5 and sum(diffs) / len(diffs) < 0.1  # bf16 kernels of two engines (misaligned: nats)
+    # exact within vLLM: the echo of prompt + its greedy token scores that token as generation did
+    gen = httpx.post(f"{server}/v1/completions", json={**body, "echo": False, "max_tokens": 1, "temperature": 0,
+                                                       "steering": {"trace": True}}, timeout=120).json()["choices"][0]
+    token = gen["steering"]["trace"][0]["chosen_token"]
+    again = httpx.post(f"{server}/v1/completions", json={**body, "prompt": [*ids, token]},
+                       timeout=120).json()["choices"][0]["logprobs"]
+    assert again["token_logprobs"][-1] == pytest.approx(gen["logprobs"]["token_logprobs"][0], abs=0.02)
     steered = {**body, "steering": {"adapter": _head(server), "mode": "always"}}
     refused = httpx.post(f"{server}/v1/completions", json=steered, timeout=60)
     assert refused.status_code == 400 and "steering.logprobs" in refused.json()["error"]["message"]

@@ -1,0 +1,76 @@
+"""SIGTERM as a load balancer sends it, on `reasonmaxxer serve` (the real SmolLM2): new requests get 503
+while running ones go on; a request that finishes within `--drain-timeout` ends normally; those still
+running at the timeout end with a last error event that says the server is shutting down, then
+`data: [DONE]`; the process exits 0 within the timeout plus a few seconds."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+DRAIN = 4.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stream(url: str, max_tokens: int, out: list) -> None:
+    body = {"model": "smollm2-135m-instruct", "prompt": "Count to a thousand:", "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+        out.extend(line for line in r.iter_lines() if line)
+
+
+def test_sigterm_drains_then_ends_what_still_runs_and_exits_0():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "reasonmaxxer.cli", "serve", "--port", str(port), "--drain-timeout",
+                             str(DRAIN), "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.time() < deadline, "server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        short, long = [], [[] for _ in range(3)]
+        threads = [threading.Thread(target=_stream, args=(url, 8, short))]
+        threads += [threading.Thread(target=_stream, args=(url, 4000, out)) for out in long]
+        for t in threads:
+            t.start()
+        while httpx.get(url + "/health").json()["running"] < 4:
+            time.sleep(0.02)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        refused = httpx.post(url + "/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": "x"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        for t in threads:
+            t.join(60)
+        status = proc.wait(DRAIN + 10)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert status == 0 and took < DRAIN + 4, (status, took)
+    assert short[-1] == "data: [DONE]" and json.loads(short[-2][6:])["choices"][0]["finish_reason"] == "length"
+    for out in long:
+        assert out[-1] == "data: [DONE]", out[-3:]
+        error = json.loads(out[-2][6:])["error"]
+        assert error["code"] == "shutting_down" and "shutting down" in error["message"]
