@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="known name, local folder or hub id (default smollm2-135m-instruct)")
     p.add_argument("--served-name", dest="served_name", default=None, help="model id clients use")
     p.add_argument("--adapter", dest="adapters", action="append", default=[], help="adapter directory (repeatable)")
+    p.add_argument("--adapter-root", dest="adapter_roots", action="append", default=[],
+                   help="enable POST/DELETE /v1/adapters for directories under DIR (repeatable; default: off)")
+    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=None,
+                   help="largest request body before 413 (default 4 MiB)")
     p.add_argument("--no-bundled-adapter", dest="bundled_adapter", action="store_false", default=None,
                    help="do not load the model's bundled adapter when no --adapter is given")
     p.add_argument("--host", default=None)

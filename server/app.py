@@ -4,6 +4,7 @@ Contract: nothing happens at import. `create_app(settings, state=None)` returns 
 builds a `ServerState` (model, tokenizer, engine thread, adapters, metrics) unless one is passed (tests
 pass one built on a tiny model). Every error, including malformed JSON and validation failures, is
 answered with OpenAI's error object; an unexpected exception is a 500 and the server keeps serving.
+A body over `max_body_bytes` is a 413 before it is parsed.
 Authentication is a pure ASGI middleware on the raw request path: with an API key set, every route but
 `/health` (and `/metrics` when `metrics_open`) needs `Authorization: Bearer KEY`; the Host header and
 the URL's host are never consulted.
@@ -65,16 +66,19 @@ def build_state(settings: Settings) -> ServerState:
     adapters = [load_adapter(p) for p in paths]
     engine, tokenizer, name = start_engine(settings, adapters)
     state = ServerState(settings, engine, tokenizer, name)
+    from .admin import check_name
+
     for path, adapter in zip(paths, adapters, strict=True):
+        check_name(adapter.name, name)
         engine.add_adapter(adapter)
         state.adapter_paths[adapter.name] = str(path)
     return state
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                   code: str | None = None) -> JSONResponse:
+                   code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -124,7 +128,7 @@ def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_req: Request, exc: StarletteHTTPException):
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), type_)
+        return error_response(exc.status_code, str(exc.detail), type_, headers=exc.headers)  # 405 keeps Allow
 
     @app.exception_handler(Exception)
     async def internal_error(_req: Request, exc: Exception):
@@ -145,14 +149,83 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     app = FastAPI(title="ReasonMaxxer", version=_version(), lifespan=lifespan)
     _install_handlers(app)
 
+    from .admin import router as admin_router
+    from .openapi import install_openapi
     from .routes import router
     from .tokenize import router as tokenizer_router
 
     app.include_router(router)
     app.include_router(tokenizer_router)
+    app.include_router(admin_router)
+    app.add_middleware(CatchAll)  # innermost: an unexpected error is a 500 in OpenAI's shape, counted
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(AuthMiddleware, api_key=settings.api_key, metrics_open=settings.metrics_open)
-    app.add_middleware(StatusCounter)  # outermost: counts 401s too
+    app.add_middleware(StatusCounter)  # outermost: counts 401s and 413s too
+    install_openapi(app, settings)
     return app
+
+
+class CatchAll:
+    """An exception no handler took becomes a 500 in OpenAI's shape here, inside StatusCounter (Starlette's
+    own last-resort handler sits outside every middleware, where nothing would count it)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            response = error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+            await response(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuse a request body over `limit` bytes with 413 before the app parses it (by Content-Length, or
+    while reading a chunked body)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(scope, receive, send)
+        if length is not None or b"chunked" not in headers.get(b"transfer-encoding", b""):
+            return await self.app(scope, receive, send)
+        messages, size = [], 0  # chunked: read it all (bounded), then replay it to the app
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        response = error_response(413, f"the request body is larger than this server's limit of {self.limit} "
+                                  "bytes: send less (see --max-body-bytes)", code="request_too_large")
+        await response(scope, receive, send)
 
 
 class StatusCounter:

@@ -17,7 +17,6 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 
 from reasonmaxxer.steering.async_engine import EngineFull
 
@@ -45,6 +44,7 @@ def _state(request: Request):
     return request.app.state.server
 
 
+@router.head("/health", include_in_schema=False)
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
     s = _state(request)
@@ -206,44 +206,3 @@ def _body(s, body, choices, chat: bool) -> dict[str, Any]:
         "created": now(), "model": body.model, "choices": [fmt(s.tokenizer, c) for c in choices],
         "usage": usage(choices, prompts),
     }
-
-
-class AdapterLoad(BaseModel):
-    path: str
-
-
-@router.get("/v1/adapters")
-async def list_adapters(request: Request) -> dict[str, Any]:
-    s = _state(request)
-    data = []
-    for name, adapter in sorted(s.engine.adapters.items()):
-        m = adapter.manifest
-        data.append({"id": name, "object": "adapter", "kind": m.kind, "path": s.adapter_paths.get(name),
-                     "tau": m.gate.tau, "top_k": m.top_k, "measured_fire_rate": m.gate.measured_fire_rate,
-                     "base_model": m.base_model.name})
-    return {"object": "list", "data": data}
-
-
-@router.post("/v1/adapters", status_code=201)
-async def load_adapter_route(body: AdapterLoad, request: Request) -> dict[str, Any]:
-    from reasonmaxxer.steering.adapters import AdapterError, load_adapter
-
-    s = _state(request)
-    try:
-        adapter = await asyncio.to_thread(load_adapter, body.path)
-        await asyncio.to_thread(s.engine.add_adapter, adapter)
-    except (AdapterError, ValueError) as e:
-        raise ApiError(400, str(e), param="path") from e
-    s.adapter_paths[adapter.name] = body.path
-    return {"id": adapter.name, "object": "adapter", "kind": adapter.manifest.kind, "loaded": True}
-
-
-@router.delete("/v1/adapters/{name}")
-async def unload_adapter(name: str, request: Request) -> dict[str, Any]:
-    s = _state(request)
-    try:
-        s.engine.remove_adapter(name)
-    except KeyError as e:
-        raise ApiError(404, f"no adapter named '{name}' is loaded", code="adapter_not_found") from e
-    s.adapter_paths.pop(name, None)
-    return {"id": name, "object": "adapter", "deleted": True}

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     served_name: str | None = Field(default=None, description="model id clients use (default: --model)")
     adapters: list[str] = Field(default_factory=list, description="adapter directories to load at start")
     bundled_adapter: bool = Field(default=True, description="load the model's bundled adapter when none given")
+    adapter_roots: list[str] = Field(default_factory=list, description="POST /v1/adapters loads only under these "
+                                     "directories; none: adapter admin is off")
+    max_body_bytes: int = Field(default=4 << 20, ge=1024, description="largest request body (bytes) before 413")
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = Field(default=None, description="require `Authorization: Bearer KEY`")

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ _IDENTITY_FIELDS = (
     "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "tie_word_embeddings",
     "rms_norm_eps", "hidden_act",
 )
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # adapter names: safe in URLs, paths and labels
 
 
 class AdapterError(ValueError):
@@ -80,6 +84,9 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.name, str) and NAME.fullmatch(self.name)):
+            raise AdapterError(f"adapter name {self.name!r} is not allowed: use letters, digits, '.', '_' and '-' "
+                               "(1-128 characters, starting with a letter or digit); fix 'name' in adapter.json")
         if self.kind not in KINDS:
             raise AdapterError(f"adapter kind {self.kind!r} is unknown: use one of {', '.join(KINDS)}")
         if not (isinstance(self.top_k, int) and self.top_k >= 1):

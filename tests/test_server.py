@@ -50,7 +50,8 @@ def _state(tiny_model, tokenizer, step_delay: float = 0.0, **settings):
         fast_step = engine.step
         engine.step = lambda: (time.sleep(step_delay), fast_step())[1]
     engine.add_adapter(HeadAdapter.create(tiny_model, tok, "tiny-head", rank=8, tau=3.0, b_std=2.0, seed=1))
-    s = Settings(model="tiny", max_tokens_limit=64, max_n=4, max_stop=4, max_top_logprobs=5, **settings)
+    s = Settings(**{"model": "tiny", "max_tokens_limit": 64, "max_n": 4, "max_stop": 4, "max_top_logprobs": 5,
+                    **settings})
     return ServerState(s, AsyncEngine(engine, s.max_waiting), tok, "tiny"), s
 
 
@@ -203,21 +204,62 @@ def test_dropped_stream_frees_its_slot(live):
     assert _metric(live.url, "reasonmaxxer_cancelled_requests_total") >= 1
 
 
-def test_admin_refuses_a_corrupt_adapter_and_loads_a_good_one(live, tiny_model, tmp_path):
-    (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "adapter.json").write_text("{oops")
-    r = httpx.post(live.url + "/v1/adapters", json={"path": str(tmp_path / "bad")})
+@pytest.fixture(scope="module")
+def admin(tiny_model, tokenizer, tmp_path_factory):
+    """A server with adapter admin on, for directories under one root."""
+    root = tmp_path_factory.mktemp("adapter-root")
+    state, settings = _state(tiny_model, tokenizer, adapter_roots=[str(root)])
+    server, thread, url = _serve(create_app(settings, state))
+    yield SimpleNamespace(url=url, state=state, root=root, client=openai.OpenAI(base_url=url + "/v1", api_key="x"))
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_admin_refuses_a_corrupt_adapter_and_loads_a_good_one(admin, tiny_model):
+    root = admin.root
+    (root / "bad").mkdir()
+    (root / "bad" / "adapter.json").write_text("{oops")
+    r = httpx.post(admin.url + "/v1/adapters", json={"path": str(root / "bad")})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
-    assert httpx.post(live.url + "/v1/completions", json={"model": "tiny-head", "prompt": "x",
-                                                          "max_tokens": 2}).status_code == 200
-    HeadAdapter.create(tiny_model, live.state.tokenizer, "second", b_std=0.5).save(tmp_path / "second")
-    r = httpx.post(live.url + "/v1/adapters", json={"path": str(tmp_path / "second")})
+    assert httpx.post(admin.url + "/v1/completions", json={"model": "tiny-head", "prompt": "x",
+                                                           "max_tokens": 2}).status_code == 200
+    HeadAdapter.create(tiny_model, admin.state.tokenizer, "second", b_std=0.5).save(root / "second")
+    r = httpx.post(admin.url + "/v1/adapters", json={"path": str(root / "second")})
     assert r.status_code == 201, r.text
-    assert "second" in [m.id for m in live.client.models.list()]
-    assert [a["id"] for a in httpx.get(live.url + "/v1/adapters").json()["data"]] == ["second", "tiny-head"]
-    assert httpx.delete(live.url + "/v1/adapters/second").status_code == 200
-    assert httpx.delete(live.url + "/v1/adapters/second").status_code == 404
-    assert "second" not in [m.id for m in live.client.models.list()]
+    assert "second" in [m.id for m in admin.client.models.list()]
+    assert [a["id"] for a in httpx.get(admin.url + "/v1/adapters").json()["data"]] == ["second", "tiny-head"]
+    assert httpx.delete(admin.url + "/v1/adapters/second").status_code == 200
+    assert httpx.delete(admin.url + "/v1/adapters/second").status_code == 404
+    assert "second" not in [m.id for m in admin.client.models.list()]
+
+
+def test_admin_is_off_without_an_adapter_root(live, tmp_path):
+    for r in (httpx.post(live.url + "/v1/adapters", json={"path": str(tmp_path)}),
+              httpx.delete(live.url + "/v1/adapters/tiny-head")):
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled", r.text
+    assert "tiny-head" in [m.id for m in live.client.models.list()]
+
+
+def test_admin_never_tells_what_exists_outside_its_roots(admin, tmp_path):
+    (admin.root / "escape").symlink_to(tmp_path)
+    paths = ("/root", "/root/.ssh", "/no/such/dir", str(admin.root / ".." / "x"), str(admin.root / "escape"))
+    answers = [httpx.post(admin.url + "/v1/adapters", json={"path": p}).json()["error"] for p in paths]
+    assert all(a["code"] == "outside_roots" for a in answers)
+    assert len({a["message"] for a in answers}) == 1 and "/root" not in answers[0]["message"]
+    long = httpx.post(admin.url + "/v1/adapters", json={"path": str(admin.root / ("x" * 5000))})
+    assert long.status_code in (400, 403) and long.json()["error"]["message"], long.text
+    assert httpx.post(admin.url + "/v1/adapters", json={"path": 5}).status_code == 400
+
+
+@pytest.mark.parametrize("name, message", [("a/b", "not allowed"), ("tiny", "served model's id"),
+                                           (17, "not allowed"), ("", "not allowed")])
+def test_admin_refuses_unsafe_adapter_names(admin, tiny_model, name, message):
+    folder = admin.root / f"named-{abs(hash(str(name)))}"
+    HeadAdapter.create(tiny_model, admin.state.tokenizer, "placeholder", b_std=0.5).save(folder)
+    manifest = json.loads((folder / "adapter.json").read_text())
+    (folder / "adapter.json").write_text(json.dumps({**manifest, "name": name}))
+    r = httpx.post(admin.url + "/v1/adapters", json={"path": str(folder)})
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
 
 
 @pytest.mark.parametrize("metrics_open", [True, False])
