@@ -43,11 +43,12 @@ def adapters(smol, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(bundled, adapters, collector):
+def server(bundled, adapters, collector, tmp_path_factory):
     port = _free_port()
+    root = str(tmp_path_factory.getbasetemp())  # adapter admin on for the tests' folders
     cmd = [sys.executable, "-m", "reasonmaxxer.cli", "serve", "--backend", "vllm", "--enforce-eager",
            "--max-model-len", "1024", "--port", str(port), "--adapter", bundled,
-           "--adapter", str(adapters / "lora"), "--log-level", "warning"]
+           "--adapter", str(adapters / "lora"), "--adapter-root", root, "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
     url = f"http://127.0.0.1:{port}"
