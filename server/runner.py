@@ -21,9 +21,9 @@ log = logging.getLogger("reasonmaxxer.server")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, app, drain_timeout: float):
         super().__init__(config)
-        self.drain_timeout = drain_timeout
+        self.app, self.drain_timeout = app, drain_timeout
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -38,7 +38,7 @@ class DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self.drain()))
 
     async def drain(self) -> None:
-        state = self.config.loaded_app_state()
+        state = self.app.state.server
         state.draining = True
         deadline = time.monotonic() + self.drain_timeout
         log.info("draining: %d requests running, up to %.0f s", state.busy, self.drain_timeout)
@@ -54,6 +54,5 @@ class DrainingServer(uvicorn.Server):
 def serve(app, settings, log_level: str = "info") -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=2)
-    config.loaded_app_state = lambda: app.state.server
-    DrainingServer(config, settings.drain_timeout_s).run()
+    DrainingServer(config, app, settings.drain_timeout_s).run()
     return 0
