@@ -39,6 +39,8 @@ from tqdm import tqdm
 from reasonmaxxer.steering.request import Request
 from reasonmaxxer.steering.sampling import SamplingParams
 
+from .rollouts import decode_all
+
 __all__ = ["Branch", "ProbeConfig", "branch_points", "pick_answers", "pick_positions", "run_probe"]
 
 
@@ -151,29 +153,16 @@ def run_probe(engine, answers: list[dict], points: list[Branch], sampling: dict,
     out.parent.mkdir(parents=True, exist_ok=True)
     done = _done(out)
     todo = [(b, k) for b in points for k in range(config.continuations) if _key(answers[b.answer], b, k) not in done]
-    inflight: dict[str, tuple[Branch, int, list[int]]] = {}
-    queue, added = iter(todo), 0
+    added = 0
     bar = tqdm(total=len(todo), desc="branches", unit="seq", disable=not progress)
+    make = lambda item: _request(answers[item[0].answer], *item, sampling, config)  # noqa: E731
     with out.open("a") as f:
-        while True:
-            while len(inflight) < config.concurrency and (item := next(queue, None)) is not None:
-                b, k = item
-                inflight[engine.submit(_request(answers[b.answer], b, k, sampling, config))] = (b, k, [])
-            if not inflight:
-                break
-            for event in engine.step():
-                if event.request_id not in inflight:
-                    continue
-                b, k, ids = inflight[event.request_id]
-                if event.token_id is not None:
-                    ids.append(event.token_id)
-                if event.finished:
-                    del inflight[event.request_id]
-                    f.write(json.dumps(_record(engine, answers[b.answer], b, k, ids, event.finish_reason,
-                                               sampling, config, score)) + "\n")
-                    f.flush()
-                    added += 1
-                    bar.update(1)
+        for (b, k), _req, ids, last in decode_all(engine, todo, config.concurrency, make):
+            f.write(json.dumps(_record(engine, answers[b.answer], b, k, ids, last.finish_reason, sampling, config,
+                                       score)) + "\n")
+            f.flush()
+            added += 1
+            bar.update(1)
     bar.close()
     return added
 

@@ -146,29 +146,38 @@ def _todo(problems: ProblemSet, samples: int, done: set[tuple[str, int]]) -> Ite
                 yield p, k
 
 
+def decode_all(engine, items: Iterable[Any], concurrency: int,
+               make_request: Callable[[Any], Request]) -> Iterator[tuple[Any, Request, list[int], TokenEvent]]:
+    """Decode one request per item, `concurrency` at a time, on an engine with `submit`/`step` (ours, or
+    the offline vLLM one); yield each as it finishes: (item, request, completion ids, last event)."""
+    inflight: dict[str, tuple[Any, Request, list[int]]] = {}
+    queue = iter(items)
+    while True:
+        while len(inflight) < concurrency and (item := next(queue, None)) is not None:
+            req = make_request(item)
+            inflight[engine.submit(req)] = (item, req, [])
+        if not inflight:
+            return
+        for event in engine.step():
+            if event.request_id not in inflight:
+                continue
+            item, req, ids = inflight[event.request_id]
+            if event.token_id is not None:
+                ids.append(event.token_id)
+            if event.finished:
+                del inflight[event.request_id]
+                yield item, req, ids, event
+
+
 def generate(
     engine: Engine, items: Iterable[tuple[Problem, int]], config: RolloutConfig,
     steering: SteeringParams | None = None,
 ) -> Iterator[tuple[Problem, int, Request, list[int], TokenEvent]]:
     """Decode (problem, sample) items, `config.concurrency` at a time; yield each as it finishes:
     (problem, sample, request, completion ids, last event (finish reason, gate report))."""
-    inflight: dict[str, tuple[Problem, int, Request, list[int]]] = {}
-    queue = iter(items)
-    while True:
-        while len(inflight) < config.concurrency and (item := next(queue, None)) is not None:
-            req = _request(engine, config, *item, steering)
-            inflight[engine.submit(req)] = (*item, req, [])
-        if not inflight:
-            return
-        for event in engine.step():
-            if event.request_id not in inflight:
-                continue
-            problem, k, req, ids = inflight[event.request_id]
-            if event.token_id is not None:
-                ids.append(event.token_id)
-            if event.finished:
-                del inflight[event.request_id]
-                yield problem, k, req, ids, event
+    make = lambda item: _request(engine, config, *item, steering)  # noqa: E731
+    for (problem, k), req, ids, last in decode_all(engine, items, config.concurrency, make):
+        yield problem, k, req, ids, last
 
 
 def run_rollouts(
