@@ -251,13 +251,13 @@ def run_rollouts_command(args) -> int:
     return 0
 
 
-def _check_sources(args, meta: dict) -> None:
-    """Before any model work: training rollouts and validation rows read no evaluation rows, and are disjoint."""
+def _check_sources(meta: dict, val) -> None:
+    """Before any model work: training rollouts and validation rows (`val`, or None) read no evaluation rows,
+    and are disjoint."""
     from .problems import check_not_evaluation
 
     check_not_evaluation(meta.get("problems", {}), "the training rollouts' problem selection")
-    if args.val_problems:
-        val = _load_problems(args, prefix="val_")
+    if val is not None:
         check_not_evaluation(val.selection, "the validation split")
         _check_val_disjoint(meta, val)
 
@@ -289,21 +289,23 @@ def run_fit_command(args) -> int:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     rollouts = Path(args.rollouts or Path(args.out).with_suffix(".rollouts.jsonl"))
-    if args.problems:  # checked before the model loads; the rollout file is checked again below
-        _check_sources(args, {"problems": _load_problems(args).selection})
+    val = _load_problems(args, prefix="val_") if args.val_problems else None  # read once, checked first
+    if args.problems:  # checked before the model loads; the rollout file is checked again once made
+        _check_sources({"problems": _load_problems(args).selection}, val)
     else:
-        _check_sources(args, load_rollouts(rollouts)[0])
+        meta, records = load_rollouts(rollouts)
+        _check_sources(meta, val)
     dtype = args.dtype or ("bfloat16" if fit_args.kind == "head" else "float32")
     model, tokenizer = load_model(args.model, dtype=dtype, device=resolve_device(args.device))
     if args.problems:
         _do_rollouts(args, model, tokenizer, rollouts)
         times["rollouts_s"] = time.perf_counter() - t0
-    meta, records = load_rollouts(rollouts)
-    _check_sources(args, meta)
+        meta, records = load_rollouts(rollouts)
+        _check_sources(meta, val)
     if meta["model"]["fingerprint"] != _fingerprint(model, tokenizer, args.model):
         raise ValueError(f"{rollouts} was made with model {meta['model']['name']!r}, not {args.model!r}: "
                          "fit on the model the rollouts came from")
-    validate, val_report, val_engine = _validation(args, meta, model, tokenizer, fit_args)
+    validate, val_report, val_engine = _validation(args, val, model, tokenizer, fit_args)
     try:
         adapter, report = fit(model, tokenizer, records, fit_args, callback=validate,
                               provenance={"model": args.model, "command": " ".join(["reasonmaxxer", *sys.argv[1:]]),
@@ -345,17 +347,16 @@ def _val_engine(args, model, tokenizer, fit_args: FitArgs):
     return Engine(val_model, tokenizer, name=args.model)
 
 
-def _validation(args, meta, model, tokenizer, fit_args: FitArgs):
-    """(callback scoring each checkpoint's pass@1 on the validation split in --val-mode, report, engine);
-    (None, {}, None) without a validation split."""
+def _validation(args, val, model, tokenizer, fit_args: FitArgs):
+    """(callback scoring each checkpoint's pass@1 on the validation split `val` in --val-mode, report,
+    engine); (None, {}, None) without a validation split."""
     report: dict[str, Any] = {}
-    if not args.val_problems:
+    if val is None:
         return None, report, None
     from reasonmaxxer.steering.request import SteeringParams
 
     from .rollouts import RolloutConfig, evaluate
 
-    val = _load_problems(args, prefix="val_")
     engine = _val_engine(args, model, tokenizer, fit_args)
     config = RolloutConfig(samples=args.val_samples, temperature=args.temperature, top_p=args.top_p,
                            max_new_tokens=args.max_new_tokens, seed=args.seed + 1, prompt_style=args.prompt_style,
