@@ -7,6 +7,7 @@ is only imported when run, so `reasonmaxxer --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Sequence
 
@@ -76,10 +77,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="reasonmaxxer", description="Gated correction adapters for LLM reasoning (arXiv 2605.06241)."
+        prog="reasonmaxxer", description="Gated correction adapters for LLM reasoning (arXiv 2605.06241).",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"reasonmaxxer {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # No prefix matching on any subcommand: `--problem` must not silently mean `--problems`.
+    strict = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=strict)
 
     p = sub.add_parser(
         "prepare-model",

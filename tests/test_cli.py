@@ -42,3 +42,16 @@ def test_generate_refuses_a_bad_adapter(tmp_path):
     out = run("generate", "hi", "--adapter", str(tmp_path / "bad"), "--max-tokens", "4")
     assert out.returncode == 2
     assert "adapter.json is missing" in out.stderr
+
+
+def test_an_abbreviated_flag_is_refused_on_every_subcommand():
+    from reasonmaxxer.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert not parser.allow_abbrev and commands
+    assert all(not p.allow_abbrev for p in commands.values()), [n for n, p in commands.items() if p.allow_abbrev]
+    out = run("rollouts", "--problem", "x.jsonl", "--out", "x.jsonl", timeout=60)  # a prefix of --problems
+    assert out.returncode == 2 and "required: --problems" in out.stderr, out.stderr[-500:]  # not taken for it
+    out = run("ab-report", "--markdow", "x", timeout=60)
+    assert out.returncode == 2 and "unrecognized arguments: --markdow" in out.stderr, out.stderr[-500:]
