@@ -55,3 +55,15 @@ def test_an_abbreviated_flag_is_refused_on_every_subcommand():
     assert out.returncode == 2 and "required: --problems" in out.stderr, out.stderr[-500:]  # not taken for it
     out = run("ab-report", "--markdow", "x", timeout=60)
     assert out.returncode == 2 and "unrecognized arguments: --markdow" in out.stderr, out.stderr[-500:]
+
+
+def test_a_fitted_adapter_is_named_after_its_folder_unless_named():
+    from reasonmaxxer.cli import build_parser
+    from reasonmaxxer.training.cli import _fit_args, name_of_folder
+
+    parser = build_parser()
+    args = parser.parse_args(["fit", "--rollouts", "r.jsonl", "--out", "out/smol-svamp-head"])
+    assert _fit_args(args).name == "smol-svamp-head"
+    args = parser.parse_args(["fit", "--rollouts", "r.jsonl", "--out", "out/x", "--name", "mine"])
+    assert _fit_args(args).name == "mine"
+    assert name_of_folder("runs/my adapter (v2)") == "my-adapter-v2-" and name_of_folder("/") == "adapter"

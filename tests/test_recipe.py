@@ -111,7 +111,7 @@ def test_fit_args_from_the_cli_follow_the_recipe():
     calibrated = _fit_args(parse(["fit", "--out", "x", "--rollouts", "r", "--recipe", "paper", "--threshold",
                                   "calibrate", "--warmup-cap", "true"]))
     assert calibrated.threshold is None and calibrated.warmup_cap is True
-    assert _fit_args(parse(["fit", "--out", "x", "--rollouts", "r"])) == FitArgs()
+    assert _fit_args(parse(["fit", "--out", "x", "--rollouts", "r"])) == FitArgs(name="x")  # named after --out
 
 
 @pytest.fixture(scope="module")

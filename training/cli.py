@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from dataclasses import fields
@@ -131,7 +132,7 @@ def add_commands(sub) -> None:
             continue
         flag = "--" + _FIT_FLAGS.get(f.name, f.name).replace("_", "-")
         paper = RECIPES["paper"].get("fit_" + f.name)
-        shown = "calibrate" if f.default is None else f.default
+        shown = {"threshold": "calibrate", "name": "the --out folder's name"}.get(f.name, f.default)
         extra = f" (default {shown}" + (f"; paper {paper})" if paper is not None and paper != f.default else ")")
         p.add_argument(flag, dest="fit_" + f.name, type=_fit_type(f), default=None,
                        metavar=f.name.upper(), help=f.metadata.get("help", "") + extra)
@@ -177,11 +178,19 @@ def _fit_args(args) -> FitArgs:
     """FitArgs from the flags: given flags, else the recipe's value, else FitArgs' default."""
     defaults = {"fit_" + f.name: f.default for f in fields(FitArgs) if f.name != "lora_targets"}
     defaults["fit_threshold"] = "calibrate"
+    if getattr(args, "fit_name", None) is None and getattr(args, "out", None):
+        defaults["fit_name"] = name_of_folder(args.out)  # an adapter is named after its folder by default
     resolve(args, args.recipe, defaults)
     values = {f.name: getattr(args, "fit_" + f.name) for f in fields(FitArgs) if f.name != "lora_targets"}
     if values["threshold"] == "calibrate":
         values["threshold"] = None
     return FitArgs(**values)
+
+
+def name_of_folder(folder: str | Path) -> str:
+    """An adapter name (manifest.NAME: letters, digits, '.', '_', '-') made from a folder's name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(folder).resolve().name).lstrip("._-")[:128]
+    return name or "adapter"
 
 
 def _load_problems(args, prefix: str = ""):
