@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from collections.abc import Sequence
 
@@ -45,18 +46,21 @@ def _generate(args: argparse.Namespace) -> int:
         SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed),
         SteeringParams(adapter.name if adapter else None, mode, args.threshold, trace=args.trace),
     )
-    report = None
+    report, pieces = None, []
     for event in engine.iter_events([request]):
-        print(event.text, end="", flush=True)
+        if not args.trace:
+            print(event.text, end="", flush=True)
+        pieces.append(event.text)
         report = event.report or report
-    print()
     summary = report.to_dict()
     trace = summary.pop("trace", None)
-    print(f"[steering] {summary}", file=sys.stderr)
-    for t in trace or []:
-        mark = "*" if t["fired"] else " "
-        print(f"{mark} {t['position']:4d} H={t['entropy']:.3f} base={tokenizer.decode([t['base_token']])!r} "
-              f"chosen={tokenizer.decode([t['chosen_token']])!r}", file=sys.stderr)
+    if not args.trace:
+        print()
+        print(f"[steering] {json.dumps(summary)}", file=sys.stderr)
+        return 0
+    for t in trace or []:  # --trace: JSON lines on stdout, one per token, then the text and the report
+        print(json.dumps({**t, "base_text": tokenizer.decode([t["base_token"]])}))
+    print(json.dumps({"text": "".join(pieces), "steering": summary}))
     return 0
 
 
@@ -114,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--trace", action="store_true", help="print every token's entropy and whether the gate fired")
+    p.add_argument("--trace", action="store_true", help="print JSON lines instead of the text: one per token (entropy, "
+                   "fired, base and chosen token), then the text and the gate report")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible API (default: the default model and its adapter)")

@@ -1,5 +1,6 @@
 """The `reasonmaxxer` console script, run as a user would (a real subprocess)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,15 @@ def test_generate_with_a_gated_adapter_prints_text_and_report(tmp_path):
     HeadAdapter.create(model, tok, "cli-head", tau=0.5, b_std=0.5).save(tmp_path / "cli-head")
     out = run("generate", "What is 2+3?", "--adapter", str(tmp_path / "cli-head"), "--max-tokens", "12", "--trace")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip()
-    assert "'adapter': 'cli-head', 'mode': 'gated'" in out.stderr and "'tokens': " in out.stderr
-    assert "H=" in out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]  # --trace: JSON lines only
+    tokens, last = lines[:-1], lines[-1]
+    assert last["steering"]["adapter"] == "cli-head" and last["steering"]["mode"] == "gated" and last["text"]
+    report = last["steering"]
+    assert len(tokens) == report["tokens"] and sum(t["fired"] for t in tokens) == report["gate_fired"]
+    assert all({"position", "entropy", "fired", "base_token", "chosen_token", "text"} <= set(t) for t in tokens)
+    plain = run("generate", "What is 2+3?", "--max-tokens", "4")
+    assert plain.returncode == 0 and plain.stdout.strip()
+    assert json.loads(plain.stderr.split("[steering] ")[-1].splitlines()[0])["mode"] == "off"
 
 
 def test_generate_refuses_a_bad_adapter(tmp_path):
