@@ -25,6 +25,7 @@ __all__ = [
     "ErrorResponse",
     "SteeringOptions",
     "StreamOptions",
+    "error_body",
     "make_id",
     "now",
 ]
@@ -217,6 +218,12 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | int | None = None) -> dict[str, Any]:
+    """OpenAI's error object, as JSON: the body of every error response and of a stream's last error event."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 # -- extensions: vLLM's tokenizer routes (/tokenize, /detokenize, /tokenizer_info) ---------------------------

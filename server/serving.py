@@ -20,7 +20,8 @@ from reasonmaxxer.steering.prompt_logprobs import PromptLogprobs
 from reasonmaxxer.steering.request import GateReport, Request, SteeringParams, TokenEvent
 from reasonmaxxer.steering.sampling import SamplingParams
 
-__all__ = ["ApiError", "Choice", "Echo", "RequestFailed", "ShuttingDown", "admit", "attach_echo", "check_token_ids",
+__all__ = ["ApiError", "Choice", "Echo", "RequestFailed", "ShuttingDown", "admit", "attach_echo", "check_model",
+           "check_token_ids",
            "encode", "plan", "release", "stream_all", "usage"]
 
 
@@ -65,16 +66,18 @@ class Choice:
         return self.events[-1].report if self.events else self.idle_report
 
 
-def resolve_steering(model: str, served_name: str, adapters: Sequence[str], opts) -> SteeringParams:
-    """The steering of a request: by model id (base or adapter name), overridden by `steering`."""
-    if model == served_name:
-        adapter, mode = None, "off"
-    elif model in adapters:
-        adapter, mode = model, "gated"
-    else:
+def check_model(model: str, served_name: str, adapters: Sequence[str]) -> None:
+    """A model id must be the served model's or an adapter's (404 naming the ones there are)."""
+    if model != served_name and model not in adapters:
         known = ", ".join([served_name, *adapters])
         raise ApiError(404, f"The model '{model}' does not exist. Available models: {known}", code="model_not_found",
                        param="model")
+
+
+def resolve_steering(model: str, served_name: str, adapters: Sequence[str], opts) -> SteeringParams:
+    """The steering of a request: by model id (base or adapter name), overridden by `steering`."""
+    check_model(model, served_name, adapters)
+    adapter, mode = (None, "off") if model == served_name else (model, "gated")
     if opts is not None:
         if opts.adapter is not None:
             if opts.adapter not in adapters:
@@ -146,7 +149,8 @@ async def attach_echo(engine, tokenizer, body, choices: list[Choice],
     """Give each choice its prompt's text and, with `logprobs`, the prompt logprobs of the model the request
     is served as (scored once per prompt, shared by its n choices). Returns the scores (one per prompt, none
     without logprobs); ValueError if the engine cannot."""
-    texts = [p if isinstance(p, str) else None for p in body.prompts]
+    texts = [p if isinstance(p, str) else await asyncio.to_thread(tokenizer.decode, ids)
+             for p, ids in zip(body.prompts, prompts, strict=True)]  # once per prompt, not per choice
     scores: list[PromptLogprobs | None] = [None] * len(prompts)
     if body.logprobs is not None:
         st, source = choices[0].request.steering, choices[0].request.sampling.logprobs_source
@@ -155,8 +159,7 @@ async def attach_echo(engine, tokenizer, body, choices: list[Choice],
         p = c.index // body.n
         if not c.generate:
             c.idle_report = _idle_report(engine, c.request.steering)
-        text = texts[p] if texts[p] is not None else await asyncio.to_thread(tokenizer.decode, prompts[p])
-        c.echo = Echo(text, scores[p])
+        c.echo = Echo(texts[p], scores[p])
     return [sc for sc in scores if sc is not None]
 
 
@@ -259,10 +262,7 @@ def usage(choices: list[Choice], prompt_counts: dict[int, int]) -> dict[str, Any
 def _idle_report(engine, st: SteeringParams) -> GateReport:
     from reasonmaxxer.steering.rows import GateSettings
 
-    adapter = engine.adapters.get(st.adapter) if st.adapter else None
-    gate = GateSettings.of(st, adapter)
-    return GateReport(adapter=st.adapter if adapter is not None else None, mode=st.mode,
-                      threshold=gate.tau if st.mode in ("gated", "always") else None, rate=gate.random_rate)
+    return GateSettings.of(st, engine.adapters.get(st.adapter) if st.adapter else None).report()
 
 
 def steering_report(report: GateReport | None, echo: Echo | None = None) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from typing import Any
 from starlette.responses import StreamingResponse
 
 from .formatting import chat_logprobs, completion_logprobs
-from .protocol import make_id, now
+from .protocol import error_body, make_id, now
 from .serving import RequestFailed, ShuttingDown, steering_report, stream_all, usage
 
 __all__ = ["EngineStream", "sse"]
@@ -86,15 +86,11 @@ async def _until_failure(events):
         async for item in events:
             yield item
     except ShuttingDown as e:
-        yield None, _error(str(e), "shutting_down")
+        yield None, error_body(str(e), "server_error", code="shutting_down")
     except RequestFailed as e:
-        yield None, _error(str(e), "engine_error")
+        yield None, error_body(str(e), "server_error", code="engine_error")
     except Exception as e:  # after the 200 nothing else can tell the client
-        yield None, _error(f"internal error: {type(e).__name__}: {e}", "internal_error")
-
-
-def _error(message: str, code: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+        yield None, error_body(f"internal error: {type(e).__name__}: {e}", "server_error", code="internal_error")
 
 
 class EngineStream(StreamingResponse):

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from .protocol import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
-from .serving import ApiError, check_token_ids
+from .serving import ApiError, check_model, check_token_ids
 
 __all__ = ["router"]
 
@@ -26,10 +26,8 @@ _PATH_KEYS = ("vocab_file", "merges_file", "tokenizer_file", "name_or_path", "sp
 
 
 def _check_model(s, model: str | None) -> None:
-    known = [s.served_name, *s.adapters]
-    if model is not None and model not in known:
-        raise ApiError(404, f"The model '{model}' does not exist. Available models: {', '.join(known)}",
-                       code="model_not_found", param="model")
+    if model is not None:
+        check_model(model, s.served_name, s.adapters)
 
 
 def _tokenize(tokenizer, body) -> list[int]:

@@ -74,9 +74,6 @@ class AsyncEngine:
     async def prompt_logprobs(self, prompts: list[list[int]], steering, top_n: int = 0, source: str = "steered",
                               key: int = 0) -> list:
         """`Engine.prompt_logprobs`, run on the engine thread between two steps (ValueError if it cannot run)."""
-        if steering.mode != "off" and steering.adapter not in self.engine.adapters:
-            raise ValueError(f"unknown adapter {steering.adapter!r}; loaded adapters: "
-                             f"{', '.join(sorted(self.engine.adapters)) or 'none'}")
         return await self.call(self.engine.prompt_logprobs, prompts, steering, top_n, source, key)
 
     async def call(self, fn, *args) -> Any:

@@ -104,25 +104,30 @@ class Engine:
     def submit(self, request: Request) -> str:
         """Queue a request; it joins the running batch at the next step. ValueError if it cannot run."""
         n = len(request.prompt_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty: send at least one token")
-        self._check_ids(request.prompt_ids)
+        self._check_prompt(request.prompt_ids)
         if n + request.sampling.max_tokens > self.max_model_len:
             raise ValueError(
                 f"the prompt ({n} tokens) plus max_tokens ({request.sampling.max_tokens}) exceeds the model's "
                 f"context of {self.max_model_len} tokens: shorten the prompt or lower max_tokens"
             )
         with self._lock:
-            adapter = None
-            if request.steering.mode != "off" or request.steering.adapter:
-                adapter = self.adapters.get(request.steering.adapter or "")
-                if adapter is None:
-                    loaded = ", ".join(sorted(self.adapters)) or "none"
-                    raise ValueError(f"unknown adapter {request.steering.adapter!r}; loaded adapters: {loaded}")
-            self._waiting.append(Row(request, adapter, self.tokenizer, self.model.device))
+            self._waiting.append(Row(request, self._adapter_for(request.steering), self.tokenizer, self.model.device))
         return request.request_id
 
-    def _check_ids(self, ids: list[int]) -> None:
+    def _adapter_for(self, steering: SteeringParams) -> HeadAdapter | LoraAdapter | None:
+        """The registered adapter a request names (None for a plain one); ValueError if it is not loaded."""
+        if steering.mode == "off" and not steering.adapter:
+            return None
+        adapter = self.adapters.get(steering.adapter or "")
+        if adapter is None:
+            loaded = ", ".join(sorted(self.adapters)) or "none"
+            raise ValueError(f"unknown adapter {steering.adapter!r}; loaded adapters: {loaded}")
+        return adapter
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        """A prompt holds at least one token, and only ids of this model's vocabulary."""
+        if not ids:
+            raise ValueError("the prompt is empty: send at least one token")
         bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad!r} is out of range: this model's token ids are 0 to {self.vocab - 1}")
@@ -273,13 +278,11 @@ class Engine:
         """Logprobs of every prompt token under `steering`, from one prefill per prompt (prompt_logprobs.py).
         Call it from the thread that steps the engine (the LoRA router is shared); ValueError if it cannot run."""
         for ids in prompts:
-            if not ids:
-                raise ValueError("the prompt is empty: send at least one token")
-            self._check_ids(ids)
+            self._check_prompt(ids)
             if len(ids) > self.max_model_len:
                 raise ValueError(f"the prompt ({len(ids)} tokens) exceeds the model's context of "
                                  f"{self.max_model_len} tokens: shorten it")
-        return score_prompts(self, prompts, steering, top_n, source, key)
+        return score_prompts(self, prompts, self._adapter_for(steering), steering, top_n, source, key)
 
     # ---- conveniences ----------------------------------------------------------------------------------
     def iter_events(self, requests: Iterable[Request]) -> Iterator[TokenEvent]:

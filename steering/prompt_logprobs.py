@@ -2,7 +2,7 @@
 request is served as, from one prefill. This is what a loglikelihood task (lm-eval's multiple choice)
 measures, so for a steered model it must be the steered model's, by the same gate as generation.
 
-Contract: `score_prompts(engine, prompts, steering, top_n, source, key)` returns one `PromptLogprobs` per
+Contract: `score_prompts(engine, prompts, adapter, steering, top_n, source, key)` returns one `PromptLogprobs` per
 prompt. Token 0 has no logprob (None: nothing predicts it). Token j >= 1 is scored by the distribution
 computed from the hidden state at token j - 1, exactly as a generated token is scored from the position
 before it:
@@ -49,14 +49,10 @@ class PromptLogprobs:
         return max(0, len(self.token_ids) - 1)
 
 
-def score_prompts(engine, prompts: list[list[int]], steering: SteeringParams, top_n: int, source: str = "steered",
-                  key: int = 0) -> list[PromptLogprobs]:
-    """Prompt logprobs of each prompt under `steering` (see the module docstring). Runs on the engine's
-    thread (the LoRA router is shared state); `engine` is an `Engine`."""
-    adapter = engine.adapters.get(steering.adapter or "") if steering.mode != "off" else None
-    if steering.mode != "off" and adapter is None:
-        loaded = ", ".join(sorted(engine.adapters)) or "none"
-        raise ValueError(f"unknown adapter {steering.adapter!r}; loaded adapters: {loaded}")
+def score_prompts(engine, prompts: list[list[int]], adapter: HeadAdapter | LoraAdapter | None,
+                  steering: SteeringParams, top_n: int, source: str = "steered", key: int = 0) -> list[PromptLogprobs]:
+    """Prompt logprobs of each prompt under `steering` with its resolved `adapter` (see the module docstring).
+    Runs on the engine's thread (the LoRA router is shared state); `engine` is an `Engine`."""
     gate = GateSettings.of(steering, adapter)
     with torch.inference_mode():
         return [_score_one(engine, ids, adapter, gate, top_n, source, key) for ids in prompts]

@@ -29,8 +29,11 @@ DEFAULT_TOP_K = 5
 class GateSettings:
     """A request's gate resolved against its adapter: `tau` (the request's threshold, else the adapter's),
     `gate_tau` (the mode folded in: +inf off/random, tau gated, -inf always), `random_rate` (mode random's
-    coin, else None), `cand_k` (head candidates) and whether a LoRA runs in every forward."""
+    coin, else None), `cand_k` (head candidates) and whether a LoRA runs in every forward. Every backend
+    resolves a request's gate here, and starts its `GateReport` with `report`."""
 
+    mode: str
+    adapter: str | None
     tau: float
     gate_tau: float
     random_rate: float | None
@@ -44,7 +47,14 @@ class GateSettings:
         gate_tau = {"off": math.inf, "gated": float(tau), "always": -math.inf, "random": math.inf}[steering.mode]
         rate = random_rate(steering, manifest) if steering.mode == "random" else None  # a coin, not H
         k = steering.top_k or (manifest.top_k if manifest else DEFAULT_TOP_K)
-        return cls(float(tau), gate_tau, rate, k, isinstance(adapter, LoraAdapter) and steering.mode == "always")
+        return cls(steering.mode, adapter.name if adapter is not None else None, float(tau), gate_tau, rate, k,
+                   isinstance(adapter, LoraAdapter) and steering.mode == "always")
+
+    def report(self, trace: bool = False) -> GateReport:
+        """An empty gate report for this gate (no tokens yet; a trace list if asked)."""
+        return GateReport(adapter=self.adapter, mode=self.mode,
+                          threshold=self.tau if self.mode in ("gated", "always") else None,
+                          trace=[] if trace else None, rate=self.random_rate)
 
 
 class Row:
@@ -53,19 +63,13 @@ class Row:
     ):
         steering, self.request, self.adapter = request.steering, request, adapter
         gate = GateSettings.of(steering, adapter)
-        tau, self.gate_tau, self.random_rate, self.cand_k = gate.tau, gate.gate_tau, gate.random_rate, gate.cand_k
-        self.lora_always = gate.lora_always
+        self.gate_tau, self.random_rate, self.cand_k, self.lora_always = (gate.gate_tau, gate.random_rate,
+                                                                          gate.cand_k, gate.lora_always)
         self.generator = make_generator(request.sampling.seed, device)
         self.stream = TextStream(tokenizer, request.sampling.stop)
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
-        self.report = GateReport(
-            adapter=adapter.name if adapter is not None else None,
-            mode=steering.mode,
-            threshold=float(tau) if steering.mode in ("gated", "always") else None,
-            trace=[] if steering.trace else None,
-            rate=self.random_rate,
-        )
+        self.report = gate.report(steering.trace)
 
     @property
     def request_id(self) -> str:

@@ -27,7 +27,7 @@ from reasonmaxxer.steering.async_engine import EngineFull
 from reasonmaxxer.steering.manifest import check_identity, config_identity
 from reasonmaxxer.steering.prompt_logprobs import PromptLogprobs
 from reasonmaxxer.steering.request import GateReport, Request, TokenEvent, TraceEntry, random_rate
-from reasonmaxxer.steering.rows import DEFAULT_TOP_K
+from reasonmaxxer.steering.rows import GateSettings
 
 from . import apply_cpu_env, check_vllm_version, make_xargs
 from .reports import GateCollector
@@ -163,15 +163,11 @@ class VllmSteering:
 
         st = request.steering
         adapter = self.adapters.get(st.adapter) if st.adapter else None
-        m = adapter.manifest if adapter is not None else None
-        tau = st.threshold if st.threshold is not None else (m.gate.tau if m else math.inf)
-        kind = m.kind if m else "head"
-        rate = random_rate(st, m) if st.mode == "random" else None
-        xargs = make_xargs(request.request_id, st.mode, float(tau), self._dirs.get(st.adapter or ""), kind,
-                           st.top_k or (m.top_k if m else DEFAULT_TOP_K), st.trace, rate, request.gate_key)
-        report = GateReport(adapter=st.adapter if adapter else None, mode=st.mode,
-                            threshold=float(tau) if st.mode in ("gated", "always") else None,
-                            trace=[] if st.trace else None, rate=rate)
+        gate = GateSettings.of(st, adapter)
+        kind = adapter.manifest.kind if adapter is not None else "head"
+        xargs = make_xargs(request.request_id, st.mode, gate.tau, self._dirs.get(st.adapter or ""), kind,
+                           gate.cand_k, st.trace, gate.random_rate, request.gate_key)
+        report = gate.report(st.trace)
         lora = None
         if isinstance(adapter, LoraAdapter) and st.mode == "always":
             lora = LoRARequest(adapter.name, self._lora_ids[adapter.name], self._dirs[adapter.name])
