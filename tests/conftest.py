@@ -7,6 +7,13 @@ spread over roughly 1.4-4.2 nats and greedy text does not loop: the gate has som
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -106,3 +113,52 @@ def make_lora(model, tokenizer, directory, name: str = "tiny-lora", seed: int = 
 def lora_setup(tiny_model, tokenizer, tmp_path_factory):
     directory = tmp_path_factory.mktemp("lora")
     return directory, make_lora(tiny_model, tokenizer, directory)
+
+
+# -- servers as users run them: `reasonmaxxer serve` in a subprocess -----------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+    """Return once `url`/health answers 200; fail with the server's last output if it exits or times out."""
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            output = proc.stderr or proc.stdout
+            pytest.fail(f"server exited: {output.read()[-3000:] if output else proc.returncode}")
+        assert time.time() < deadline, f"server did not start in {timeout:.0f} s"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+
+
+def start_server(args: list[str], timeout: float = 300, env: dict | None = None,
+                 merged_output: bool = False) -> tuple[subprocess.Popen, str]:
+    """`reasonmaxxer serve ARGS` on a free port, healthy. Its stderr is kept for a failure message (with
+    `merged_output`, stdout and stderr together on `proc.stdout`, for tests that read the log)."""
+    port = free_port()
+    out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if merged_output else \
+        {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen([sys.executable, "-m", "reasonmaxxer.cli", "serve", "--port", str(port), *args],
+                            text=True, env=env, **out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url, timeout)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM (the drain), then kill if it has not exited within `timeout`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -6,7 +6,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from conftest import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,12 +38,6 @@ def _dockerfile() -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _exe(cmd: list[str]) -> list[str]:
     """Resolve the image's command names to this environment's executables."""
     return [str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0], *cmd[1:]]
@@ -56,23 +51,14 @@ def test_image_runs_as_non_root_and_its_commands_work():
     done = subprocess.run(_exe(shlex.split(prepare)), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **{k: v for k, v in spec["env"].items() if k != "REASONMAXXER_CACHE"},
            "REASONMAXXER_HOST": "127.0.0.1", "REASONMAXXER_PORT": str(port), "REASONMAXXER_DRAIN_TIMEOUT_S": "60"}
     server = subprocess.Popen(_exe(spec["entrypoint"]), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
-        while True:
-            assert server.poll() is None, server.stdout.read()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "server did not become healthy"
-            time.sleep(0.5)
+        wait_healthy(server, url, timeout=240)
         check = subprocess.run(_exe(spec["healthcheck"]), env=env, capture_output=True, timeout=30)
         assert check.returncode == 0, check.stderr
         models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]

@@ -7,23 +7,16 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
+from conftest import start_server
+
 pytestmark = pytest.mark.slow
 DRAIN = 4.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stream(url: str, max_tokens: int, out: list) -> None:
@@ -34,21 +27,8 @@ def _stream(url: str, max_tokens: int, out: list) -> None:
 
 
 def test_sigterm_drains_then_ends_what_still_runs_and_exits_0():
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "reasonmaxxer.cli", "serve", "--port", str(port), "--drain-timeout",
-                             str(DRAIN), "--log-level", "info"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(["--drain-timeout", str(DRAIN), "--log-level", "info"], merged_output=True)
     try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.time() < deadline, "server did not start"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         short, long = [], [[] for _ in range(3)]
         threads = [threading.Thread(target=_stream, args=(url, 8, short))]
         threads += [threading.Thread(target=_stream, args=(url, 4000, out)) for out in long]

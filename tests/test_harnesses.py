@@ -15,15 +15,13 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from conftest import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -50,34 +48,11 @@ def _harness(env: str, venv: str, exe: str) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    cmd = [sys.executable, "-m", "reasonmaxxer.cli", "serve", "--dtype", "float32", "--port", str(port),
-           "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        assert proc.poll() is None, f"server exited: {proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "server did not start in 300 s"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
+    proc, url = start_server(["--dtype", "float32", "--log-level", "warning"])
     yield url
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

