@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from test_server import _serve, _state
+from test_server import _metric, _serve, _state
 
 from reasonmaxxer.server.app import create_app
 from reasonmaxxer.steering.engine import Engine
@@ -163,7 +163,7 @@ def test_nan_and_the_completions_default_max_tokens(tiny_model, tokenizer):
 
 def test_a_dropped_stream_counts_the_tokens_it_generated(live):
     url, _ = live
-    before = _generated(url)
+    before = _metric(url, "reasonmaxxer_generated_tokens_total")
     with httpx.stream("POST", url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 60,
                                                              "ignore_eos": True, "stream": True}) as r:
         lines = r.iter_lines()
@@ -173,12 +173,5 @@ def test_a_dropped_stream_counts_the_tokens_it_generated(live):
     while httpx.get(url + "/health").json()["running"]:
         assert time.time() < deadline
         time.sleep(0.02)
-    assert 5 <= _generated(url) - before < 60
+    assert 5 <= _metric(url, "reasonmaxxer_generated_tokens_total") - before < 60
 
-
-def _generated(url: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(url + "/metrics").text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "reasonmaxxer_generated_tokens_total")
