@@ -257,4 +257,7 @@ def _pair_lora_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str,
 def load_adapter(directory: str | Path) -> HeadAdapter | LoraAdapter:
     """Load an adapter directory of either kind (validated on its own; call `.validate(model, tok)` next)."""
     manifest = Manifest.load(directory)
+    if manifest.kind == "teacher":
+        raise AdapterError(f"{directory} declares kind 'teacher', which is not an adapter: a teacher is a model "
+                           "folder, loaded with `serve --teacher DIR` or `load_teacher`")
     return (HeadAdapter if manifest.kind == "head" else LoraAdapter).load(directory)

@@ -14,6 +14,9 @@ Per row, with h the final hidden state at the current position and `logits = W_U
   No extra forward pass; the KV cache is the base model's.
 - `lora` adapter, mode `always`: the row runs with the LoRA applied in every forward, prefill
   included; its KV cache is the adapted model's (exactly PEFT's model with the adapter on).
+- a `Teacher` (teacher.py), where fired: the logits are the teacher's, restricted to the base top-k
+  candidates (k = 0: all), from the row's lazy teacher cache (one teacher forward per fire, over the
+  tokens it has not seen). The row's own KV cache stays the base model's.
 - `lora` adapter, mode `gated`: the row runs the base model, so its KV cache holds base keys and
   values at every position, fired or not. Where the gate fires, only the current position is
   recomputed with the LoRA on: its query, key and value come from the adapted layers, it attends to
@@ -43,6 +46,7 @@ from .prompt_logprobs import PromptLogprobs, score_prompts
 from .request import Completion, Request, SteeringParams, TokenEvent
 from .rows import Row
 from .sampling import sample
+from .teacher import Teacher, restrict
 
 __all__ = ["Engine"]
 
@@ -66,7 +70,7 @@ class Engine:
         self.lm_head = model.get_output_embeddings()
         self.vocab = int(model.get_input_embeddings().num_embeddings)
         self.lora = LoraRouter(model)
-        self.adapters: dict[str, HeadAdapter | LoraAdapter] = {}
+        self.adapters: dict[str, HeadAdapter | LoraAdapter | Teacher] = {}  # one namespace: teachers too
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad or 0)
@@ -78,9 +82,10 @@ class Engine:
         self._batch: Batch | None = None
 
     # ---- adapters ------------------------------------------------------------------------------------
-    def add_adapter(self, adapter: HeadAdapter | LoraAdapter) -> None:
+    def add_adapter(self, adapter: HeadAdapter | LoraAdapter | Teacher) -> None:
         """Validate against this model and register under `adapter.name` (AdapterError if unfit). A head
-        adapter is registered with its weights on the model's device (moved once, not on every step)."""
+        adapter is registered with its weights on the model's device (moved once, not on every step). A
+        `Teacher` registers the same way, by name (its vocabulary must be this model's)."""
         adapter.validate(self.model, self.tokenizer)
         if isinstance(adapter, HeadAdapter):
             adapter = adapter.to(self.model.device)
@@ -114,7 +119,7 @@ class Engine:
             self._waiting.append(Row(request, self._adapter_for(request.steering), self.tokenizer, self.model.device))
         return request.request_id
 
-    def _adapter_for(self, steering: SteeringParams) -> HeadAdapter | LoraAdapter | None:
+    def _adapter_for(self, steering: SteeringParams) -> HeadAdapter | LoraAdapter | Teacher | None:
         """The registered adapter a request names (None for a plain one); ValueError if it is not loaded."""
         if steering.mode == "off" and not steering.adapter:
             return None
@@ -216,7 +221,10 @@ class Engine:
         for (name, k), idx in groups.items():
             adapter = rows[idx[0]].adapter
             sel = torch.tensor(idx, device=logits.device)
-            if isinstance(adapter, HeadAdapter):
+            if isinstance(adapter, Teacher):  # one teacher forward per fired row, over what it has not seen
+                for i in idx:
+                    out[i] = restrict(rows[i].teacher_logits().to(logits.device), logits[i], k)
+            elif isinstance(adapter, HeadAdapter):
                 cand = topk_candidates(logits[sel], k)  # (n, k)
                 delta = adapter.delta(hidden[sel], cand, self.lm_head.weight)  # (n, k)
                 out[sel] = logits[sel].scatter_add(1, cand, delta)

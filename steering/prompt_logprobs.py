@@ -14,6 +14,8 @@ before it:
 - `lora` adapter, `always`: the adapted model over the whole prompt (PEFT's model with the adapter on).
 - `lora` adapter, `gated` / `random`: the base prefill; at a fired position the hidden state of token
   j - 1 is recomputed with the LoRA on over the base cache of tokens < j - 1, as gated decoding does.
+- a `Teacher`: at a fired position, the teacher's logits restricted to the base top-k candidates (k = 0:
+  all), from one teacher forward over the prompt (run only if some position fires).
 `source` "base" reports the base distribution whatever the steering (`steering.logprobs: "base"`).
 `fired` counts the scored positions where the correction applied. Logits are taken in chunks of CHUNK
 positions, so a long prompt never holds (n, V) float32 logits at once.
@@ -31,6 +33,7 @@ from .gate import entropy, gate_mask, random_fire, topk_candidates
 from .request import SteeringParams
 from .rows import GateSettings
 from .sampling import top_logprobs
+from .teacher import Teacher, restrict
 
 __all__ = ["CHUNK", "PromptLogprobs", "score_prompts"]
 
@@ -72,10 +75,11 @@ def _score_one(engine, ids: list[int], adapter, gate: GateSettings, top_n: int, 
     hidden = out.last_hidden_state[0, :-1]  # (n-1, d): row j-1 predicts token j
     targets = x[0, 1:]  # (n-1,)
     result = PromptLogprobs(list(ids), [None], [None])
+    teacher = _TeacherPrompt(adapter, x) if isinstance(adapter, Teacher) else None
     for start in range(0, hidden.shape[0], CHUNK):
         end = min(start + CHUNK, hidden.shape[0])
         lp, top, fired = _score_chunk(engine, x, cache, hidden[start:end], targets[start:end], start, adapter, gate,
-                                      top_n, source, key)
+                                      top_n, source, key, teacher)
         result.logprobs += lp
         result.top += top
         result.fired += fired
@@ -83,7 +87,7 @@ def _score_one(engine, ids: list[int], adapter, gate: GateSettings, top_n: int, 
 
 
 def _score_chunk(engine, x, cache, hidden, targets, start: int, adapter, gate: GateSettings, top_n: int,
-                 source: str, key: int):
+                 source: str, key: int, teacher: _TeacherPrompt | None = None):
     """Positions start .. start + len(hidden) - 1 (as hidden rows); they predict tokens start + 1 ..."""
     logits = engine.lm_head(hidden).float()  # (c, V) base (adapted for lora-always)
     fired = _fired(entropy(logits), gate, start, key)  # (c,) bool
@@ -95,6 +99,8 @@ def _score_chunk(engine, x, cache, hidden, targets, start: int, adapter, gate: G
             cand = topk_candidates(logits[sel], gate.cand_k)  # (f, k)
             delta = adapter.delta(hidden[sel], cand, engine.lm_head.weight)  # (f, k)
             steered[sel] = logits[sel].scatter_add(1, cand, delta)
+        elif teacher is not None:
+            steered[sel] = restrict(teacher.logits(start + sel).to(logits.device), logits[sel], gate.cand_k)
         elif isinstance(adapter, LoraAdapter):
             for i in sel.tolist():
                 steered[i] = _recompute(engine, x, cache, start + i, adapter.name)
@@ -103,6 +109,23 @@ def _score_chunk(engine, x, cache, hidden, targets, start: int, adapter, gate: G
     chosen, values, indices = top_logprobs(use, targets, top_n)
     top = [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(indices, values, strict=True)]
     return chosen.tolist(), top, n_fired
+
+
+class _TeacherPrompt:
+    """A teacher's hidden states over one prompt, computed at the first fired position (then reused)."""
+
+    def __init__(self, teacher: Teacher, x: torch.Tensor):
+        self.teacher, self.x, self.hidden = teacher, x, None
+
+    def logits(self, columns: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits at prompt columns `columns` (they predict the next tokens). -> (f, V_t)"""
+        if self.hidden is None:
+            model = self.teacher.model
+            x = self.x.to(model.device)
+            out = model.get_decoder()(input_ids=x, attention_mask=torch.ones_like(x),
+                                      position_ids=torch.arange(x.shape[1], device=model.device)[None])
+            self.hidden = out.last_hidden_state[0]  # (n, d_t)
+        return self.teacher.lm_head(self.hidden[columns.to(self.hidden.device)]).float()
 
 
 def _fired(h: torch.Tensor, gate: GateSettings, start: int, key: int) -> torch.Tensor:

@@ -33,7 +33,8 @@ class SteeringParams:
     adapter: str | None = field(default=None, metadata={"help": "registered adapter name"})
     mode: str = field(default="off", metadata={"help": "off | gated | always"})
     threshold: float | None = field(default=None, metadata={"help": "entropy gate in nats (>= 0, inf ok)"})
-    top_k: int | None = field(default=None, metadata={"help": "candidate set size for head adapters"})
+    top_k: int | None = field(default=None, metadata={"help": "base top-k candidates a correction may move "
+                                                       "(0: a teacher's full distribution)"})
     trace: bool = field(default=False, metadata={"help": "return a per-token trace"})
     rate: float | None = field(default=None, metadata={"help": "mode random: fire probability per token "
                                                         "(default: the adapter's measured fire rate)"})
@@ -48,8 +49,9 @@ class SteeringParams:
             raise ValueError(f"threshold must be a number >= 0 (nats; inf disables the gate), got {t!r}")
         if self.rate is not None and not (isinstance(self.rate, (int, float)) and 0 <= self.rate <= 1):
             raise ValueError(f"steering rate must be a probability in [0, 1], got {self.rate!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"steering top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"steering top_k must be an integer >= 1 (0: a teacher's full distribution), "
+                             f"got {self.top_k!r}")
 
 
 @dataclass
@@ -97,6 +99,7 @@ class GateReport:
     gate_fired: int = 0
     trace: list[TraceEntry] | None = None
     rate: float | None = None  # mode random only
+    teacher_tokens: int | None = None  # a teacher: the tokens it processed (its prefills at fired positions)
 
     @property
     def fire_rate(self) -> float:
@@ -109,6 +112,8 @@ class GateReport:
         }
         if self.rate is not None:
             out["rate"] = self.rate
+        if self.teacher_tokens is not None:
+            out["teacher_tokens"] = self.teacher_tokens
         if self.trace is not None:
             out["trace"] = [vars(t) for t in self.trace]
         return out

@@ -19,6 +19,7 @@ from .adapters import HeadAdapter, LoraAdapter
 from .detok import TextStream
 from .request import GateReport, Request, TokenEvent, TraceEntry, random_rate
 from .sampling import make_generator, top_logprobs
+from .teacher import Teacher, TeacherCursor
 
 __all__ = ["GateSettings", "Row"]
 
@@ -41,25 +42,29 @@ class GateSettings:
     lora_always: bool
 
     @classmethod
-    def of(cls, steering, adapter: HeadAdapter | LoraAdapter | None) -> GateSettings:
+    def of(cls, steering, adapter: HeadAdapter | LoraAdapter | Teacher | None) -> GateSettings:
         manifest = adapter.manifest if adapter is not None else None
         tau = steering.threshold if steering.threshold is not None else (manifest.gate.tau if manifest else math.inf)
         gate_tau = {"off": math.inf, "gated": float(tau), "always": -math.inf, "random": math.inf}[steering.mode]
         rate = random_rate(steering, manifest) if steering.mode == "random" else None  # a coin, not H
-        k = steering.top_k or (manifest.top_k if manifest else DEFAULT_TOP_K)
+        k = steering.top_k if steering.top_k is not None else (manifest.top_k if manifest else DEFAULT_TOP_K)
+        if k == 0 and not isinstance(adapter, Teacher):
+            raise ValueError("steering top_k 0 (the full distribution) is for teachers only: an adapter corrects "
+                             "the base top-k candidates, so give top_k >= 1")
         return cls(steering.mode, adapter.name if adapter is not None else None, float(tau), gate_tau, rate, k,
                    isinstance(adapter, LoraAdapter) and steering.mode == "always")
 
-    def report(self, trace: bool = False) -> GateReport:
-        """An empty gate report for this gate (no tokens yet; a trace list if asked)."""
+    def report(self, trace: bool = False, teacher: bool = False) -> GateReport:
+        """An empty gate report for this gate (no tokens yet; a trace list if asked; a teacher's token count)."""
         return GateReport(adapter=self.adapter, mode=self.mode,
                           threshold=self.tau if self.mode in ("gated", "always") else None,
-                          trace=[] if trace else None, rate=self.random_rate)
+                          trace=[] if trace else None, rate=self.random_rate, teacher_tokens=0 if teacher else None)
 
 
 class Row:
     def __init__(
-        self, request: Request, adapter: HeadAdapter | LoraAdapter | None, tokenizer: Any, device: Any = "cpu"
+        self, request: Request, adapter: HeadAdapter | LoraAdapter | Teacher | None, tokenizer: Any,
+        device: Any = "cpu",
     ):
         steering, self.request, self.adapter = request.steering, request, adapter
         gate = GateSettings.of(steering, adapter)
@@ -69,7 +74,16 @@ class Row:
         self.stream = TextStream(tokenizer, request.sampling.stop)
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
-        self.report = gate.report(steering.trace)
+        is_teacher = isinstance(adapter, Teacher) and steering.mode != "off"
+        self.report = gate.report(steering.trace, teacher=is_teacher)
+        self.cursor = TeacherCursor(adapter) if is_teacher else None  # the teacher's lazy KV cache
+
+    def teacher_logits(self) -> torch.Tensor:
+        """The teacher's next-token logits after this row's text so far (prefilling what it has not seen)."""
+        before = self.cursor.tokens
+        logits = self.cursor.logits(self.request.prompt_ids + self.token_ids)
+        self.report.teacher_tokens += self.cursor.tokens - before
+        return logits
 
     @property
     def request_id(self) -> str:
