@@ -4,8 +4,10 @@ time, `DELETE /v1/adapters/{name}` unloads one.
 Policy (documented in the README): loading and unloading are off unless the server was started with at
 least one `--adapter-root DIR`; then only directories under those roots load (after resolving symlinks and
 `..`), and a path outside them is refused with one message that says nothing about what exists on the
-server. Behind `--api-key` like every route. Adapter names (from adapter.json) use a safe character set
-(steering/manifest.py) and may never be the served model's id: `check_name`, also applied at start-up.
+server. A directory with a model's `config.json` and no `adapter.json` loads as a teacher (transformers
+backend only; on vLLM a 400 says what to use instead). Behind `--api-key` like every route. Adapter names
+(from adapter.json) use a safe character set (steering/manifest.py) and may never be the served model's
+id: `check_name`, also applied at start-up.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ router = APIRouter()
 
 class AdapterLoad(BaseModel):
     path: StrictStr
+
+
+def _load(s, path: Path):
+    """An adapter directory, or a model folder (config.json, no adapter.json) as a teacher."""
+    from reasonmaxxer.steering.adapters import load_adapter
+
+    if not (path / "adapter.json").is_file() and (path / "config.json").is_file():
+        from .app import load_teacher_for
+
+        return load_teacher_for(s.settings, str(path))
+    return load_adapter(path)
 
 
 def check_name(name: str, served_name: str) -> None:
@@ -57,18 +70,18 @@ async def list_adapters(request: Request) -> dict[str, Any]:
         m = adapter.manifest
         data.append({"id": name, "object": "adapter", "kind": m.kind, "path": s.adapter_paths.get(name),
                      "tau": m.gate.tau, "top_k": m.top_k, "measured_fire_rate": m.gate.measured_fire_rate,
-                     "base_model": m.base_model.name})
+                     "base_model": s.served_name if m.kind == "teacher" else m.base_model.name})
     return {"object": "list", "data": data}
 
 
 @router.post("/v1/adapters", status_code=201)
 async def load_adapter_route(body: AdapterLoad, request: Request) -> dict[str, Any]:
-    from reasonmaxxer.steering.adapters import AdapterError, load_adapter
+    from reasonmaxxer.steering.adapters import AdapterError
 
     s = request.app.state.server
     path = _allowed(s, body.path)
     try:
-        adapter = await asyncio.to_thread(load_adapter, path)
+        adapter = await asyncio.to_thread(_load, s, path)
         check_name(adapter.name, s.served_name)
         await asyncio.to_thread(s.engine.add_adapter, adapter)
     except (AdapterError, ValueError) as e:

@@ -63,6 +63,8 @@ def build_state(settings: Settings) -> ServerState:
 
     from .backends import adapter_paths, start_engine
 
+    if settings.teachers:  # before any model loads
+        check_teacher_backend(settings, settings.teachers[0])
     paths = adapter_paths(settings)
     adapters = [load_adapter(p) for p in paths]
     engine, tokenizer, name = start_engine(settings, adapters)
@@ -73,7 +75,32 @@ def build_state(settings: Settings) -> ServerState:
         check_name(adapter.name, name)
         engine.add_adapter(adapter)
         state.adapter_paths[adapter.name] = str(path)
+    for spec in settings.teachers:
+        teacher = load_teacher_for(settings, spec)
+        check_name(teacher.name, name)
+        engine.add_adapter(teacher)
+        state.adapter_paths[teacher.name] = spec
     return state
+
+
+def check_teacher_backend(settings: Settings, spec: str) -> None:
+    """AdapterError, saying what to use instead, unless this server's backend can run a teacher."""
+    from reasonmaxxer.steering.adapters import AdapterError
+
+    if settings.backend != "transformers":
+        raise AdapterError(f"teacher {spec!r}: teachers run on the transformers backend only (vLLM applies "
+                           "corrections in a logits processor, which cannot run a second model); serve with "
+                           "--backend transformers, or use a head/LoRA adapter (e.g. one distilled from the "
+                           "teacher with `reasonmaxxer fit --teacher`)")
+
+
+def load_teacher_for(settings: Settings, spec: str):
+    """A teacher for this server (its dtype, device and default gate); AdapterError on the vLLM backend."""
+    from reasonmaxxer.steering.teacher import load_teacher
+
+    check_teacher_backend(settings, spec)
+    return load_teacher(spec, dtype=settings.dtype, device=settings.device, tau=settings.teacher_tau,
+                        rate=settings.teacher_rate)
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -27,6 +27,8 @@ class Metrics:
         self.generated = Counter("reasonmaxxer_generated_tokens", "Tokens generated", labels, registry=r)
         self.gate_fired = Counter("reasonmaxxer_gate_fired_tokens", "Tokens where the adapter was applied",
                                   labels, registry=r)
+        self.teacher_tokens = Counter("reasonmaxxer_teacher_tokens", "Tokens a teacher processed (its prefills at "
+                                      "fired positions)", labels, registry=r)
         self.prompt_scored = Counter("reasonmaxxer_prompt_scored_tokens", "Prompt tokens scored for echo logprobs",
                                      labels, registry=r)
         self.prompt_fired = Counter("reasonmaxxer_prompt_gate_fired_tokens",
@@ -49,6 +51,8 @@ class Metrics:
         adapter, mode = report.adapter or "", report.mode
         self.generated.labels(model, adapter, mode).inc(report.tokens)
         self.gate_fired.labels(model, adapter, mode).inc(report.gate_fired)
+        if report.teacher_tokens:
+            self.teacher_tokens.labels(model, adapter, mode).inc(report.teacher_tokens)
         self.fire_rate.labels(model, mode).observe(report.fire_rate)
 
     def observe_cancelled(self, model: str, choices) -> None:

@@ -75,7 +75,8 @@ class SteeringOptions(BaseModel):
     mode: Literal["off", "gated", "always", "random"] | None = Field(
         default=None, description="default: gated with an adapter; random: the random-position control")
     threshold: float | None = Field(default=None, description="entropy gate in nats; default: the adapter's tau")
-    top_k: int | None = Field(default=None, ge=1, le=1000, description="head adapters: candidates corrected")
+    top_k: int | None = Field(default=None, ge=0, le=1000, description="base top-k candidates a correction may "
+                              "move (0: a teacher's full distribution)")
     trace: bool = Field(default=False, description="return the per-token trace")
     rate: float | None = Field(default=None, ge=0, le=1, description="mode random: fire probability per token")
     logprobs: Literal["steered", "base"] = Field(default="steered", description="distribution logprobs report")

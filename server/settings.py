@@ -22,6 +22,12 @@ class Settings(BaseSettings):
     served_name: str | None = Field(default=None, description="model id clients use (default: --model)")
     adapters: list[str] = Field(default_factory=list, description="adapter directories to load at start")
     bundled_adapter: bool = Field(default=True, description="load the model's bundled adapter when none given")
+    teachers: list[str] = Field(default_factory=list, description="teacher models (known name or folder) to load "
+                                "at start, each named after its folder; transformers backend only")
+    teacher_tau: float = Field(default=1.4, ge=0, description="a teacher's default entropy gate in nats (the paper's "
+                               "1.4); requests override it with steering.threshold")
+    teacher_rate: float | None = Field(default=None, ge=0, le=1, description="a teacher's default fire probability "
+                                       "for mode random (none: requests must pass steering.rate)")
     adapter_roots: list[str] = Field(default_factory=list, description="POST /v1/adapters loads only under these "
                                      "directories; none: adapter admin is off")
     max_body_bytes: int = Field(default=4 << 20, ge=1024, description="largest request body (bytes) before 413")

@@ -57,11 +57,11 @@ class AsyncEngine:
 
     def check(self, request: Request) -> None:
         """Raise ValueError if this engine cannot run `request` as asked (`Engine.submit` checks the rest)."""
-        from .request import random_rate
+        from .rows import GateSettings
 
         st = request.steering
-        if st.mode == "random" and st.adapter in self.engine.adapters:
-            random_rate(st, self.engine.adapters[st.adapter].manifest)
+        if st.adapter in self.engine.adapters:  # random's rate, top_k 0 for teachers only
+            GateSettings.of(st, self.engine.adapters[st.adapter])
 
     @property
     def num_running(self) -> int:

@@ -4,13 +4,14 @@ import math
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
 
 from reasonmaxxer.steering.adapters import AdapterError, HeadAdapter, load_adapter
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.request import Request, SteeringParams
 from reasonmaxxer.steering.sampling import SamplingParams
 from reasonmaxxer.steering.teacher import Teacher, TeacherCursor, restrict
+
+from conftest import make_model, make_tokenizer
 
 N = 20
 
@@ -116,7 +117,7 @@ def test_gated_teacher_picks_the_teachers_best_base_candidate(engine, prompts, t
 def test_lazy_prefill_equals_a_full_forward(other_model, tokenizer, prompts):
     teacher = Teacher.create(other_model, tokenizer, "t")
     cursor = TeacherCursor(teacher)
-    ids = list(prompts[3]) + [5, 17, 40, 41, 9, 100, 3, 77, 12]
+    ids = [*list(prompts[3]), 5, 17, 40, 41, 9, 100, 3, 77, 12]
     reference = full_logits(other_model, ids)  # (n, V)
     for end in (len(prompts[3]), len(prompts[3]) + 1, len(prompts[3]) + 4, len(prompts[3]) + 5, len(ids)):
         got = cursor.logits(ids[:end])
@@ -151,7 +152,7 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_model, tokenizer):
     other_tok = make_tokenizer(vocab_size=330)
     stranger = Teacher.create(make_model(other_tok, seed=2), other_tok, "stranger")
     engine = Engine(tiny_model, tokenizer)
-    with pytest.raises(AdapterError, match="vocabularies differ .*320 tokens against 330"):
+    with pytest.raises(AdapterError, match=r"vocabularies differ .*320 tokens against 330"):
         engine.add_adapter(stranger)
     assert "stranger" not in engine.adapters
 
@@ -175,7 +176,8 @@ def test_mixed_batch_teacher_adapter_and_plain_rows_match_alone(engine, prompts,
         (prompts[1], sampled(4), SteeringParams("other", "gated", threshold=3.1)),
         (prompts[0], greedy(), SteeringParams("head", "gated", threshold=3.4)),
         (prompts[2], sampled(6), SteeringParams("tiny-lora", "always")),
-        (tokenizer("Weng earns $12 an hour. " * 5)["input_ids"], SamplingParams(max_tokens=6, seed=2), SteeringParams()),
+        (tokenizer("Weng earns $12 an hour. " * 5)["input_ids"], SamplingParams(max_tokens=6, seed=2),
+         SteeringParams()),
         (prompts[3], greedy(), SteeringParams("other", "always", top_k=0)),
     ]
     alone = [engine.generate([Request(p, sp, st)])[0].token_ids for p, sp, st in specs]

@@ -24,9 +24,9 @@ from typing import Any
 
 from reasonmaxxer.steering.adapters import HeadAdapter, LoraAdapter
 from reasonmaxxer.steering.async_engine import EngineFull
-from reasonmaxxer.steering.manifest import check_identity, config_identity
+from reasonmaxxer.steering.manifest import AdapterError, check_identity, config_identity
 from reasonmaxxer.steering.prompt_logprobs import PromptLogprobs
-from reasonmaxxer.steering.request import GateReport, Request, TokenEvent, TraceEntry, random_rate
+from reasonmaxxer.steering.request import GateReport, Request, TokenEvent, TraceEntry
 from reasonmaxxer.steering.rows import GateSettings
 
 from . import apply_cpu_env, check_vllm_version, make_xargs
@@ -115,6 +115,10 @@ class VllmSteering:
         self.report_timeout = 30.0
 
     def add_adapter(self, adapter: HeadAdapter | LoraAdapter) -> None:
+        if adapter.manifest.kind == "teacher":
+            raise AdapterError(f"teacher {adapter.name!r}: teachers run on the transformers backend only (a vLLM "
+                               "logits processor cannot run a second model); serve with --backend transformers, or "
+                               "distil the teacher into an adapter with `reasonmaxxer fit --teacher`")
         check_identity(adapter.name, adapter.manifest.base_model, self.identity)
         if adapter.name in self.adapters:
             raise ValueError(f"an adapter named {adapter.name!r} is already loaded: remove it first")
@@ -144,8 +148,8 @@ class VllmSteering:
         adapter = self.adapters.get(st.adapter) if st.adapter else None
         if st.adapter and adapter is None:
             raise ValueError(f"unknown adapter {st.adapter!r}; loaded adapters: {', '.join(self.adapters) or 'none'}")
-        if st.mode == "random" and adapter is not None:
-            random_rate(st, adapter.manifest)
+        if adapter is not None:  # random's rate; top_k 0 is for teachers, which vLLM never holds
+            GateSettings.of(st, adapter)
         if isinstance(adapter, LoraAdapter) and st.mode in ("gated", "random"):
             raise ValueError(
                 f"adapter {st.adapter!r} is a lora adapter: on the vLLM backend lora runs through vLLM's LoRA "
