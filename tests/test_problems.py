@@ -198,3 +198,31 @@ def test_infer_preset_from_names():
     assert infer_preset("/x/minerva_math/test.jsonl") == "minerva"
     assert infer_preset("/x/eval_rm_maj_example/math_cot_100.jsonl") == "math_cot"
     assert infer_preset("/x/y/z.jsonl") is None
+
+
+def test_plain_question_answer_fields_are_recognised(tmp_path):
+    rows = _write(tmp_path / "mine.jsonl", [{"question": "What is 2 + 3?", "answer": 5},
+                                             {"question": "What is 4 + 4?", "answer": "8"}])
+    problems = load_problems(rows)
+    assert [(p.question, p.answer) for p in problems] == [("What is 2 + 3?", "5"), ("What is 4 + 4?", "8")]
+    assert problems.selection["question_field"] == "question" and problems.selection["answer_field"] == "answer"
+    worked = _write(tmp_path / "worked.jsonl", [{"problem": "2 + 2?", "answer": "2 + 2 = 4\n#### 4"}])
+    assert load_problems(worked)[0].answer == "4"  # a GSM8K-style worked answer: the text after ####
+    only_q = _write(tmp_path / "q.jsonl", [{"prompt": "2 + 2?", "sol": "4"}])
+    assert load_problems(only_q, answer_field="sol")[0].question == "2 + 2?"
+
+
+def test_ambiguous_or_unknown_fields_are_refused_with_the_fields_named(tmp_path):
+    both = _write(tmp_path / "both.jsonl", [{"question": "a", "problem": "b", "answer": "1"}])
+    with pytest.raises(ProblemError, match="several question fields") as info:
+        load_problems(both)
+    assert "--question-field" in str(info.value)
+    odd = _write(tmp_path / "odd.jsonl", [{"q": "a", "a": "1"}])
+    with pytest.raises(ProblemError, match="fields q, a") as info:
+        load_problems(odd)
+    assert "--question-field" in str(info.value) and "--preset" in str(info.value)
+
+
+def test_a_missing_file_is_reported_as_missing_even_without_a_preset(tmp_path):
+    with pytest.raises(ProblemError, match="No problem file"):
+        load_problems(tmp_path / "x.jsonl")

@@ -9,6 +9,9 @@ Contract:
   files of ``../shared/data`` (see its MANIFEST.md). ``question`` is a field name or a tuple of fields
   joined with " "; ``answer_transform`` turns the raw answer value into the gold answer string.
 - ``infer_preset(path)`` -> preset name from the parent folder (or the file stem), or None.
+- Without a preset or fields, plain fields are recognised where unambiguous: exactly one of
+  ``QUESTION_FIELDS`` and one of ``ANSWER_FIELDS`` in the first record (a GSM8K-style ``####`` answer is cut
+  after its marker). Anything else is refused with the record's fields and the flags to pass.
 - ``load_problems(source, preset=None, question_field=None, answer_field=None, offset=0, limit=None,
   seed=None)`` -> ``ProblemSet``. Without a seed: records [offset, offset+limit) in file order; with a seed:
   a seeded permutation of all records, then [offset, offset+limit). So train/eval splits are fixed,
@@ -199,23 +202,47 @@ def _read_hf(name: str) -> tuple[list[tuple[int, dict]], bytes]:
     return records, raw
 
 
-def _resolve_fields(
-    source: str, preset: str | None, question_field: str | None, answer_field: str | None
-) -> tuple[str | None, Preset]:
-    name = preset or infer_preset(source)
+QUESTION_FIELDS = ("question", "problem", "prompt", "query", "input")
+ANSWER_FIELDS = ("answer", "final_answer", "gt", "target", "label")
+
+
+def _detect(first: dict, names: tuple[str, ...], what: str, flag: str, source: str) -> str:
+    """The one field of `first` among `names`; ProblemError naming the record's fields otherwise."""
+    found = [n for n in names if n in first]
+    if len(found) == 1:
+        return found[0]
+    why = f"it has several {what} fields ({', '.join(found)})" if found else f"no {what} field ({' / '.join(names)})"
+    raise ProblemError(
+        f"Cannot tell the fields of {source!r}: no preset matches its folder or name, and {why}; its records have "
+        f"fields {', '.join(first) or 'none'}. Pass {flag} (and --question-field / --answer-field as needed), or "
+        f"--preset (one of {', '.join(PRESETS)})."
+    )
+
+
+def _check_preset(preset: str | None) -> None:
     if preset is not None and _preset_name(preset) is None:
         raise ProblemError(f"Unknown preset {preset!r}. Known presets: {', '.join(PRESETS)}.")
+
+
+def _resolve_fields(
+    source: str, preset: str | None, question_field: str | None, answer_field: str | None, first: dict | None = None
+) -> tuple[str | None, Preset]:
+    """The preset name (or None) and the fields to read: flags, else the preset, else detected in `first`."""
+    name = preset or infer_preset(source)
+    _check_preset(preset)
     base = PRESETS[_preset_name(name)] if name else None
+    detected = None  # the answer transform of detected fields
     if base is None and not (question_field and answer_field):
-        raise ProblemError(
-            f"Cannot tell the fields of {source!r}: no preset matches its folder or name. Pass --preset "
-            f"(one of {', '.join(PRESETS)}) or both --question-field and --answer-field."
-        )
+        first = first or {}
+        question_field = question_field or _detect(first, QUESTION_FIELDS, "question", "--question-field", source)
+        if not answer_field:
+            answer_field = _detect(first, ANSWER_FIELDS, "answer", "--answer-field", source)
+            detected = gsm8k_answer if "####" in str(first.get(answer_field, "")) else None
     question = tuple(f.strip() for f in question_field.split(",")) if question_field else base.question
     if isinstance(question, tuple) and len(question) == 1:
         question = question[0]
     answer = answer_field or base.answer
-    transform = base.answer_transform if base and not answer_field else None
+    transform = base.answer_transform if base and not answer_field else detected
     id_field = base.id_field if base else None
     return (_preset_name(name) if name else None), Preset(question, answer, transform, id_field)
 
@@ -279,8 +306,9 @@ def load_problems(
 ) -> ProblemSet:
     """Load a selection of problems from a JSONL path or ``hf:NAME[:split]``; see the module docstring."""
     source = str(source)
-    name, spec = _resolve_fields(source, preset, question_field, answer_field)
+    _check_preset(preset)  # before reading anything
     records, raw = _read_hf(source[3:]) if source.startswith("hf:") else _read_jsonl(Path(source))
+    name, spec = _resolve_fields(source, preset, question_field, answer_field, records[0][1] if records else {})
     where = source
     indices = _select(len(records), offset, limit, seed, where)
     set_name = _set_name(source)
