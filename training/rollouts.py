@@ -9,13 +9,16 @@ Contract:
   rollouts in flight. Running again with the same arguments resumes: the meta line must match (else a
   clear error), a torn last line is cut off, and only the missing (problem, sample) pairs run. Sample
   seeds are a function of (seed, row, sample), so a resumed run draws what the uninterrupted run would.
+- `resume_check(out, problems, config)`, before any model loads: how many of this run's rollouts `out`
+  already holds; ValueError when it holds a run on other problems or with other sampling settings.
+- Progress counts tokens: the bar's total is the token budget of the sequences still to run (it shrinks when
+  one ends early), so its rate is generated tokens per second and its estimate an upper bound.
 - `summarize(records)` gives pass@1, pass@k, the number of problems with mixed outcomes, and more.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -31,7 +34,8 @@ from reasonmaxxer.steering.sampling import SamplingParams
 from .problems import Problem, ProblemSet
 from .prompts import build_prompt_ids, default_stop, prompt_style_for
 
-__all__ = ["RolloutConfig", "completed", "evaluate", "generate", "load_rollouts", "run_rollouts", "summarize"]
+__all__ = ["RolloutConfig", "completed", "evaluate", "generate", "load_rollouts", "resume_check", "run_rollouts",
+           "summarize"]
 
 
 @dataclass
@@ -84,6 +88,26 @@ def completed(out: str | Path, problems: ProblemSet, config: RolloutConfig, toke
     if not same or any((p.id, k) not in done for p in problems.problems for k in range(config.samples)):
         return None
     return summarize(records)
+
+
+def resume_check(out: str | Path, problems: ProblemSet, config: RolloutConfig) -> int:
+    """The number of this run's (problem, sample) pairs already in `out` (0 without a file). ValueError when
+    the file is of another run: problem selection or the sampling settings that need no tokenizer differ."""
+    out = Path(out)
+    if not out.exists() or out.stat().st_size == 0:
+        return 0
+    meta, records = load_rollouts(out)
+    old, new = meta.get("sampling", {}), asdict(config)
+    keys = ["samples", "temperature", "top_p", "max_new_tokens", "seed"] + (
+        ["prompt_style"] if config.prompt_style != "auto" else [])
+    changed = [k for k in keys if k in old and old[k] != new[k]]
+    changed += [k for k in ("sha256", "offset", "limit", "seed", "preset")
+                if meta.get("problems", {}).get(k) != problems.selection.get(k)]
+    if changed:
+        raise ValueError(f"{out} holds a run with other settings ({', '.join(sorted(set(changed)))} differ): pass "
+                         "another --out, or delete it to start over")
+    wanted = {(p.id, k) for p in problems.problems for k in range(config.samples)}
+    return len(wanted & {(r["problem_id"], r["sample"]) for r in records})
 
 
 def _same_run(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -146,10 +170,11 @@ def _todo(problems: ProblemSet, samples: int, done: set[tuple[str, int]]) -> Ite
                 yield p, k
 
 
-def decode_all(engine, items: Iterable[Any], concurrency: int,
-               make_request: Callable[[Any], Request]) -> Iterator[tuple[Any, Request, list[int], TokenEvent]]:
+def decode_all(engine, items: Iterable[Any], concurrency: int, make_request: Callable[[Any], Request],
+               on_token: Callable[[], object] | None = None) -> Iterator[tuple[Any, Request, list[int], TokenEvent]]:
     """Decode one request per item, `concurrency` at a time, on an engine with `submit`/`step` (ours, or
-    the offline vLLM one); yield each as it finishes: (item, request, completion ids, last event)."""
+    the offline vLLM one); yield each as it finishes: (item, request, completion ids, last event).
+    `on_token()` is called for every token generated (progress)."""
     inflight: dict[str, tuple[Any, Request, list[int]]] = {}
     queue = iter(items)
     while True:
@@ -164,6 +189,8 @@ def decode_all(engine, items: Iterable[Any], concurrency: int,
             item, req, ids = inflight[event.request_id]
             if event.token_id is not None:
                 ids.append(event.token_id)
+                if on_token is not None:
+                    on_token()
             if event.finished:
                 del inflight[event.request_id]
                 yield item, req, ids, event
@@ -171,12 +198,12 @@ def decode_all(engine, items: Iterable[Any], concurrency: int,
 
 def generate(
     engine: Engine, items: Iterable[tuple[Problem, int]], config: RolloutConfig,
-    steering: SteeringParams | None = None,
+    steering: SteeringParams | None = None, on_token: Callable[[], object] | None = None,
 ) -> Iterator[tuple[Problem, int, Request, list[int], TokenEvent]]:
     """Decode (problem, sample) items, `config.concurrency` at a time; yield each as it finishes:
     (problem, sample, request, completion ids, last event (finish reason, gate report))."""
     make = lambda item: _request(engine, config, *item, steering)  # noqa: E731
-    for (problem, k), req, ids, last in decode_all(engine, items, config.concurrency, make):
+    for (problem, k), req, ids, last in decode_all(engine, items, config.concurrency, make, on_token):
         yield problem, k, req, ids, last
 
 
@@ -192,16 +219,19 @@ def run_rollouts(
     out = Path(out)
     f, done = _open_output(out, _meta(engine, problems, config))
     todo = list(_todo(problems, config.samples, done))
-    bar = tqdm(total=len(todo), desc="rollouts", unit="seq", disable=not progress)
-    start, tokens = time.perf_counter(), 0
-    with f:
-        for problem, k, req, ids, last in generate(engine, todo, config):
-            f.write(json.dumps(_record(engine, problem, k, req, ids, last.finish_reason, score)) + "\n")
-            f.flush()
-            tokens += len(ids)
-            bar.update(1)
-            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
-    bar.close()
+    bar = tqdm(total=len(todo) * config.max_new_tokens, desc="rollouts", unit="tok", unit_scale=True,
+               disable=not progress, postfix=f"0/{len(todo)} sequences")
+    finished = 0
+    try:
+        with f:
+            for problem, k, req, ids, last in generate(engine, todo, config, on_token=lambda: bar.update(1)):
+                f.write(json.dumps(_record(engine, problem, k, req, ids, last.finish_reason, score)) + "\n")
+                f.flush()
+                finished += 1
+                bar.total -= config.max_new_tokens - len(ids)  # an early end frees the rest of its budget
+                bar.set_postfix_str(f"{finished}/{len(todo)} sequences")
+    finally:
+        bar.close()
     _, records = load_rollouts(out)
     return summarize(records)
 

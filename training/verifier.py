@@ -20,7 +20,7 @@ Contract:
   answer, so "72", "\\frac{1}{2}" and "$\\frac{1}{2}$" all work.
 - ``score`` / ``score_many`` module functions: one-off convenience wrappers around a short-lived Verifier.
 
-Needs ``math-verify[antlr4_13_2]`` (imported only inside the worker processes).
+Needs ``math-verify`` with ``antlr4-python3-runtime==4.13.2`` (imported only inside the worker processes).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import os
 import queue
 import re
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -136,6 +137,7 @@ def _worker_loop(inner_timeout: int = 3) -> None:
     The protocol uses a private copy of stdout; fd 1 is pointed at stderr so that anything a library
     prints cannot corrupt the replies.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent handles it
     try:
         import resource
 
@@ -182,7 +184,7 @@ class _Worker:
             self.stop()
             raise RuntimeError(
                 "The math-verify worker did not start. Install it into this environment: "
-                "pip install 'math-verify[antlr4_13_2]' (and check `python -c 'import math_verify'`)."
+                "pip install math-verify 'antlr4-python3-runtime==4.13.2' (and check `python -c 'import math_verify'`)."
             )
 
     def _readline(self, deadline: float) -> str | None:
