@@ -13,6 +13,9 @@ Contract (DESIGN.md, "The idea"):
 6. At `args.checkpoints` evenly spaced points, `callback(step, adapter)` may score a validation split
    and return a number (higher is better): the best checkpoint is returned (the last one without).
 The returned adapter carries tau, its calibration, provenance and losses in its manifest.
+With a `teacher` (a causal LM with the base's tokenizer: `fit --teacher M`), step 1 keeps every problem
+(no rewards are needed), step 4 is skipped, and the decision term is distill.py's: KL(teacher || adapted)
+on the base top-k candidates at each decision point, the same anchor elsewhere.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class FitArgs:
     checkpoint_every: float = field(default=0.0, metadata={
         "help": "a checkpoint every this fraction of an epoch; 0: use --checkpoints"})
     autocast: str = field(default="none", metadata={"help": "lora: none | bfloat16 (autocast of the forwards)"})
+    teacher_target: str = field(default="kl", metadata={
+        "help": "with a teacher: kl (KL(teacher || adapted) on the candidates) | argmax (the teacher's best "
+                "candidate as a hard target)"})
 
 
 @dataclass
@@ -83,6 +89,7 @@ class TrainItem:
     ids: list[int]
     problem_id: str = ""
     sample: int = 0
+    teacher: torch.Tensor | None = None  # (P, k) a teacher's logits on the base candidates (distillation)
 
     @property
     def completion_len(self) -> int:
@@ -182,7 +189,10 @@ def _head_loss(w_u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kl_weight: f
     return seq_loss
 
 
-def fit_head(model, tokenizer, items: list[TrainItem], tau: float, args: FitArgs, callback: Callback | None):
+def fit_head(model, tokenizer, items: list[TrainItem], tau: float, args: FitArgs, callback: Callback | None,
+             loss=None):
+    """Train a head adapter on cached scores; `loss(w_u, a, b)` makes the per-sequence loss (default: the
+    contrastive one, `_head_loss`)."""
     torch.manual_seed(args.seed)
     d = int(model.config.hidden_size)
     w_u = model.get_output_embeddings().weight.detach()
@@ -200,7 +210,8 @@ def fit_head(model, tokenizer, items: list[TrainItem], tau: float, args: FitArgs
         if not best or value is None or (best["value"] is not None and value > best["value"]):
             best.update(step=step, value=value, adapter=adapter)
 
-    history = loop.run([a, b], items, args, _head_loss(w_u, a, b, args.kl_weight), on_checkpoint, "fit head")
+    seq_loss = loss(w_u, a, b) if loss else _head_loss(w_u, a, b, args.kl_weight)
+    history = loop.run([a, b], items, args, seq_loss, on_checkpoint, "fit head")
     return best["adapter"], history, {"step": best["step"], "value": best["value"]}
 
 
@@ -221,17 +232,34 @@ def head_diagnostics(model, items: list[TrainItem], adapter: HeadAdapter) -> dic
     return {"logp_shift_positive": mean(pos), "logp_shift_negative": mean(neg), "anchor_kl": mean(kls)}
 
 
-def _fit_one(model, tokenizer, items, tau: float, args: FitArgs, callback: Callback | None):
+def _fit_one(model, tokenizer, items, tau: float, args: FitArgs, callback: Callback | None, distil: bool = False):
+    from . import distill
+
     if args.kind == "head":
-        return fit_head(model, tokenizer, items, tau, args, callback)
+        loss = (lambda w_u, a, b: distill.head_distill_loss(w_u, a, b, args.kl_weight, args.teacher_target)) \
+            if distil else None
+        return fit_head(model, tokenizer, items, tau, args, callback, loss)
     from .fit_lora import fit_lora
 
-    return fit_lora(model, tokenizer, items, tau, args, callback)
+    loss = (lambda peft, autocast: distill.lora_distill_loss(peft, args.kl_weight, args.teacher_target, autocast)) \
+        if distil else None
+    return fit_lora(model, tokenizer, items, tau, args, callback, loss)
+
+
+def distill_targets() -> tuple[str, ...]:
+    from .distill import TARGETS
+
+    return TARGETS
+
+
+def _with_teacher(items: list[TrainItem], teacher_logits: list[torch.Tensor]) -> list[TrainItem]:
+    """Distillation items: the teacher's candidate logits attached, every rollout weighted 1 (no rewards)."""
+    return [replace(it, teacher=t, advantage=1.0) for it, t in zip(items, teacher_logits, strict=True)]
 
 
 def fit(model, tokenizer, records: Sequence[dict], args: FitArgs, callback: Callback | None = None,
         provenance: dict | None = None, progress: bool = True, score_cache: str | None = None,
-        tau_sweep: Sequence[float] | None = None):
+        tau_sweep: Sequence[float] | None = None, teacher=None):
     """The whole fit: select, trim, score (reusing `score_cache` if given), set tau, train, pick the checkpoint.
     With `tau_sweep`, one adapter per tau from the one scoring pass, each with its own checkpoint choice; the
     one with the best validation value is returned and its manifest records the sweep. Returns (adapter, report)."""
@@ -240,18 +268,26 @@ def fit(model, tokenizer, records: Sequence[dict], args: FitArgs, callback: Call
     if tau_sweep and callback is None:
         raise ValueError("a tau sweep keeps the tau that does best on validation: give a validation split "
                          "(--val-problems FILE with --val-offset/--val-limit)")
+    if args.teacher_target not in distill_targets():
+        raise ValueError(f"unknown teacher target {args.teacher_target!r}: use one of {', '.join(distill_targets())}")
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    selected = select_problems(records, args.keep_problems)
+    selected = list(records) if teacher is not None else select_problems(records, args.keep_problems)
     kept = trim_shortest(selected, args.trim)
     scored = score_all(model, kept, args.top_k, args.kind == "head", score_cache, progress)
+    if teacher is not None:
+        from .distill import teacher_scores
+
+        teacher_logits = teacher_scores(teacher, model, kept, scored, args.top_k, score_cache, progress)
     times["scoring_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     runs = []
     for threshold in (tau_sweep or [args.threshold]):
         run_args = replace(args, threshold=threshold)
         items, tau, stats = make_items(kept, scored, run_args)
-        adapter, history, chosen = _fit_one(model, tokenizer, items, tau, run_args, callback)
+        if teacher is not None:
+            items = _with_teacher(items, teacher_logits)
+        adapter, history, chosen = _fit_one(model, tokenizer, items, tau, run_args, callback, teacher is not None)
         runs.append((items, tau, stats, adapter, history, chosen))
     best = max(runs, key=lambda r: r[5]["value"]) if tau_sweep else runs[0]
     items, tau, stats, adapter, history, chosen = best
@@ -260,6 +296,10 @@ def fit(model, tokenizer, records: Sequence[dict], args: FitArgs, callback: Call
                  trim_cutoff_tokens=max((_length(r) for r in kept), default=0))
     if args.kind == "head":
         stats["diagnostics"] = head_diagnostics(model, items, adapter)
+        if teacher is not None:
+            from .distill import distill_diagnostics
+
+            stats["diagnostics"].update(distill_diagnostics(model, items, adapter))
     report = {"data": stats, "chosen_checkpoint": chosen, "times": times,
               "final": history[-1] if history else None, "steps": len(history)}
     if tau_sweep:

@@ -56,7 +56,10 @@ def _snapshot(peft_model, manifest: Manifest) -> LoraAdapter:
         return LoraAdapter.load(Path(tmp))
 
 
-def fit_lora(model, tokenizer, items, tau: float, args, callback) -> tuple[LoraAdapter, list[dict], dict[str, Any]]:
+def fit_lora(model, tokenizer, items, tau: float, args, callback,
+             loss=None) -> tuple[LoraAdapter, list[dict], dict[str, Any]]:
+    """Train a LoRA with PEFT; `loss(peft_model, autocast)` makes the per-sequence loss (default: the
+    contrastive one, `_lora_loss`; `autocast` is a no-argument context manager factory)."""
     from peft import LoraConfig, get_peft_model
 
     identity = base_identity(model, tokenizer)
@@ -78,8 +81,9 @@ def fit_lora(model, tokenizer, items, tau: float, args, callback) -> tuple[LoraA
 
     try:
         peft_model.train()
-        history = loop.run(params, items, args, _lora_loss(peft_model, args.kl_weight, args.autocast), on_checkpoint,
-                           "fit lora")
+        seq_loss = (loss(peft_model, lambda: _autocast(peft_model.device, args.autocast)) if loss
+                    else _lora_loss(peft_model, args.kl_weight, args.autocast))
+        history = loop.run(params, items, args, seq_loss, on_checkpoint, "fit lora")
     finally:
         peft_model.eval()
         peft_model.unload()
