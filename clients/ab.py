@@ -10,9 +10,11 @@ later run may name other arms (added ones are sampled, left-out ones keep their 
 since a sample's seed depends on the problem and sample index only); other problems or sampling settings are refused
 (`out_dir/meta.json` lists every arm the folder has seen).
 `aggregate(...)` gives per arm pass@1 with a 95% interval (problem-level bootstrap), the paired difference
-against `base` with its interval and an exact McNemar p-value, fire rate (mean and histogram), tokens per
-answer, tokens/s and latency percentiles, the failure taxonomy (`failure_kind`: the share of answers wrong
-with a boxed answer, wrong without one, and truncated), plus a few problems where the arms disagree.
+against `base` with its interval and an exact McNemar p-value, fire rate (mean, and a histogram whose 20 bins
+span the rates seen: `fire_rate_bins` are its edges), tokens per answer, tokens/s and latency percentiles, the
+failure taxonomy (`failure_kind`: the share of answers wrong with a boxed answer, wrong without one, and
+truncated), plus a few pairs where the outcomes disagree (`disagreements`) and a few where they agree but the
+text differs (`differences`: what the gate did to an answer).
 `write_outputs` writes `ab.json` (schema: `ab.schema.json` beside this file) and a self-contained `report.html`.
 """
 
@@ -34,8 +36,8 @@ from reasonmaxxer.training.verifier import last_boxed
 
 from .stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, percentiles
 
-__all__ = ["FAILURES", "AbConfig", "Arm", "aggregate", "failure_kind", "failure_shares", "load_samples", "parse_arms",
-           "run_ab"]
+__all__ = ["FAILURES", "AbConfig", "Arm", "aggregate", "failure_kind", "failure_shares", "fire_rate_histogram",
+           "load_samples", "parse_arms", "run_ab"]
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 SCHEMA_VERSION = 1
@@ -210,21 +212,36 @@ def run_ab(client, model: str, problems, arms: list[Arm], config: AbConfig, out_
 
     with f, ThreadPoolExecutor(config.concurrency) as pool:
         futures = [pool.submit(one, *item) for item in todo]
-        for fut in tqdm(as_completed(futures), total=len(futures), desc="ab", unit="req", disable=not progress):
-            fut.result()
+        try:
+            for fut in tqdm(as_completed(futures), total=len(futures), desc="ab", unit="req", disable=not progress):
+                fut.result()
+        except BaseException:  # Ctrl-C (or a failed request): the queued requests are not sent
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return load_samples(out_dir)
+
+
+HISTOGRAM_BINS = 20
+
+
+def fire_rate_histogram(rates: Sequence[float], bins: int = HISTOGRAM_BINS) -> tuple[list[int], list[float]]:
+    """Counts of per-answer fire rates in `bins` equal bins from 0 to the smallest of 0.05, 0.1, 0.2, 0.5, 1
+    that holds them all (so a 3% rate spreads over bins of 0.25%), and the bin edges."""
+    top = next((t for t in (0.05, 0.1, 0.2, 0.5) if all(x < t for x in rates)), 1.0)
+    counts = [0] * bins
+    for x in rates:
+        counts[min(bins - 1, int(x / top * bins))] += 1
+    return counts, [round(top * i / bins, 6) for i in range(bins + 1)]
 
 
 def _arm_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     rewards, groups = [r["reward"] for r in rows], [r["problem_id"] for r in rows]
     mean, (lo, hi) = bootstrap_mean(rewards, groups)
     rates = [r["fire_rate"] for r in rows]
-    hist = [0] * 10
-    for x in rates:
-        hist[min(9, int(x * 10))] += 1
+    hist, edges = fire_rate_histogram(rates)
     tokens, latency = sum(r["tokens"] for r in rows), sum(r["latency_s"] for r in rows)
     return {"n": len(rows), "pass_at_1": mean, "ci95": [lo, hi], "fire_rate_mean": sum(rates) / max(1, len(rates)),
-            "fire_rate_histogram": hist, "tokens_per_answer": tokens / max(1, len(rows)),
+            "fire_rate_histogram": hist, "fire_rate_bins": edges, "tokens_per_answer": tokens / max(1, len(rows)),
             "tokens_per_s": tokens / latency if latency else 0.0,
             "latency_s": percentiles([r["latency_s"] for r in rows]), "failures": failure_shares(rows)}
 
@@ -233,7 +250,7 @@ def aggregate(records: list[dict[str, Any]], arms: list[Arm], examples: int = 5)
     by_arm: dict[str, dict[tuple[str, int], dict[str, Any]]] = {a.name: {} for a in arms}
     for r in records:
         by_arm.setdefault(r["arm"], {})[(r["problem_id"], r["sample"])] = r
-    out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "arms": {}, "disagreements": []}
+    out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "arms": {}, "disagreements": [], "differences": []}
     base = by_arm.get("base")
     for arm in arms:
         rows = by_arm[arm.name]
@@ -244,16 +261,24 @@ def aggregate(records: list[dict[str, Any]], arms: list[Arm], examples: int = 5)
             a, b = [base[k]["reward"] for k in keys], [rows[k]["reward"] for k in keys]
             diff, (lo, hi) = paired_bootstrap(a, b, [k[0] for k in keys])
             stats["vs_base"] = {"pairs": len(keys), "diff": diff, "ci95": [lo, hi], "mcnemar_p": mcnemar_exact(a, b)}
-            for k, x, y in zip(keys, a, b, strict=True):
-                if x != y and len(out["disagreements"]) < examples:
-                    out["disagreements"].append({"arm": arm.name, "problem_id": k[0], "sample": k[1],
-                                                 "gold": rows[k]["gold"], "base_text": base[k]["text"],
-                                                 "arm_text": rows[k]["text"], "base_reward": base[k]["reward"],
-                                                 "arm_reward": rows[k]["reward"],
-                                                 "arm_pieces": rows[k].get("pieces"),
-                                                 "arm_fired_at": rows[k].get("fired_at")})
+            _examples(out, arm.name, keys, base, rows, examples)
         out["arms"][arm.name] = stats
     return out
+
+
+def _examples(out: dict[str, Any], arm: str, keys, base, rows, limit: int) -> None:
+    """Append to out["disagreements"] pairs whose outcomes differ, and to out["differences"] pairs with the same
+    outcome whose texts differ (the gate changed the answer without changing its score), fired pairs first."""
+    def example(k):
+        return {"arm": arm, "problem_id": k[0], "sample": k[1], "gold": rows[k]["gold"], "base_text": base[k]["text"],
+                "arm_text": rows[k]["text"], "base_reward": base[k]["reward"], "arm_reward": rows[k]["reward"],
+                "arm_pieces": rows[k].get("pieces"), "arm_fired_at": rows[k].get("fired_at")}
+
+    differ = [k for k in keys if base[k]["reward"] != rows[k]["reward"]]
+    out["disagreements"] += [example(k) for k in differ[: max(0, limit - len(out["disagreements"]))]]
+    same = [k for k in keys if base[k]["reward"] == rows[k]["reward"] and base[k]["text"] != rows[k]["text"]]
+    same.sort(key=lambda k: not rows[k].get("fired_at"))
+    out["differences"] += [example(k) for k in same[: max(0, limit - len(out["differences"]))]]
 
 
 def write_outputs(summary: dict[str, Any], out_dir: str | Path, title: str = "ReasonMaxxer A/B") -> None:

@@ -2,33 +2,55 @@
 
 Contract: `render(summary)` takes `aggregate(...)`'s dict and returns HTML with: pass@1 per arm with its
 95% interval, pass@1 against fire rate across arms (the threshold sweep), the fire-rate histogram of each
-steered arm, the paired differences against base, the failure taxonomy (right / wrong with a boxed answer /
-wrong without one / truncated, as stacked bars and table columns), and a few problems where the arms disagree.
+steered arm (answers per bin, a count axis), the paired differences against base, the failure taxonomy (right /
+wrong with a boxed answer / wrong without one / truncated, as stacked bars and table columns), and a few pairs
+where the arms disagree, or, when every outcome agrees, where the gate changed the text (fired tokens marked).
+Axes have round ticks that end just above the data; value labels sit beside the bars, clear of the intervals.
+`text_table(summary)` is the per-arm table for a terminal, `markdown(summary)` for a write-up.
 `plots(summary)` gives the same plots, `standalone(svg)` makes one an SVG file.
 """
 
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
-__all__ = ["markdown", "plots", "render", "standalone"]
+__all__ = ["markdown", "nice_ticks", "plots", "render", "standalone", "text_table"]
 
 W, H, PAD = 640, 260, 48
 LABELS = 110  # room under the bars for the arms' names, written at a slant
 
 
+def nice_ticks(top: float, count: int = 5) -> list[float]:
+    """Round tick values from 0 to at least `top` (steps of 1, 2, 2.5 or 5 x 10^k; about `count` of them), so the
+    axis ends just above the data instead of leaving a blank band."""
+    top = max(top, 1e-9)
+    raw = top / count
+    scale = 10 ** math.floor(math.log10(raw))
+    step = next(m * scale for m in (1, 2, 2.5, 5, 10) if m * scale >= raw)
+    n = math.ceil(top / step - 1e-9)
+    return [round(i * step, 10) for i in range(n + 1)]
+
+
+def _tick(v: float) -> str:
+    return f"{v:.2f}".rstrip("0").rstrip(".") if v else "0"
+
+
 def _bars(arms: dict[str, Any]) -> str:
+    """pass@1 per arm with its 95% interval; the value is written beside the bar's top, clear of the interval."""
     names = list(arms)
     left = PAD + int(3.8 * max(len(n) for n in names))  # the first slanted name must fit on the left
     width = max(W, left + PAD + 64 * len(names))
-    top = max([1e-9] + [a["ci95"][1] for a in arms.values()]) * 1.1
+    ticks = nice_ticks(min(1.0, max([0.0] + [a["ci95"][1] for a in arms.values()])))
+    top = ticks[-1]
     step = (width - left - PAD) / max(1, len(names))
     y = lambda v: H - PAD - (H - 2 * PAD) * v / top  # noqa: E731
     parts = [f'<svg width="{width}" height="{H + LABELS + 40}" role="img" aria-label="pass@1 per arm">',
              f'<line x1="{left}" y1="{H - PAD}" x2="{width - PAD}" y2="{H - PAD}" stroke="#333"/>']
-    for v in (0, top / 2, top):  # y ticks
-        parts.append(f'<text x="{left - 4}" y="{y(v) + 3:.1f}" font-size="9" text-anchor="end">{v:.2f}</text>')
+    for v in ticks:
+        parts.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{width - PAD}" y2="{y(v):.1f}" stroke="#eee"/>'
+                     f'<text x="{left - 4}" y="{y(v) + 3:.1f}" font-size="9" text-anchor="end">{_tick(v)}</text>')
     if "base" in arms:  # the base's pass@1 across the plot
         yb = y(arms["base"]["pass_at_1"])
         parts.append(f'<line x1="{left}" y1="{yb:.1f}" x2="{width - PAD}" y2="{yb:.1f}" stroke="#999" '
@@ -43,8 +65,8 @@ def _bars(arms: dict[str, Any]) -> str:
                      'stroke="#000" stroke-width="2"/>')
         parts.append(f'<text x="{cx:.1f}" y="{H - PAD + 12}" font-size="10" text-anchor="end" '
                      f'transform="rotate(-30 {cx:.1f} {H - PAD + 12})">{html.escape(name)}</text>')
-        parts.append(f'<text x="{cx:.1f}" y="{y(a["ci95"][1]) - 4:.1f}" font-size="10" text-anchor="middle">'
-                     f'{a["pass_at_1"]:.3f}</text>')
+        parts.append(f'<text class="value" x="{cx + 5:.1f}" y="{y(a["pass_at_1"]) - 3:.1f}" font-size="10" '
+                     f'text-anchor="start">{a["pass_at_1"]:.3f}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -74,42 +96,70 @@ def _forest(arms: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _clusters(points: list[tuple[float, float]], near: float = 14.0) -> list[tuple[float, float, list[int]]]:
+    """Points (pixels) grouped when closer than `near`: (x, y, 1-based numbers), so each group gets one label."""
+    groups: list[tuple[float, float, list[int]]] = []
+    for i, (x, y) in enumerate(points, start=1):
+        for gx, gy, members in groups:
+            if abs(gx - x) < near and abs(gy - y) < near:
+                members.append(i)
+                break
+        else:
+            groups.append((x, y, [i]))
+    return groups
+
+
 def _scatter(arms: dict[str, Any]) -> str:
-    """pass@1 against fire rate: numbered points (a threshold sweep reads left to right), legend below."""
+    """pass@1 against fire rate: numbered points (a threshold sweep reads left to right), legend below; points
+    that nearly coincide share one label ("1, 2"), so no two labels overlap."""
     pts = sorted((a["fire_rate_mean"], a["pass_at_1"], n) for n, a in arms.items() if a["fire_rate_mean"] < 1)
-    xmax = max([1e-9] + [p[0] for p in pts]) * 1.15
-    ymax = max([1e-9] + [p[1] for p in pts]) * 1.2
+    xt, yt = nice_ticks(max([0.0] + [p[0] for p in pts]), 4), nice_ticks(max([0.0] + [p[1] for p in pts]), 4)
+    px = lambda v: PAD + (W - 2 * PAD) * v / xt[-1]  # noqa: E731
+    py = lambda v: H - PAD - (H - 2 * PAD) * v / yt[-1]  # noqa: E731
     parts = [f'<svg width="{W}" height="{H + 14 * len(pts)}" role="img" aria-label="pass@1 against fire rate">',
              f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#333"/>',
              f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#333"/>',
-             f'<text x="{W / 2}" y="{H - PAD + 24}" font-size="11" text-anchor="middle">fire rate (arms that fire '
-             'on every token are left out)</text>',
-             f'<text x="{W - PAD}" y="{H - PAD + 12}" font-size="9" text-anchor="end">{xmax:.3f}</text>',
-             f'<text x="{PAD - 4}" y="{PAD + 3}" font-size="9" text-anchor="end">{ymax:.2f}</text>',
-             f'<text x="{PAD - 4}" y="{H - PAD}" font-size="9" text-anchor="end">0</text>']
-    for i, (fx, py, name) in enumerate(pts, start=1):
-        x = PAD + (W - 2 * PAD) * fx / xmax
-        y = H - PAD - (H - 2 * PAD) * py / ymax
+             f'<text x="{W / 2}" y="{H - PAD + 26}" font-size="11" text-anchor="middle">fire rate (arms that fire '
+             'on every token are left out)</text>']
+    parts += [f'<text x="{px(v):.1f}" y="{H - PAD + 12}" font-size="9" text-anchor="middle">{_tick(v)}</text>'
+              for v in xt]
+    parts += [f'<text x="{PAD - 4}" y="{py(v) + 3:.1f}" font-size="9" text-anchor="end">{_tick(v)}</text>' for v in yt]
+    xy = [(px(fx), py(p)) for fx, p, _ in pts]
+    for x, y in xy:
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="#e45756"/>')
-        parts.append(f'<text x="{x + 5:.1f}" y="{y - 5:.1f}" font-size="10">{i}</text>')
+    for x, y, members in _clusters(xy):
+        parts.append(f'<text class="point" x="{x + 6:.1f}" y="{y - 6:.1f}" font-size="10">'
+                     f'{", ".join(map(str, members))}</text>')
+    for i, (fx, p, name) in enumerate(pts, start=1):
         parts.append(f'<text x="{PAD}" y="{H + 14 * (i - 1)}" font-size="10">{i}: {html.escape(name)}: pass@1 '
-                     f'{py:.3f}, fire rate {fx:.3f}</text>')
+                     f'{p:.3f}, fire rate {fx:.3f}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _histogram(name: str, counts: list[int]) -> str:
-    top, bw = max([1, *counts]), (W - 2 * PAD) / len(counts)
+def _histogram(name: str, counts: list[int], edges: list[float] | None = None) -> str:
+    """Answers per fire-rate bin, with a count axis and the bins' edges as percentages."""
+    edges = edges or [i / len(counts) for i in range(len(counts) + 1)]
+    base, left, height = H // 2, PAD + 10, H // 2 - 20
+    bw = (W - left - PAD) / len(counts)
+    ticks = nice_ticks(max([1, *counts]), 4)
+    ticks = [t for t in ticks if float(t).is_integer()] or [0, 1]
+    y = lambda c: base - height * c / ticks[-1]  # noqa: E731
     label = f"fire rate histogram {html.escape(name)}"
-    parts = [f'<svg width="{W}" height="{H // 2 + 30}" role="img" aria-label="{label}">']
-    base = H // 2
+    parts = [f'<svg width="{W}" height="{H // 2 + 34}" role="img" aria-label="{label}">',
+             f'<line x1="{left}" y1="{base - height}" x2="{left}" y2="{base}" stroke="#333"/>']
+    for t in ticks:
+        parts.append(f'<text class="count" x="{left - 4}" y="{y(t) + 3:.1f}" font-size="9" text-anchor="end">'
+                     f'{int(t)}</text>')
     for i, c in enumerate(counts):
-        h = (base - 20) * c / top
-        parts.append(f'<rect x="{PAD + i * bw:.1f}" y="{base - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}" '
-                     'fill="#72b7b2"/>')
-        parts.append(f'<text x="{PAD + i * bw + bw / 2:.1f}" y="{base + 14}" font-size="9" text-anchor="middle">'
-                     f'{i / 10:.1f}</text>')
-    parts.append(f'<text x="{PAD}" y="{base + 28}" font-size="10">{html.escape(name)}: fire rate per answer</text>')
+        parts.append(f'<rect x="{left + i * bw:.1f}" y="{y(c):.1f}" width="{max(1.0, bw - 1):.1f}" '
+                     f'height="{base - y(c):.1f}" fill="#72b7b2"><title>{edges[i]:.2%}-{edges[i + 1]:.2%}: {c}'
+                     "</title></rect>")
+    for i in range(0, len(edges), max(1, len(counts) // 5)):
+        parts.append(f'<text x="{left + i * bw:.1f}" y="{base + 12}" font-size="9" text-anchor="middle">'
+                     f'{edges[i]:.1%}</text>')
+    parts.append(f'<text x="{left}" y="{base + 28}" font-size="10">{html.escape(name)}: answers (count) by fire rate '
+                 "per answer</text>")
     parts.append("</svg>")
     return "".join(parts)
 
@@ -190,6 +240,39 @@ def _marked(d: dict[str, Any]) -> str:
                    for i, p in enumerate(pieces))
 
 
+def _pair(d: dict[str, Any]) -> str:
+    return (f"<details><summary>{html.escape(d['problem_id'])} (sample {d['sample']}): base {d['base_reward']:.0f}, "
+            f"{html.escape(d['arm'])} {d['arm_reward']:.0f}; gold {html.escape(str(d['gold']))}</summary>"
+            f"<div class='pair'><pre>{html.escape(d['base_text'])}</pre><pre>{_marked(d)}</pre></div></details>")
+
+
+def _pairs(summary: dict[str, Any]) -> str:
+    """The answers where the outcomes differ; when none do, those where the gate changed the text anyway."""
+    if summary.get("disagreements"):
+        return "".join(_pair(d) for d in summary["disagreements"])
+    if summary.get("differences"):
+        return ("<p>Every pair has the same outcome. Where an arm's text differs from base's all the same (base "
+                "left, the arm right, tokens where the gate fired highlighted):</p>"
+                + "".join(_pair(d) for d in summary["differences"]))
+    return "<p>none: every arm wrote the same text as base</p>"
+
+
+def text_table(summary: dict[str, Any]) -> str:
+    """The per-arm table as aligned plain text, for the terminal."""
+    head = ["arm", "n", "pass@1 [95% CI]", "vs base [95% CI]", "McNemar p", "fire rate", "truncated"]
+    rows = [head]
+    for name, a in summary["arms"].items():
+        vs = a.get("vs_base")
+        rows.append([name, str(a["n"]), f"{a['pass_at_1']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]",
+                     f'{vs["diff"]:+.3f} [{vs["ci95"][0]:+.3f}, {vs["ci95"][1]:+.3f}]' if vs else "-",
+                     f'{vs["mcnemar_p"]:.3g}' if vs else "-", f"{a['fire_rate_mean']:.2%}",
+                     f"{(a.get('failures') or {}).get('truncated', 0.0):.1%}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]]) + "\n"
+
+
 def plots(summary: dict[str, Any]) -> dict[str, str]:
     """The report's plots as inline SVG, by file stem (`ab` writes each through `standalone` to OUTDIR/plots/)."""
     arms = summary["arms"]
@@ -198,7 +281,7 @@ def plots(summary: dict[str, Any]) -> dict[str, str]:
     for n, a in arms.items():
         if a["mode"] != "off":
             out["fire_rate_" + "".join(c if c.isalnum() or c in "-_." else "_" for c in n)] = _histogram(
-                n, a["fire_rate_histogram"])
+                n, a["fire_rate_histogram"], a.get("fire_rate_bins"))
     return out
 
 
@@ -211,11 +294,7 @@ def render(summary: dict[str, Any], title: str = "ReasonMaxxer A/B") -> str:
     arms = summary["arms"]
     svg = plots(summary)
     hists = "".join(v for k, v in svg.items() if k.startswith("fire_rate_"))
-    disagreements = "".join(
-        f"<details><summary>{html.escape(d['problem_id'])} (sample {d['sample']}): base {d['base_reward']:.0f}, "
-        f"{html.escape(d['arm'])} {d['arm_reward']:.0f}; gold {html.escape(str(d['gold']))}</summary>"
-        f"<div class='pair'><pre>{html.escape(d['base_text'])}</pre><pre>{_marked(d)}</pre></div>"
-        "</details>" for d in summary.get("disagreements", []))
+    disagreements = _pairs(summary)
     style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px}.pair{display:flex;gap:1em}"
              "pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em;flex:1;font-size:12px}"
@@ -226,5 +305,5 @@ def render(summary: dict[str, Any], title: str = "ReasonMaxxer A/B") -> str:
             f"<h2>Paired difference against base (95% CI, exact McNemar p)</h2>{svg['vs_base']}"
             f"<h2>pass@1 against fire rate</h2>{svg['pass_vs_fire_rate']}"
             f"<h2>How answers fail (share of all answers)</h2>{svg['failures']}"
-            f"<h2>Fire rate per answer</h2>{hists}<h2>Where the arms disagree</h2>{disagreements or '<p>none</p>'}"
+            f"<h2>Fire rate per answer</h2>{hists}<h2>Where the arms disagree</h2>{disagreements}"
             "</body></html>")

@@ -73,8 +73,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (not action.option_strings or action.default in (None, False, [], argparse.SUPPRESS)
-                or "default" in text.lower()):
+        unset = action.default is None or action.default is False or action.default == [] or \
+            action.default == argparse.SUPPRESS
+        if not action.option_strings or unset or "default" in text.lower():
             return text
         return text + " (default: %(default)s)"
 

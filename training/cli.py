@@ -203,6 +203,11 @@ def run_fit_command(args) -> int:
     if args.tau_sweep and not args.val_problems:
         raise ValueError("--tau-sweep keeps the tau that does best on validation: add --val-problems FILE "
                          "(with --val-offset/--val-limit; a training pool, disjoint from the rollouts)")
+    preflight.check_output(args.out, "dir")
+    preflight.check_sampling(args)
+    from reasonmaxxer.steering.models import check_model_spec
+
+    check_model_spec(args.model)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     rollouts = Path(args.rollouts or Path(args.out).with_suffix(".rollouts.jsonl"))

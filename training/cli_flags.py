@@ -17,7 +17,8 @@ from .recipe import RECIPES, ROLLOUT_DEFAULTS
 __all__ = ["FIT_FLAGS", "fit_parser", "json_object", "rollouts_parser"]
 
 FIT_FLAGS = {"seed": "fit_seed"}  # FitArgs fields whose flag would clash with a rollout flag
-_FIT_CHOICES = {"kind": ("head", "lora"), "order": ("shuffle", "curriculum"), "autocast": ("none", "bfloat16")}
+_FIT_CHOICES = {"kind": ("head", "lora"), "order": ("shuffle", "curriculum"), "autocast": ("none", "bfloat16"),
+                "teacher_target": ("kl", "argmax")}
 _FIT_HELP = {"kind": "head: a low-rank correction of the final hidden state; lora: a PEFT LoRA",
              "order": "shuffle: seeded, per epoch; curriculum: |A| x decision density, descending",
              "autocast": "lora: autocast of the forwards"}
@@ -156,6 +157,8 @@ def _fit_arg_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _metavar(default) -> str:
+    if isinstance(default, str):
+        return "NAME"
     return "N" if isinstance(default, int) and not isinstance(default, bool) else "X"
 
 

@@ -32,7 +32,11 @@ def check_output(path: str | Path, kind: str = "file") -> None:
         raise ValueError(f"--out {path} is a folder: give a file path, e.g. {path / 'rollouts.jsonl'}")
     if kind == "dir" and path.exists() and not path.is_dir():
         raise ValueError(f"--out {path} is a file: give a folder path for the adapter")
-    target = path if path.exists() else path.parent
+    if path.exists():  # resumed, or replaced
+        if not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+            raise ValueError(f"cannot write {path}: it is not writable by this user; pass another --out")
+        return
+    target = path.parent
     while not target.exists():
         target = target.parent
     if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):

@@ -33,8 +33,10 @@ def add_command(sub) -> None:
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                        help=f"{f.metadata['help']} (default {f.default})")
     p.add_argument("--backend", default="vllm", choices=["transformers", "vllm"], help="decode engine (default vllm)")
-    p.add_argument("--vllm-args", type=json_object, default=None, help="more vllm engine arguments as JSON")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--vllm-args", type=json_object, default=None, metavar="JSON",
+                   help="more vllm engine arguments (default: none)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"],
+                   help="model dtype")
     p.add_argument("--verifier-fallbacks", default="boxed", help="answer extractors in order (as for rollouts)")
     _device_flag(p)
     p.set_defaults(func=run_probe_command)
