@@ -116,7 +116,7 @@ class Engine:
                 f"context of {self.max_model_len} tokens: shorten the prompt or lower max_tokens"
             )
         with self._lock:
-            self._waiting.append(Row(request, self._adapter_for(request.steering), self.tokenizer, self.model.device))
+            self._waiting.append(Row(request, self._adapter_for(request.steering), self.tokenizer))
         return request.request_id
 
     def _adapter_for(self, steering: SteeringParams) -> HeadAdapter | LoraAdapter | Teacher | None:
@@ -199,8 +199,8 @@ class Engine:
                 fired[i] = random_fire(r.request.gate_key, len(r.token_ids), r.random_rate)
         base_top = logits.argmax(dim=-1)  # (B,)
         steered = self._steer(rows, batch, hidden, logits, fired)
-        params, gens = [r.params for r in rows], [r.generator for r in rows]
-        tokens = sample(steered, params, gens, argmax=base_top if steered is logits else None)  # (B,)
+        params, draws = [r.params for r in rows], [r.draw for r in rows]
+        tokens = sample(steered, params, draws, argmax=base_top if steered is logits else None)  # (B,)
         batch.tokens = tokens
         return [
             r.record(tok, ent, f, top, logits[i], steered[i], self.eos_ids, self.max_model_len)

@@ -1,4 +1,4 @@
-"""One request's state inside the engine: its gate settings, generator, text stream and report.
+"""One request's state inside the engine: its gate settings, sampling seed, text stream and report.
 
 Contract: a `Row` is created at submit time from a validated request and its resolved adapter; it
 turns the engine's per-token outcome (token, entropy, fired, base argmax) into a `TokenEvent`, decides
@@ -18,7 +18,7 @@ import torch
 from .adapters import HeadAdapter, LoraAdapter
 from .detok import TextStream
 from .request import GateReport, Request, TokenEvent, TraceEntry, random_rate
-from .sampling import make_generator, top_logprobs
+from .sampling import row_seed, top_logprobs, uniform
 from .teacher import Teacher, TeacherCursor
 
 __all__ = ["GateSettings", "Row"]
@@ -62,15 +62,12 @@ class GateSettings:
 
 
 class Row:
-    def __init__(
-        self, request: Request, adapter: HeadAdapter | LoraAdapter | Teacher | None, tokenizer: Any,
-        device: Any = "cpu",
-    ):
+    def __init__(self, request: Request, adapter: HeadAdapter | LoraAdapter | Teacher | None, tokenizer: Any):
         steering, self.request, self.adapter = request.steering, request, adapter
         gate = GateSettings.of(steering, adapter)
         self.gate_tau, self.random_rate, self.cand_k, self.lora_always = (gate.gate_tau, gate.random_rate,
                                                                           gate.cand_k, gate.lora_always)
-        self.generator = make_generator(request.sampling.seed, device)
+        self.seed = row_seed(request.sampling.seed)  # the key of this row's counter-based draws
         self.stream = TextStream(tokenizer, request.sampling.stop)
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
@@ -92,6 +89,11 @@ class Row:
     @property
     def params(self):
         return self.request.sampling
+
+    @property
+    def draw(self) -> float:
+        """This row's uniform draw for its next token (sampling.uniform; 0 for greedy rows, which use none)."""
+        return 0.0 if self.params.greedy else uniform(self.seed, len(self.token_ids))
 
     @property
     def finished(self) -> bool:

@@ -1,25 +1,34 @@
-"""Per-row sampling: `logits_to_probs -> sample`, each row with its own parameters and generator.
+"""Batched sampling: `logits_to_probs -> sample`, each row with its own parameters and its own draws.
 
 Contract:
-- temperature 0 means argmax (no randomness is drawn); otherwise logits / T, then top-k, top-p
+- temperature 0 means argmax (no randomness is used); otherwise logits / T, then top-k, top-p
   (nucleus, the smallest prefix of sorted tokens whose mass reaches top_p, always keeping the first),
-  min-p (drop tokens whose probability is below min_p times the largest), renormalised.
-- Each row samples with its own `torch.Generator`, seeded from `SamplingParams.seed`: a row's tokens
-  depend only on its own logits and seed, never on which other rows share the batch.
-- Filtering runs only on the rows that ask for it; greedy rows never pay for a sort.
+  min-p (drop tokens whose probability is below min_p times the largest), renormalised: one chain of
+  batched kernels for all rows (a row's own parameters as (B,) tensors).
+- Randomness is counter-based: row i's draw at token position t is `uniform(seed_i, t)`, a hash of the
+  row's seed and the position (no generator state), and the token is the inverse CDF of the row's
+  filtered distribution at that draw (one batched cumsum and searchsorted; `sample` gives the order).
+  So a row's tokens depend only on its own logits, seed and position: never on which rows share the
+  batch, how the batch was formed, or what ran before; the same seed gives the same text. (This replaced
+  one torch.Generator and torch.multinomial per row: a seed now draws other tokens than it did before.)
+  An unseeded request gets a random 63-bit seed at submission.
+- Filtering runs only on the rows that ask for it; greedy rows never pay for it, and a filtered row
+  looks for its kept set among its top NUCLEUS_K tokens (a partial selection) before any full sort.
 
-Shapes: logits (B, V) float32; per-row parameters (B,).
+Shapes: logits (B, V) float32; per-row parameters and draws (B,).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SamplingParams", "logits_to_probs", "make_generator", "sample", "top_logprobs"]
+__all__ = ["SamplingParams", "logits_to_probs", "row_seed", "sample", "top_logprobs", "uniform"]
 
 
 @dataclass
@@ -62,14 +71,16 @@ class SamplingParams:
         return self.top_k > 0 or self.top_p < 1.0 or self.min_p > 0.0
 
 
-def make_generator(seed: int | None, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator seeded with `seed`, or from fresh OS entropy when seed is None."""
-    g = torch.Generator(device=device)
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    return g
+def row_seed(seed: int | None) -> int:
+    """The seed of a row's draws: the request's (reduced to 64 bits), or a fresh random one when None."""
+    return secrets.randbits(63) if seed is None else int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def uniform(seed: int, position: int) -> float:
+    """The draw of the row seeded `seed` at token `position`: a float in [0, 1) from blake2b of both
+    (53 bits, as a double holds)."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8, person=b"rm-sample").digest()
+    return (int.from_bytes(digest, "little") >> 11) * 2.0**-53
 
 
 def logits_to_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -96,19 +107,78 @@ def logits_to_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> t
     return torch.softmax(filtered, dim=-1)
 
 
+NUCLEUS_K = 1024  # a filtered row's kept set is looked for among its top 1,024 tokens first (no full sort)
+
+
 def sample(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator],
+    logits: torch.Tensor, params: Sequence[SamplingParams], draws: Sequence[float] | torch.Tensor,
     argmax: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row. logits (B, V) float32 -> tokens (B,) int64. `argmax`: logits.argmax(-1) if known."""
+    """One token per row. logits (B, V) float32, draws (B,) in [0, 1) (see `uniform`; greedy rows' are
+    ignored) -> tokens (B,) int64. `argmax`: logits.argmax(-1) if known.
+
+    A filtered row's token is the inverse CDF at its draw over its kept tokens in decreasing probability
+    (ties in topk's order); an unfiltered row's, over the whole vocabulary in id order. The kept set and
+    its probabilities are `logits_to_probs`'s, found among the row's top NUCLEUS_K tokens when it fits
+    there (one partial selection instead of a sort of the vocabulary), else by a full sort."""
     tokens = (logits.argmax(dim=-1) if argmax is None else argmax.clone())  # (B,) greedy rows keep this
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
         return tokens
-    probs = logits_to_probs(logits[rows], [params[i] for i in rows])  # (R, V)
-    for j, i in enumerate(rows):
-        tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    u = torch.as_tensor(draws, dtype=torch.float64).to(logits.device)  # (B,) one small host->device copy
+    filtered = [i for i in rows if params[i].filters]
+    plain = [i for i in rows if not params[i].filters]
+    if plain:
+        z = _tempered(logits[plain], [params[i] for i in plain])
+        ids = torch.arange(z.shape[-1], device=z.device).expand_as(z)
+        tokens[plain] = _inverse_cdf(torch.softmax(z, dim=-1), ids, u[plain])
+    if filtered:
+        z = _tempered(logits[filtered], [params[i] for i in filtered])
+        sub = [params[i] for i in filtered]
+        kept, order, fits = _nucleus(z, sub, min(NUCLEUS_K, z.shape[-1]))  # (F, K), (F, K), (F,)
+        picked = _inverse_cdf(kept, order, u[filtered])
+        if not bool(fits.all()):  # rows whose kept set reaches past their top K: the full sort
+            wide = (~fits).nonzero()[:, 0]
+            kept, order, _ = _nucleus(z[wide], [sub[j] for j in wide.tolist()], z.shape[-1])
+            picked[wide] = _inverse_cdf(kept, order, u[filtered][wide])
+        tokens[filtered] = picked
     return tokens
+
+
+def _tempered(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    temp = torch.tensor([max(p.temperature, 1e-5) for p in params], device=logits.device)  # (R,)
+    return logits.float() / temp[:, None]
+
+
+def _nucleus(z: torch.Tensor, params: Sequence[SamplingParams], k: int):
+    """Top-k, top-p and min-p of tempered logits z (R, V) among each row's k best tokens. Returns the kept
+    probabilities in decreasing order (R, k) (0 where dropped, unnormalised), their token ids (R, k), and
+    whether each row's kept set is exact, i.e. fits in its top k. (k = V: always exact.)"""
+    dev, vocab = z.device, z.shape[-1]
+    vals, order = z.topk(k, dim=-1)  # (R, k) sorted, decreasing
+    top_k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=dev)  # (R,)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    min_p = torch.tensor([p.min_p for p in params], device=dev)
+    drop = torch.arange(k, device=dev)[None, :] >= top_k[:, None]  # (R, k)
+    within = top_k <= k  # the top-k cut lies inside: renormalise over it, else over the whole vocabulary
+    norm = torch.where(within, torch.logsumexp(vals.masked_fill(drop, -math.inf), -1), torch.logsumexp(z, -1))
+    probs = torch.exp(vals - norm[:, None]).masked_fill(drop, 0.0)  # (R, k) as logits_to_probs' sorted_probs
+    mass_before = probs.cumsum(dim=-1) - probs
+    fits = within | (probs.sum(-1) >= top_p) | (probs[:, -1] < min_p * probs[:, 0])
+    drop |= mass_before >= top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False
+    return probs.masked_fill(drop, 0.0), order, fits
+
+
+def _inverse_cdf(probs: torch.Tensor, ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token at draw u of each row's (unnormalised) probabilities over `ids`. (R, n), (R, n), (R,) -> (R,)."""
+    cdf = probs.double().cumsum(dim=-1)  # (R, n)
+    target = (u * cdf[:, -1])[:, None]  # (R, 1) in [0, total)
+    picked = torch.searchsorted(cdf, target, right=True)  # (R, 1) first entry whose cdf exceeds the draw
+    # Past the last positive entry only by rounding: take that entry instead.
+    last = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # (R, 1)
+    return ids.gather(1, torch.minimum(picked, last))[:, 0]
 
 
 def top_logprobs(logits: torch.Tensor, tokens: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:

@@ -5,13 +5,14 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-from conftest import make_model, make_tokenizer
 from test_server import _metric, _serve, _state
 
 from reasonmaxxer.server.app import ServerState, check_teacher_backend, create_app
 from reasonmaxxer.server.settings import Settings
 from reasonmaxxer.steering.adapters import AdapterError
 from reasonmaxxer.steering.teacher import Teacher
+
+from conftest import make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_admin_loads_a_teacher_folder_and_refuses_another_vocabulary(server):
 
 
 def test_a_teacher_is_refused_on_vllm_with_what_to_use_instead():
-    with pytest.raises(AdapterError, match="transformers backend only.*--backend transformers"):
+    with pytest.raises(AdapterError, match=r"transformers backend only.*--backend transformers"):
         check_teacher_backend(Settings(backend="vllm"), "qwen2.5-coder-1.5b-instruct")
 
 
