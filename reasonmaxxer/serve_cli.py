@@ -24,6 +24,15 @@ def _flags(p: argparse.ArgumentParser) -> None:
                    help="adapter directory (repeatable) (default: the model's bundled adapter, if any)")
     p.add_argument("--adapter-root", dest="adapter_roots", action="append", default=[], metavar="DIR",
                    help="enable POST/DELETE /v1/adapters for directories under DIR (repeatable) (default: off)")
+    p.add_argument("--teacher", dest="teachers", action="append", default=[], metavar="MODEL",
+                   help="a teacher: a model with this model's tokenizer (known name or folder), consulted where the "
+                        "gate fires; requested by its name like an adapter (repeatable; transformers backend only) "
+                        "(default: none)")
+    p.add_argument("--teacher-tau", dest="teacher_tau", type=float, default=None, metavar="NATS",
+                   help="a teacher's default entropy gate (default: 1.4, the paper's)")
+    p.add_argument("--teacher-rate", dest="teacher_rate", type=float, default=None, metavar="P",
+                   help="a teacher's default fire probability in mode random (default: none: requests pass "
+                        "steering.rate)")
     p.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, default=None,
                    help="largest request body before 413")
     p.add_argument("--no-bundled-adapter", dest="bundled_adapter", action="store_false", default=None,
@@ -105,11 +114,38 @@ def check_config(settings, progress=say) -> None:
     from reasonmaxxer.steering.models import KNOWN_MODELS, check_model_spec, prepare_model
 
     check_model_spec(settings.model)
+    if settings.teachers:  # before the vLLM install: the more useful message
+        from reasonmaxxer.server.app import check_teacher_backend
+
+        check_teacher_backend(settings, settings.teachers[0])
     if settings.backend == "vllm":
         check_vllm_install()
     if settings.model in KNOWN_MODELS:
         prepare_model(settings.model, progress=lambda m: progress(f"preparing {settings.model}: {m}"))
     check_adapter_dirs(settings.model, adapter_paths(settings))
+    check_teachers(settings, progress)
+
+
+def check_teachers(settings, progress=say) -> None:
+    """Every teacher runs on this backend, can be had, and has the model's tokenizer (AdapterError saying what
+    differs); a known teacher is prepared here. Tokenizers only: no model loads."""
+    from reasonmaxxer.server.app import check_teacher_backend
+    from reasonmaxxer.steering.manifest import AdapterError
+    from reasonmaxxer.steering.models import KNOWN_MODELS, check_model_spec, load_tokenizer, prepare_model
+    from reasonmaxxer.steering.teacher import vocabulary_difference
+
+    if not settings.teachers:
+        return
+    base = load_tokenizer(settings.model)
+    for spec in settings.teachers:
+        check_teacher_backend(settings, spec)
+        check_model_spec(spec)
+        if spec in KNOWN_MODELS:
+            prepare_model(spec, progress=lambda m, spec=spec: progress(f"preparing teacher {spec}: {m}"))
+        problem = vocabulary_difference(base, load_tokenizer(spec))
+        if problem:
+            raise AdapterError(f"teacher {spec!r} cannot steer {settings.model!r}: {problem}. A teacher must use the "
+                               "served model's tokenizer (the same family, e.g. Qwen2.5-Coder-1.5B over -0.5B)")
 
 
 def model_config(spec: str) -> dict | None:

@@ -73,3 +73,40 @@ def test_argmax_target_and_lora_distillation_lower_their_loss(tiny_model, tokeni
 def test_unknown_teacher_target_is_refused(tiny_model, tokenizer, rollouts, teacher):
     with pytest.raises(ValueError, match="unknown teacher target"):
         fit(tiny_model, tokenizer, rollouts, FitArgs(teacher_target="soft"), progress=False, teacher=teacher)
+
+
+def test_fit_teacher_cli_writes_a_distilled_adapter_and_refuses_another_vocabulary(tiny_model, tokenizer, teacher,
+                                                                                   tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import make_tokenizer
+
+    folders = {}
+    stranger_tok = make_tokenizer(vocab_size=330)
+    for name, model, tok in (("base", tiny_model, tokenizer), ("teacher", teacher, tokenizer),
+                             ("stranger", make_model(stranger_tok, seed=4), stranger_tok)):
+        folders[name] = tmp_path / name
+        model.save_pretrained(folders[name])
+        tok.save_pretrained(folders[name])
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                for q, a in (("What is 2+3?", "5"), ("What is 4+4?", "8"), ("What is 1+2?", "3"))))
+    cli = [sys.executable, "-m", "reasonmaxxer.cli"]
+    made = subprocess.run([*cli, "rollouts", "--model", str(folders["base"]), "--problems", str(problems),
+                           "--samples", "2", "--max-tokens", "12", "--out", str(tmp_path / "r.jsonl")],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    fit_cmd = [*cli, "fit", "--model", str(folders["base"]), "--rollouts", str(tmp_path / "r.jsonl"), "--dtype",
+               "float32", "--target-fire-rate", "0.3", "--epochs", "2", "--accumulation", "2", "--warmup", "1"]
+    done = subprocess.run([*fit_cmd, "--teacher", str(folders["teacher"]), "--out", str(tmp_path / "ad")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((tmp_path / "ad" / "adapter.json").read_text())
+    assert manifest["provenance"]["teacher"] == str(folders["teacher"])
+    assert manifest["provenance"]["data"]["sequences"] == 6  # no mixed problem needed
+    refused = subprocess.run([*fit_cmd, "--teacher", str(folders["stranger"]), "--out", str(tmp_path / "no")],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "cannot teach this model" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "no").exists()

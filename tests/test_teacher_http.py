@@ -101,3 +101,24 @@ def test_start_up_refuses_a_teacher_with_another_vocabulary(tiny_model, tokenize
     with pytest.raises(AdapterError, match="vocabularies differ"):
         state.engine.add_adapter(teacher)
     assert isinstance(state, ServerState) and "stranger" not in state.engine.adapters
+
+
+def _serve_cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "reasonmaxxer.cli", "serve", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_serve_refuses_a_teacher_with_another_vocabulary_in_one_line(tiny_model, tokenizer, teacher_dir, tmp_path):
+    base = tmp_path / "base"
+    tiny_model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    done = _serve_cli("--model", str(base), "--no-bundled-adapter", "--teacher", str(teacher_dir / "stranger"))
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "vocabularies differ" in errors[0] and "Traceback" not in done.stderr
+    done = _serve_cli("--model", str(base), "--backend", "vllm", "--teacher", str(teacher_dir / "big"))
+    assert done.returncode == 2 and "teachers run on the transformers backend only" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -208,6 +208,8 @@ def run_fit_command(args) -> int:
     from reasonmaxxer.steering.models import check_model_spec
 
     check_model_spec(args.model)
+    if args.teacher:
+        check_model_spec(args.teacher)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     rollouts = Path(args.rollouts or Path(args.out).with_suffix(".rollouts.jsonl"))
@@ -227,12 +229,13 @@ def run_fit_command(args) -> int:
     if meta["model"]["fingerprint"] != _fingerprint(model, tokenizer, args.model):
         raise ValueError(f"{rollouts} was made with model {meta['model']['name']!r}, not {args.model!r}: "
                          "fit on the model the rollouts came from")
+    teacher = _load_teacher(args.teacher, tokenizer, dtype, model.device) if args.teacher else None
     validate, val_report, val_engine = _validation(args, val, model, tokenizer, fit_args)
     try:
         adapter, report = fit(model, tokenizer, records, fit_args, callback=validate,
                               provenance={"model": args.model, "command": " ".join(["reasonmaxxer", *sys.argv[1:]]),
-                                          "rollouts": str(rollouts), "rollout_meta": meta},
-                              score_cache=args.score_cache, tau_sweep=args.tau_sweep)
+                                          "rollouts": str(rollouts), "rollout_meta": meta, "teacher": args.teacher},
+                              score_cache=args.score_cache, tau_sweep=args.tau_sweep, teacher=teacher)
     finally:
         if val_engine is not None and hasattr(val_engine, "close"):
             val_engine.close()
@@ -241,6 +244,19 @@ def run_fit_command(args) -> int:
     times.update(report["times"])
     _print_summary(args.out, adapter, report, val_report, times)
     return 0
+
+
+def _load_teacher(spec: str, tokenizer, dtype: str, device):
+    """The teacher's model for `fit --teacher`, after checking (by its tokenizer alone) that it shares the base's
+    vocabulary and special tokens; ValueError saying what differs."""
+    from reasonmaxxer.steering.models import load_model, load_tokenizer
+    from reasonmaxxer.steering.teacher import vocabulary_difference
+
+    problem = vocabulary_difference(tokenizer, load_tokenizer(spec))
+    if problem:
+        raise ValueError(f"--teacher {spec}: it cannot teach this model: {problem}. A teacher must use the base "
+                         "model's tokenizer (the same family, e.g. Qwen2.5-Coder-1.5B over -0.5B)")
+    return load_model(spec, dtype=dtype, device=str(device))[0]
 
 
 def _fingerprint(model, tokenizer, name: str) -> str:

@@ -129,6 +129,10 @@ def fit_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--tau-sweep", type=_floats, default=None, metavar="TAU,TAU,...",
                    help="refit one adapter per tau (e.g. 1.0,1.4,1.8) from one scoring pass; keep the best on "
                         "validation (needs --val-problems); the adapter records the sweep (default: none)")
+    p.add_argument("--teacher", default=None, metavar="MODEL",
+                   help="distil this model's choices at the decision points instead of the rollouts' rewards: a model "
+                        "with the base's tokenizer (known name or folder); the loss there is KL(teacher || adapted) "
+                        "on the base top-k candidates (see --teacher-target) (default: none: the contrastive fit)")
     p.add_argument("--val-mode", default="gated", choices=["gated", "always"],
                    help="the mode checkpoints are scored in on validation: the mode the adapter will be served in")
     p.add_argument("--val-backend", default="transformers", choices=["transformers", "vllm"],
