@@ -202,6 +202,8 @@ def run_ab(client, model: str, problems, arms: list[Arm], config: AbConfig, out_
                   "text": answer.text, "finish_reason": answer.finish_reason, "tokens": answer.completion_tokens,
                   "gate_fired": answer.gate_fired, "fire_rate": answer.fire_rate, "latency_s": latency,
                   "reward": float(score(answer.text, problem.answer, truncated))}
+        if (answer.steering or {}).get("teacher_tokens") is not None:  # a teacher arm: what it cost
+            record["teacher_tokens"] = answer.steering["teacher_tokens"]
         trace = (answer.steering or {}).get("trace")
         if trace:  # where the gate fired, for the report's disagreement panel
             record["pieces"] = [t.get("text", "") for t in trace]
@@ -243,7 +245,18 @@ def _arm_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"n": len(rows), "pass_at_1": mean, "ci95": [lo, hi], "fire_rate_mean": sum(rates) / max(1, len(rates)),
             "fire_rate_histogram": hist, "fire_rate_bins": edges, "tokens_per_answer": tokens / max(1, len(rows)),
             "tokens_per_s": tokens / latency if latency else 0.0,
-            "latency_s": percentiles([r["latency_s"] for r in rows]), "failures": failure_shares(rows)}
+            "latency_s": percentiles([r["latency_s"] for r in rows]), "failures": failure_shares(rows),
+            **_teacher_cost(rows)}
+
+
+def _teacher_cost(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """A teacher arm's cost: the tokens its teacher processed per answer and per generated token."""
+    spent = [r["teacher_tokens"] for r in rows if r.get("teacher_tokens") is not None]
+    if not spent:
+        return {}
+    tokens = sum(r["tokens"] for r in rows if r.get("teacher_tokens") is not None)
+    return {"teacher_tokens_per_answer": sum(spent) / len(spent),
+            "teacher_tokens_per_token": sum(spent) / max(1, tokens)}
 
 
 def aggregate(records: list[dict[str, Any]], arms: list[Arm], examples: int = 5) -> dict[str, Any]:

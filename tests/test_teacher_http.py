@@ -122,3 +122,27 @@ def test_serve_refuses_a_teacher_with_another_vocabulary_in_one_line(tiny_model,
     done = _serve_cli("--model", str(base), "--backend", "vllm", "--teacher", str(teacher_dir / "big"))
     assert done.returncode == 2 and "teachers run on the transformers backend only" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_ab_teacher_arms_report_what_the_teacher_cost(server, tmp_path):
+    import json
+
+    from reasonmaxxer.clients.ab import AbConfig, aggregate, parse_arms, run_ab
+    from reasonmaxxer.clients.client import SteeringClient
+    from reasonmaxxer.training.problems import load_problems
+
+    problems_file = tmp_path / "p.jsonl"
+    problems_file.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                                     for q, a in (("What is 2+3?", "5"), ("What is 4+4?", "8"))))
+    problems = load_problems(problems_file)
+    arms = parse_arms("base,teach:gated@3.0,teach:random@0.3,teach:always")
+    records = run_ab(SteeringClient(server.url, max_retries=0), "tiny", problems, arms,
+                     AbConfig(max_tokens=8, concurrency=4), tmp_path / "ab", lambda text, gold, trunc: 0.0,
+                     progress=False)
+    stats = aggregate(records, arms)["arms"]
+    assert "teacher_tokens_per_answer" not in stats["base"]
+    for name in ("teach:gated@3", "teach:random", "teach:always"):
+        arm = next(v for k, v in stats.items() if k.startswith(name))
+        assert arm["teacher_tokens_per_answer"] > 0 and arm["teacher_tokens_per_token"] > 0, (name, arm)
+    always = stats["teach:always"]
+    assert always["fire_rate_mean"] == 1.0 and always["teacher_tokens_per_token"] >= 1.0
