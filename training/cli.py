@@ -190,11 +190,13 @@ def _check_val_disjoint(meta: dict, val) -> None:
             )
 
 
-def run_fit_command(args) -> int:
-    from reasonmaxxer.steering.models import load_model
+def _fit_preflight(args):
+    """Everything `fit` can check before a model loads: flags, output folder, model names, the rollout file or
+    the problems, the validation split. Returns (FitArgs, rollout path, validation problems or None, (meta,
+    records) of the rollout file or None when `--problems` makes it first)."""
+    from reasonmaxxer.steering.models import check_model_spec
 
-    from .fit import fit
-    from .rollouts import load_rollouts
+    from .rollouts import load_rollouts, resume_check
 
     if not args.rollouts and not args.problems:
         raise ValueError("fit needs --rollouts R.jsonl (from `reasonmaxxer rollouts`) or --problems FILE")
@@ -205,27 +207,41 @@ def run_fit_command(args) -> int:
                          "(with --val-offset/--val-limit; a training pool, disjoint from the rollouts)")
     preflight.check_output(args.out, "dir")
     preflight.check_sampling(args)
-    from reasonmaxxer.steering.models import check_model_spec
-
-    check_model_spec(args.model)
-    if args.teacher:
-        check_model_spec(args.teacher)
-    times: dict[str, float] = {}
-    t0 = time.perf_counter()
+    for spec in (args.model, *([args.teacher] if args.teacher else [])):
+        check_model_spec(spec)
     rollouts = Path(args.rollouts or Path(args.out).with_suffix(".rollouts.jsonl"))
     val = _load_problems(args, prefix="val_") if args.val_problems else None  # read once, checked first
-    if args.problems:  # checked before the model loads; the rollout file is checked again once made
-        _check_sources({"problems": _load_problems(args).selection}, val)
-    else:
+    if not args.problems:
         meta, records = load_rollouts(rollouts)
         _check_sources(meta, val)
+        return fit_args, rollouts, val, (meta, records)
+    problems = _load_problems(args)  # checked before the model loads; the rollout file is checked again once made
+    _check_sources({"problems": problems.selection}, val)
+    done = resume_check(rollouts, problems, _rollout_config(args))
+    print(preflight.plan(len(problems), args.samples, args.max_new_tokens, done, rollouts, args.limit is not None),
+          file=sys.stderr)
+    return fit_args, rollouts, val, None
+
+
+def run_fit_command(args) -> int:
+    from reasonmaxxer.steering.models import load_model
+
+    from .fit import fit
+    from .rollouts import load_rollouts
+
+    fit_args, rollouts, val, loaded = _fit_preflight(args)
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
     dtype = args.dtype or ("bfloat16" if fit_args.kind == "head" else "float32")
     model, tokenizer = load_model(args.model, dtype=dtype, device=resolve_device(args.device))
-    if args.problems:
-        _do_rollouts(args, model, tokenizer, rollouts)
+    if loaded is None:
+        for warning in preflight.warnings(_do_rollouts(args, model, tokenizer, rollouts), args.samples,
+                                          args.max_new_tokens):
+            print(warning, file=sys.stderr)
         times["rollouts_s"] = time.perf_counter() - t0
-        meta, records = load_rollouts(rollouts)
-        _check_sources(meta, val)
+        loaded = load_rollouts(rollouts)
+        _check_sources(loaded[0], val)
+    meta, records = loaded
     if meta["model"]["fingerprint"] != _fingerprint(model, tokenizer, args.model):
         raise ValueError(f"{rollouts} was made with model {meta['model']['name']!r}, not {args.model!r}: "
                          "fit on the model the rollouts came from")
