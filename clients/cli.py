@@ -160,6 +160,11 @@ def run_ab_command(args) -> int:
     from .ab import AbConfig, parse_arms, run_ab
     from .client import SteeringClient
 
+    if args.url and (args.adapter or args.device):
+        raise ValueError("--adapter and --device configure the server that --model starts: with --url, the running "
+                         "server already has its adapters (leave them out, or use --model instead)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file: give a folder for ab.json, report.html and the samples")
     if args.arms:  # a malformed --arms is refused before a server is asked or started
         parse_arms(args.arms, [float(t) for t in args.thresholds.split(",") if t.strip()])
     problems = load_problems(args.problems, preset=args.preset, question_field=args.question_field,

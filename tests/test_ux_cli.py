@@ -189,3 +189,17 @@ def test_ctrl_c_ends_rollouts_with_one_line_and_the_run_resumes(tiny_model, toke
     assert json.loads(again.stdout)["rollouts"] == 160
     assert "tok/s" in again.stderr  # the bar counts tokens
     assert "WARNING" in again.stderr  # the tiny model solves nothing: no mixed problems, said with the fix
+
+
+def test_option_combinations_that_do_not_go_together_are_refused_first(no_model_loads, tmp_path, capsys):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"question": "1 + 1?", "answer": "2"}) + "\n")
+    base = ["--problems", str(problems), "--out", str(tmp_path / "r.jsonl")]
+    code, err = _run(capsys, "rollouts", *base, "--vllm-args", '{"enforce_eager": true}')
+    assert code == 2 and "add --backend vllm" in err
+    code, err = _run(capsys, "fit", "--problems", str(problems), "--val-limit", "5", "--out", str(tmp_path / "ad"))
+    assert code == 2 and "--val-limit select validation problems: add --val-problems" in err
+    code, err = _run(capsys, "ab", "--url", "http://127.0.0.1:9", "--adapter", "x", "--problems", str(problems),
+                     "--out", str(tmp_path / "ab"))
+    assert code == 2 and "with --url" in err
+    assert not (tmp_path / "ab").exists()

@@ -3,8 +3,9 @@
 Contract:
 - `check_output(path, kind)`: `path` ("file" or "dir") can be written: it is not the other kind, and the
   nearest existing folder above it is writable. ValueError saying what to pass instead.
-- `check_sampling(args)`: the rollout flags are in range and the verifier's extractors exist (ValueError
-  naming the flag).
+- `check_sampling(args)`: the rollout flags are in range, the verifier's extractors exist, and the flags go
+  together (vLLM arguments need a vLLM backend, validation flags need --val-problems); ValueError naming the
+  flag.
 - `plan(problems, samples, max_tokens, done, out, limited)`: the line printed before sampling starts: how
   many sequences, how many already done, the token budget, and a hint when no --limit was given.
 - `warnings(summary, args)`: what a rollout summary says is wrong for a fit (no or few mixed problems, heavy
@@ -53,6 +54,12 @@ def check_sampling(args: Any) -> None:
     for flag, ok, want in checks:
         if not ok:
             raise ValueError(f"{flag} must be {want}")
+    if getattr(args, "vllm_args", None) and args.backend != "vllm" and getattr(args, "val_backend", None) != "vllm":
+        raise ValueError("--vllm-args are vLLM engine arguments: add --backend vllm, or leave them out")
+    given_val = [f"--val-{k.replace('_', '-')}" for k in ("limit", "preset", "question_field", "answer_field")
+                 if getattr(args, f"val_{k}", None) is not None]
+    if given_val and not getattr(args, "val_problems", None):
+        raise ValueError(f"{', '.join(given_val)} select validation problems: add --val-problems FILE")
     names = [x.strip() for x in args.verifier_fallbacks.split(",") if x.strip()]
     unknown = [n for n in names if n not in _EXTRACTORS]
     if unknown or not names:
