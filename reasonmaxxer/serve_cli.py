@@ -19,7 +19,8 @@ def _flags(p: argparse.ArgumentParser) -> None:
     from reasonmaxxer.training.cli_flags import MODEL_HELP, json_object
 
     p.add_argument("--model", default=None, metavar="NAME", help=MODEL_HELP)
-    p.add_argument("--served-name", dest="served_name", default=None, metavar="ID", help="model id clients use")
+    p.add_argument("--served-name", dest="served_name", default=None, metavar="ID",
+                   help="model id clients use (default: the --model value)")
     p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="DIR",
                    help="adapter directory (repeatable) (default: the model's bundled adapter, if any)")
     p.add_argument("--adapter-root", dest="adapter_roots", action="append", default=[], metavar="DIR",
