@@ -126,7 +126,8 @@ class _Only:
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The full parser; with `command`, one where only that subcommand has its flags (the others: help only)."""
+    """The full parser; with `command`, one where only that subcommand has its flags (the others, and all of them
+    for "", have their help line only)."""
     import importlib
 
     parser = argparse.ArgumentParser(
@@ -137,7 +138,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     # No prefix matching on any subcommand: `--problem` must not silently mean `--problems`.
     strict = functools.partial(argparse.ArgumentParser, allow_abbrev=False, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=strict)
-    wanted = set(COMMANDS) if command is None else {command}
+    wanted = set(COMMANDS) if command is None else {command} & set(COMMANDS)  # "": none (the top-level help)
     builders = dict.fromkeys(target for name, (_, target) in COMMANDS.items() if name in wanted)
     for name, (text, _) in COMMANDS.items():
         if name not in wanted:
@@ -214,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     and exit 130 (commands that can resume say how themselves); never a traceback for either."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    args = build_parser(command or "").parse_args(argv)
     args.argv = argv  # for the "run the same command to resume" lines
     try:
         return args.func(args)
