@@ -207,16 +207,15 @@ def _fit_preflight(args):
                          "(with --val-offset/--val-limit; a training pool, disjoint from the rollouts)")
     preflight.check_output(args.out, "dir")
     preflight.check_sampling(args)
-    for spec in (args.model, *([args.teacher] if args.teacher else [])):
-        check_model_spec(spec)
     rollouts = Path(args.rollouts or Path(args.out).with_suffix(".rollouts.jsonl"))
     val = _load_problems(args, prefix="val_") if args.val_problems else None  # read once, checked first
-    if not args.problems:
-        meta, records = load_rollouts(rollouts)
-        _check_sources(meta, val)
-        return fit_args, rollouts, val, (meta, records)
-    problems = _load_problems(args)  # checked before the model loads; the rollout file is checked again once made
-    _check_sources({"problems": problems.selection}, val)
+    problems = _load_problems(args) if args.problems else None
+    loaded = None if problems else load_rollouts(rollouts)  # --problems: checked again once the file is made
+    _check_sources(loaded[0] if loaded else {"problems": problems.selection}, val)
+    for spec in (args.model, *([args.teacher] if args.teacher else [])):
+        check_model_spec(spec)
+    if loaded:
+        return fit_args, rollouts, val, loaded
     done = resume_check(rollouts, problems, _rollout_config(args))
     print(preflight.plan(len(problems), args.samples, args.max_new_tokens, done, rollouts, args.limit is not None),
           file=sys.stderr)
