@@ -126,8 +126,9 @@ def sample(
     if not rows:
         return tokens
     u = torch.as_tensor(draws, dtype=torch.float64).to(logits.device)  # (B,) one small host->device copy
-    filtered = [i for i in rows if params[i].filters]
-    plain = [i for i in rows if not params[i].filters]
+    vocab = logits.shape[-1]
+    filtered = [i for i in rows if _filters(params[i], vocab)]
+    plain = [i for i in rows if not _filters(params[i], vocab)]
     if plain:
         z = _tempered(logits[plain], [params[i] for i in plain])
         ids = torch.arange(z.shape[-1], device=z.device).expand_as(z)
@@ -143,6 +144,12 @@ def sample(
             picked[wide] = _inverse_cdf(kept, order, u[filtered][wide])
         tokens[filtered] = picked
     return tokens
+
+
+def _filters(p: SamplingParams, vocab: int) -> bool:
+    """Whether a row's filters can drop a token: a top_k of the vocabulary or more keeps every one (as vLLM
+    clamps it), so it samples exactly as top_k 0 does."""
+    return 0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p > 0.0
 
 
 def _tempered(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -174,7 +181,10 @@ def _nucleus(z: torch.Tensor, params: Sequence[SamplingParams], k: int):
 def _inverse_cdf(probs: torch.Tensor, ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The token at draw u of each row's (unnormalised) probabilities over `ids`. (R, n), (R, n), (R,) -> (R,)."""
     cdf = probs.double().cumsum(dim=-1)  # (R, n)
-    target = (u * cdf[:, -1])[:, None]  # (R, 1) in [0, total)
+    total = cdf[:, -1]  # (R,)
+    if not bool((torch.isfinite(total) & (total > 0)).all()):  # NaN / inf logits: no distribution to draw from
+        raise ValueError("a row's sampling distribution is not finite (NaN or infinite logits or temperature)")
+    target = (u * total)[:, None]  # (R, 1) in [0, total)
     picked = torch.searchsorted(cdf, target, right=True)  # (R, 1) first entry whose cdf exceeds the draw
     # Past the last positive entry only by rounding: take that entry instead.
     last = (probs > 0).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # (R, 1)

@@ -149,3 +149,20 @@ def test_the_top_k_search_equals_the_full_sort(monkeypatch):
     dense = logits_to_probs(logits, params)
     for t in small:  # every drawn token is in logits_to_probs' kept set
         assert (dense.gather(1, t[:, None]) > 0).all()
+
+
+def test_top_k_of_the_vocabulary_or_more_samples_as_no_top_k():
+    logits = _logits()
+    draws = [uniform(3, t) for t in range(4)]
+    plain = sample(logits, [SamplingParams(seed=3)] * 4, draws)
+    assert torch.equal(sample(logits, [SamplingParams(seed=3, top_k=100)] * 4, draws), plain)
+    assert torch.equal(sample(logits, [SamplingParams(seed=3, top_k=10**9)] * 4, draws), plain)
+
+
+def test_a_distribution_that_is_not_finite_is_an_error_not_a_token():
+    logits = _logits()
+    logits[1] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        sample(logits, [SamplingParams(seed=1)] * 4, [0.5] * 4)
+    with pytest.raises(ValueError, match="not finite"):
+        sample(logits, [SamplingParams(seed=1, top_p=0.9)] * 4, [0.5] * 4)
