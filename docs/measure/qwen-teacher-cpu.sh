@@ -8,6 +8,7 @@
 #   bash docs/measure/qwen-teacher-cpu.sh alone     # the teacher alone (served as the base), the same seeds
 #   bash docs/measure/qwen-teacher-cpu.sh distil    # GSM8K *train* rollouts of the base, then fit --teacher (head)
 #   bash docs/measure/qwen-teacher-cpu.sh distilled # the distilled head gated and always, on the same problems
+# DEVICE=cuda runs every stage on a GPU (minutes instead of hours).
 # ARMS overrides the teacher arms of `arms` (e.g. ARMS=gated@1.44,random@0.03 for the oracle and its control).
 # Cost on the 2-core CPU: a teacher arm costs about 4x the base per answer (the lazy prefill reads nearly the whole
 # text with a model 3x the size): see bench/teacher.py and docs/results.md.
@@ -25,7 +26,7 @@ TEST=../shared/data/gsm8k/test.jsonl
 mkdir -p "$WORK"
 
 serve() {  # $1 model, then extra serve flags; waits until healthy, stops on exit
-  .venv/bin/reasonmaxxer serve --model "$1" --port $PORT --max-batch-size 48 --max-tokens-limit 1024 "${@:2}" \
+  .venv/bin/reasonmaxxer serve --model "$1" --device "${DEVICE:-cpu}" --port $PORT --max-batch-size 48 --max-tokens-limit 1024 "${@:2}" \
     > "$WORK/server-$1.log" 2>&1 &
   SERVER=$!
   trap 'kill $SERVER 2>/dev/null || true' EXIT
@@ -44,10 +45,10 @@ case ${1:?stage: arms, alone, distil or distilled} in
     serve $T --no-bundled-adapter
     ab base "$WORK/ab-gsm8k-$OFFSET-$LIMIT-teacher-alone" ;;
   distil)
-    .venv/bin/reasonmaxxer rollouts --model $M --problems ../shared/data/gsm8k/train.jsonl --preset gsm8k --limit 50 \
+    .venv/bin/reasonmaxxer rollouts --model $M --device "${DEVICE:-cpu}" --problems ../shared/data/gsm8k/train.jsonl --preset gsm8k --limit 50 \
       --samples 4 --max-tokens 512 --temperature 0.6 --top-p 0.95 --concurrency 48 \
       --out "$WORK/qwen05-gsm8k-train0-49-chat4.jsonl"
-    .venv/bin/reasonmaxxer fit --model $M --rollouts "$WORK/qwen05-gsm8k-train0-49-chat4.jsonl" --teacher $T \
+    .venv/bin/reasonmaxxer fit --model $M --device "${DEVICE:-cpu}" --rollouts "$WORK/qwen05-gsm8k-train0-49-chat4.jsonl" --teacher $T \
       --kind head --threshold 1.44 --score-cache "$WORK/scores" --out "$WORK/qwen05-gsm8k-distilled-head" ;;
   distilled)
     serve $M --adapter "$WORK/qwen05-gsm8k-distilled-head"
