@@ -131,9 +131,8 @@ def check_teachers(settings, progress=say) -> None:
     """Every teacher runs on this backend, can be had, and has the model's tokenizer (AdapterError saying what
     differs); a known teacher is prepared here. Tokenizers only: no model loads."""
     from reasonmaxxer.server.app import check_teacher_backend
-    from reasonmaxxer.steering.manifest import AdapterError
     from reasonmaxxer.steering.models import KNOWN_MODELS, check_model_spec, load_tokenizer, prepare_model
-    from reasonmaxxer.steering.teacher import vocabulary_difference
+    from reasonmaxxer.steering.teacher import check_vocabulary
 
     if not settings.teachers:
         return
@@ -143,10 +142,7 @@ def check_teachers(settings, progress=say) -> None:
         check_model_spec(spec)
         if spec in KNOWN_MODELS:
             prepare_model(spec, progress=lambda m, spec=spec: progress(f"preparing teacher {spec}: {m}"))
-        problem = vocabulary_difference(base, load_tokenizer(spec))
-        if problem:
-            raise AdapterError(f"teacher {spec!r} cannot steer {settings.model!r}: {problem}. A teacher must use the "
-                               "served model's tokenizer (the same family, e.g. Qwen2.5-Coder-1.5B over -0.5B)")
+        check_vocabulary(base, load_tokenizer(spec), f"teacher {spec!r} cannot steer {settings.model!r}")
 
 
 def model_config(spec: str) -> dict | None:

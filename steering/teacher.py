@@ -27,7 +27,8 @@ import torch
 from .batch import forward_hidden, new_cache
 from .manifest import NAME, AdapterError, GateSpec, Manifest, base_identity
 
-__all__ = ["PAPER_TAU", "Teacher", "TeacherCursor", "load_teacher", "restrict"]
+__all__ = ["PAPER_TAU", "Teacher", "TeacherCursor", "check_vocabulary", "load_teacher", "restrict",
+           "vocabulary_difference"]
 
 PAPER_TAU = 1.4  # the released recipe's fixed entropy threshold (nats): a teacher's default gate
 DEFAULT_TOP_K = 5  # the paper: RL's token is among the base top-5 at decision points
@@ -65,16 +66,21 @@ class Teacher:
 
     def validate(self, model: Any, tokenizer: Any) -> None:
         """AdapterError unless this teacher shares the base's vocabulary and special tokens exactly."""
-        problem = vocabulary_difference(tokenizer, self.tokenizer)
-        if problem:
-            raise AdapterError(f"teacher {self.name!r} cannot steer this model: {problem}. A teacher must use the "
-                               "served model's tokenizer (the same family, e.g. Qwen2.5-Coder-1.5B over -0.5B)")
+        check_vocabulary(tokenizer, self.tokenizer, f"teacher {self.name!r} cannot steer this model")
         if self.model.device != model.device:
             raise AdapterError(f"teacher {self.name!r} is on {self.model.device} but the served model is on "
                                f"{model.device}: load both on the same device")
 
     def to_dict(self) -> dict[str, Any]:
         return self.manifest.to_dict()
+
+
+def check_vocabulary(base: Any, teacher: Any, who: str) -> None:
+    """AdapterError "`who`: what differs. ..." unless the two tokenizers share vocabulary and special tokens."""
+    problem = vocabulary_difference(base, teacher)
+    if problem:
+        raise AdapterError(f"{who}: {problem}. A teacher must use the served model's tokenizer (the same family, "
+                           "e.g. Qwen2.5-Coder-1.5B over -0.5B)")
 
 
 def vocabulary_difference(base: Any, other: Any) -> str | None:

@@ -265,12 +265,9 @@ def _load_teacher(spec: str, tokenizer, dtype: str, device):
     """The teacher's model for `fit --teacher`, after checking (by its tokenizer alone) that it shares the base's
     vocabulary and special tokens; ValueError saying what differs."""
     from reasonmaxxer.steering.models import load_model, load_tokenizer
-    from reasonmaxxer.steering.teacher import vocabulary_difference
+    from reasonmaxxer.steering.teacher import check_vocabulary
 
-    problem = vocabulary_difference(tokenizer, load_tokenizer(spec))
-    if problem:
-        raise ValueError(f"--teacher {spec}: it cannot teach this model: {problem}. A teacher must use the base "
-                         "model's tokenizer (the same family, e.g. Qwen2.5-Coder-1.5B over -0.5B)")
+    check_vocabulary(tokenizer, load_tokenizer(spec), f"--teacher {spec}: it cannot teach this model")
     return load_model(spec, dtype=dtype, device=str(device))[0]
 
 

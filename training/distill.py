@@ -17,7 +17,6 @@ Contract (DESIGN.md, "Teachers"):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .loss import head_kl, kl_anchor
-from .score_cache import _sequence_key, model_signature
+from .score_cache import _sequence_key, model_signature, save_atomic
 from .scoring import Scored
 
 __all__ = ["TARGETS", "candidate_kl", "distill_diagnostics", "head_distill_loss", "lora_distill_loss",
@@ -79,10 +78,7 @@ def teacher_scores(teacher, base, records: Sequence[dict], scored: Sequence[Scor
             added += 1
         out.append(stored[key].to(s.cand.device))
     if path and added:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(stored, tmp)
-        os.replace(tmp, path)
+        save_atomic(stored, path)
     if path and progress:
         print(f"teacher score cache {path}: {len(records) - added} of {len(records)} sequences reused, {added} added")
     return out

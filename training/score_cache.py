@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .scoring import Scored, score_sequence
 
-__all__ = ["model_signature", "score_all"]
+__all__ = ["model_signature", "save_atomic", "score_all"]
 
 _SAMPLE = 1024  # evenly spaced elements of every parameter, beside its sum
 
@@ -56,6 +56,14 @@ def _from_dict(d: dict, device) -> Scored:
     return Scored(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in d.items()})
 
 
+def save_atomic(stored: dict, path: Path) -> None:
+    """Write a cache file so that a reader never sees half of it: to a temporary name, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(stored, tmp)
+    os.replace(tmp, path)
+
+
 def score_all(model, records: Sequence[dict], top_k: int = 5, keep_hidden: bool = True,
               cache_dir: str | Path | None = None, progress: bool = True) -> list[Scored]:
     """Score every record (`prompt_ids`, `completion_ids`), reusing and extending the cache if given."""
@@ -73,10 +81,7 @@ def score_all(model, records: Sequence[dict], top_k: int = 5, keep_hidden: bool 
             stored[key] = _to_dict(s)
             added += 1
     if path and added:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(stored, tmp)
-        os.replace(tmp, path)
+        save_atomic(stored, path)
     if path and progress:
         print(f"score cache {path}: {len(records) - added} of {len(records)} sequences reused, {added} added")
     return out
