@@ -30,18 +30,21 @@ Per row, with h the final hidden state at the current position and `logits = W_U
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from torch.profiler import record_function
 
 from .adapters import HeadAdapter, LoraAdapter
 from .batch import Batch, forward_hidden
 from .gate import entropy, gate_mask, random_fire, topk_candidates
 from .lora import LoraRouter
 from .manifest import base_identity
+from .packed import pack_linears, unpack_linears
 from .prompt_logprobs import PromptLogprobs, score_prompts
 from .request import Completion, Request, SteeringParams, TokenEvent
 from .rows import Row
@@ -56,7 +59,10 @@ _UNSUPPORTED_CONFIG = ("final_logit_softcapping", "logits_scaling", "logit_scale
 class Engine:
     """Decode many requests together on one transformers causal LM."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, name: str | None = None):
+    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, name: str | None = None,
+                 packed: bool | None = None):
+        """`packed`: run the linear layers on oneDNN-prepacked weights (packed.py; None: wherever the model is on
+        the CPU in fp32 or bf16, the default; False: plain F.linear, the reference path)."""
         for key in _UNSUPPORTED_CONFIG:
             if getattr(model.config, key, None) not in (None, 1.0):
                 raise ValueError(f"models with {key} are not supported: their logits are not W_U h")
@@ -64,6 +70,9 @@ class Engine:
         if any(t != "full_attention" for t in layer_types):
             raise ValueError("only full-attention models are supported (no sliding-window layers)")
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.packed = pack_linears(model) if packed is not False else 0
+        if packed is False:
+            unpack_linears(model)
         self.max_batch_size = max_batch_size
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.identity = base_identity(model, tokenizer, name)
@@ -87,6 +96,8 @@ class Engine:
         adapter is registered with its weights on the model's device (moved once, not on every step). A
         `Teacher` registers the same way, by name (its vocabulary must be this model's)."""
         adapter.validate(self.model, self.tokenizer)
+        if isinstance(adapter, Teacher) and self.packed:
+            pack_linears(adapter.model)
         if isinstance(adapter, HeadAdapter):
             adapter = adapter.to(self.model.device)
         with self._lock:
@@ -161,12 +172,13 @@ class Engine:
         events = self._take_cancellations()
         self._evict_finished()
         if self._batch is not None:
-            with self.lora.route(self._lora_routes(self._rows)):
+            with self.lora.route(self._lora_routes(self._rows)), record_function("engine.decode"):
                 hidden = self._batch.decode(self.model)  # (B, d)
             events += self._advance(self._rows, self._batch, hidden)
         new = self._admit()
         if new:
-            events += self._join(new)
+            with record_function("engine.join"):
+                events += self._join(new)
         self._evict_finished()
         return events
 
@@ -190,53 +202,85 @@ class Engine:
         return events
 
     def _advance(self, rows: list[Row], batch: Batch, hidden: torch.Tensor) -> list[TokenEvent]:
-        logits = self.lm_head(hidden).float()  # (B, V) base (adapted for lora-always rows)
-        h = entropy(logits)  # (B,)
-        tau = torch.tensor([r.gate_tau for r in rows], device=h.device)  # (B,)
-        fired = gate_mask(h, tau).tolist()
-        for i, r in enumerate(rows):
-            if r.random_rate is not None:  # the random-position control: a seeded coin instead of the gate
-                fired[i] = random_fire(r.request.gate_key, len(r.token_ids), r.random_rate)
-        base_top = logits.argmax(dim=-1)  # (B,)
-        steered = self._steer(rows, batch, hidden, logits, fired)
-        params, draws = [r.params for r in rows], [r.draw for r in rows]
-        tokens = sample(steered, params, draws, argmax=base_top if steered is logits else None)  # (B,)
+        """Logits, gate, correction and one token per row; the step's one device->host transfer is at the end
+        (plus, where a fired row needs a second model (gated LoRA, a teacher), the fired mask before it)."""
+        with record_function("engine.lm_head"):
+            logits = self.lm_head(hidden).float()  # (B, V) base (adapted for lora-always rows)
+        with record_function("engine.gate"):
+            h = entropy(logits)  # (B,)
+            fired = self._fired(rows, h)  # (B,) bool
+            base_top = logits.argmax(dim=-1)  # (B,)
+        with record_function("engine.steer"):
+            steered = self._steer(rows, batch, hidden, logits, fired)
+        with record_function("engine.sample"):
+            params, draws = [r.params for r in rows], [r.draw for r in rows]
+            tokens = sample(steered, params, draws, argmax=base_top if steered is logits else None)  # (B,)
         batch.tokens = tokens
+        with record_function("engine.record"):
+            host = torch.stack([tokens.double(), base_top.double(), fired.double(), h.double()]).tolist()  # (4, B)
+            return self._record(rows, *host, logits, steered)
+
+    def _fired(self, rows: list[Row], h: torch.Tensor) -> torch.Tensor:
+        """The gate of every row, on the device: H > tau (tau folds the mode in), or for a row in mode random
+        the seeded coin of its position instead (computed on the host, where the request's key lives)."""
+        tau = torch.tensor([r.gate_tau for r in rows], device=h.device)  # (B,)
+        fired = gate_mask(h, tau)
+        coins = [(i, random_fire(r.request.gate_key, len(r.token_ids), r.random_rate))
+                 for i, r in enumerate(rows) if r.random_rate is not None]
+        if coins:
+            idx = torch.tensor([i for i, _ in coins], device=h.device)
+            fired[idx] = torch.tensor([c for _, c in coins], device=h.device)
+        return fired
+
+    def _record(self, rows, tokens, base_top, fired, h, logits, steered) -> list[TokenEvent]:
         return [
-            r.record(tok, ent, f, top, logits[i], steered[i], self.eos_ids, self.max_model_len)
-            for i, (r, tok, ent, f, top) in enumerate(
-                zip(rows, tokens.tolist(), h.tolist(), fired, base_top.tolist(), strict=True)
-            )
+            r.record(int(tok), ent, bool(f), int(top), logits[i], steered[i], self.eos_ids, self.max_model_len)
+            for i, (r, tok, ent, f, top) in enumerate(zip(rows, tokens, h, fired, base_top, strict=True))
         ]
 
-    def _steer(self, rows, batch: Batch, hidden, logits: torch.Tensor, fired: list[bool]) -> torch.Tensor:
-        """Apply each fired row's adapter. Returns `logits` itself when nothing needs changing."""
-        groups: dict[tuple[str, int], list[int]] = {}
-        for i, (row, f) in enumerate(zip(rows, fired, strict=True)):
-            if f and not row.lora_always:
-                groups.setdefault((row.adapter.name, row.cand_k), []).append(i)
-        if not groups:
+    def _steer(self, rows, batch: Batch, hidden, logits: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:
+        """Apply each fired row's adapter. Returns `logits` itself when no row has an adapter to apply.
+
+        Head adapters are applied on the device to every row that uses one, where fired (no host sync).
+        Gated LoRA and teacher rows need to know which fired first: one transfer of the fired mask, then one
+        recompute forward for every fired LoRA row (whatever its adapter) and a teacher forward per fired row."""
+        heads: dict[tuple[str, int], list[int]] = {}
+        second: list[int] = []  # rows whose correction runs a model: gated LoRA, teachers
+        for i, row in enumerate(rows):
+            if row.adapter is None or row.lora_always or (row.gate_tau == math.inf and row.random_rate is None):
+                continue
+            if isinstance(row.adapter, HeadAdapter):
+                heads.setdefault((row.adapter.name, row.cand_k), []).append(i)
+            else:
+                second.append(i)
+        if not heads and not second:
             return logits
         out = logits.clone()
-        for (name, k), idx in groups.items():
-            adapter = rows[idx[0]].adapter
+        for (_name, k), idx in heads.items():
             sel = torch.tensor(idx, device=logits.device)
-            if isinstance(adapter, Teacher):  # one teacher forward per fired row, over what it has not seen
-                for i in idx:
-                    out[i] = restrict(rows[i].teacher_logits().to(logits.device), logits[i], k)
-            elif isinstance(adapter, HeadAdapter):
-                cand = topk_candidates(logits[sel], k)  # (n, k)
-                delta = adapter.delta(hidden[sel], cand, self.lm_head.weight)  # (n, k)
-                out[sel] = logits[sel].scatter_add(1, cand, delta)
-            else:
-                out[sel] = self._recompute_current(batch, sel, name)
+            cand = topk_candidates(logits[sel], k)  # (n, k)
+            delta = rows[idx[0]].adapter.delta(hidden[sel], cand, self.lm_head.weight)  # (n, k)
+            delta = delta * fired[sel, None].to(delta.dtype)  # 0 where the gate did not fire
+            out[sel] = logits[sel].scatter_add(1, cand, delta)
+        fired_second = [i for i, f in zip(second, fired[second].tolist(), strict=True) if f] if second else []
+        loras = [i for i in fired_second if isinstance(rows[i].adapter, LoraAdapter)]
+        if loras:
+            out[loras] = self._recompute_current(batch, loras, [rows[i].adapter.name for i in loras])
+        for i in fired_second:
+            if isinstance(rows[i].adapter, Teacher):  # over what its lazy cache has not seen
+                out[i] = restrict(rows[i].teacher_logits().to(logits.device), logits[i], rows[i].cand_k)
         return out
 
-    def _recompute_current(self, batch: Batch, sel: torch.Tensor, name: str) -> torch.Tensor:
-        """Logits of the current position of rows `sel` with LoRA `name` on, over the base cache."""
+    def _recompute_current(self, batch: Batch, idx: list[int], names: list[str]) -> torch.Tensor:
+        """Logits of the current position of rows `idx`, each with its LoRA `names[j]` on, over the base cache:
+        one forward for all of them (the router batches their adapters). -> (len(idx), V)"""
+        sel = torch.tensor(idx, device=batch.mask.device)
         cache, mask = batch.without_last_column(sel)
         current, position = batch.last_inputs()
-        with self.lora.route({name: torch.arange(len(sel), device=sel.device)}):
+        routes: dict[str, list[int]] = {}
+        for j, name in enumerate(names):
+            routes.setdefault(name, []).append(j)
+        with self.lora.route({k: torch.tensor(v, device=sel.device) for k, v in routes.items()}):
             h = forward_hidden(self.model, current[sel, None], mask, position[sel, None], cache)
         return self.lm_head(h).float()
 
@@ -261,6 +305,7 @@ class Engine:
         events += [r.cancel() for r in self._rows if r.request_id in ids and not r.finished]
         return events
 
+    @record_function("engine.evict")
     def _evict_finished(self) -> None:
         keep = [i for i, r in enumerate(self._rows) if not r.finished]
         if len(keep) == len(self._rows):

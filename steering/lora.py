@@ -1,12 +1,20 @@
-"""Per-row LoRA on a transformers model, through forward hooks on the target linear layers.
+"""Batched multi-LoRA on a transformers model: one gathered low-rank matmul per target layer.
 
-Contract: `LoraRouter.route({adapter_name: rows})` is a context manager; inside it, every forward of
-the model adds, for each named adapter, scaling * B (A x) to the output of its target modules on the
-given batch rows only (rows: int64 indices into the batch dimension). Outside it, the model is the base
-model exactly (hooks return at once). The delta is computed in float32 and added to the layer output
-the way PEFT does for inference (adapter weights kept in float32, result cast back to the layer dtype),
-so a row routed to an adapter matches PEFT's own model on the same input up to float rounding.
-Hooks exist only while at least one adapter is loaded.
+Contract: `LoraRouter.route({adapter_name: rows})` is a context manager; inside it, every forward of the
+model adds, for each named adapter, scaling * B (A x) to the output of its target modules on the given
+batch rows only (rows: int64 indices into the batch dimension; a row takes at most one adapter). Outside
+it, the model is the base model exactly (hooks return at once). Rows of any mix of adapters, or none, run
+in one forward: each target module keeps every loaded adapter's A stacked into one (N*r, in) matrix and
+B into one (out, N*r) (ranks padded to the largest r with zeros, zeros where an adapter does not target
+the module), and its hook computes, for the whole batch,
+
+    delta = ((x @ A_all^T) * m) @ B_all^T        # x (n, S, in) -> (n, S, N*r) -> (n, S, out)
+
+with m (n, 1, N*r) holding, on each row, its adapter's scaling on that adapter's r columns and 0 elsewhere
+(the S-LoRA / punica idea, in dense form: with a few adapters, N*r columns cost less than gathering
+weights per row). A row with no adapter gets delta 0 exactly, so it is the base output. The delta is
+computed in float32 and added the way PEFT does for inference (result cast back to the layer dtype), so
+a routed row matches PEFT's own model up to float rounding. Hooks exist only while an adapter is loaded.
 """
 
 from __future__ import annotations
@@ -28,29 +36,48 @@ class LoraRouter:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self._modules = dict(model.named_modules())
-        self._weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}  # module -> name ->
+        self._adapters: dict[str, LoraAdapter] = {}  # in slot order
+        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (A_all, B_all)
+        self._rank = 0
         self._handles: dict[str, Any] = {}
         self._routes: dict[str, torch.Tensor] = {}
+        self._masks: dict[int, torch.Tensor] = {}  # batch size -> m, for the routes in force
 
     @property
     def names(self) -> set[str]:
-        return {name for per_module in self._weights.values() for name in per_module}
+        return set(self._adapters)
 
     def add(self, adapter: LoraAdapter) -> None:
         """Attach an adapter (already validated against this model)."""
-        device = next(self.model.parameters()).device
-        for module, (a, b) in adapter.weights.items():
-            per_module = self._weights.setdefault(module, {})
-            per_module[adapter.name] = (a.float().to(device), b.float().to(device), adapter.scaling)
-            if module not in self._handles:
-                self._handles[module] = self._modules[module].register_forward_hook(self._hook(module))
+        self._adapters[adapter.name] = adapter
+        self._restack()
 
     def remove(self, name: str) -> None:
-        for module in list(self._weights):
-            self._weights[module].pop(name, None)
-            if not self._weights[module]:
-                del self._weights[module]
-                self._handles.pop(module).remove()
+        if self._adapters.pop(name, None) is not None:
+            self._restack()
+
+    def _restack(self) -> None:
+        """Rebuild every target module's stacked A and B, and its hook, for the adapters now loaded."""
+        device = next(self.model.parameters()).device
+        slots = list(self._adapters.values())
+        self._rank = max((a.weights[m][0].shape[0] for a in slots for m in a.weights), default=0)
+        modules = sorted({m for a in slots for m in a.weights})
+        self._stacks = {}
+        for module in modules:
+            layer = self._modules[module]
+            a_all = torch.zeros(len(slots) * self._rank, layer.in_features, device=device)
+            b_all = torch.zeros(layer.out_features, len(slots) * self._rank, device=device)
+            for s, adapter in enumerate(slots):
+                if module in adapter.weights:
+                    a, b = adapter.weights[module]
+                    lo = s * self._rank
+                    a_all[lo:lo + a.shape[0]] = a.float()
+                    b_all[:, lo:lo + b.shape[1]] = b.float()
+            self._stacks[module] = (a_all, b_all)
+        for module in set(self._handles) - set(modules):
+            self._handles.pop(module).remove()
+        for module in set(modules) - set(self._handles):
+            self._handles[module] = self._modules[module].register_forward_hook(self._hook(module))
 
     @contextmanager
     def route(self, routes: dict[str, torch.Tensor]) -> Iterator[None]:
@@ -58,30 +85,32 @@ class LoraRouter:
         unknown = set(routes) - self.names
         if unknown:
             raise KeyError(f"LoRA adapter(s) not loaded: {sorted(unknown)}")
-        previous, self._routes = self._routes, {k: v for k, v in routes.items() if v.numel()}
+        previous = self._routes, self._masks
+        self._routes, self._masks = {k: v for k, v in routes.items() if v.numel()}, {}
         try:
             yield
         finally:
-            self._routes = previous
+            self._routes, self._masks = previous
+
+    def _mask(self, n: int, device: torch.device) -> torch.Tensor:
+        """m (n, 1, N*r): each routed row's scaling on its adapter's columns, 0 elsewhere (built once per size)."""
+        mask = self._masks.get(n)
+        if mask is None:
+            mask = torch.zeros(n, len(self._adapters), self._rank, device=device)
+            slot = {name: s for s, name in enumerate(self._adapters)}
+            for name, rows in self._routes.items():
+                mask[rows.to(device), slot[name]] = self._adapters[name].scaling
+            mask = self._masks[n] = mask.reshape(n, 1, -1)
+        return mask
 
     def _hook(self, module: str):
         def hook(_mod: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
             if not self._routes:
                 return None
-            adapters = self._weights.get(module, {})
-            x = args[0]  # (B, S, in)
-            result = None
-            for name, rows in self._routes.items():
-                if name not in adapters:
-                    continue
-                a, b, scaling = adapters[name]
-                if result is None:
-                    result = out.float()
-                if rows.numel() == x.shape[0]:
-                    result = result + (x.float() @ a.T) @ b.T * scaling
-                else:
-                    delta = (x[rows].float() @ a.T) @ b.T * scaling  # (R, S, out)
-                    result = result.index_add(0, rows, delta)
-            return None if result is None else result.to(out.dtype)
+            a_all, b_all = self._stacks[module]
+            x = args[0]  # (n, S, in)
+            mask = self._mask(x.shape[0], x.device)  # (n, 1, N*r)
+            delta = ((x.float() @ a_all.T) * mask) @ b_all.T  # (n, S, out)
+            return (out.float() + delta).to(out.dtype)
 
         return hook

@@ -29,9 +29,11 @@ def head(tiny_model, tokenizer):
     return HeadAdapter.create(tiny_model, tokenizer, "head", rank=8, tau=3.5, top_k=5, b_std=2.0, seed=11)
 
 
-@pytest.fixture()
-def engine(tiny_model, tokenizer, head, lora_setup):
-    eng = Engine(tiny_model, tokenizer, max_batch_size=8)
+@pytest.fixture(params=["packed", "plain"])
+def engine(request, tiny_model, tokenizer, head, lora_setup):
+    """Every engine test runs on both paths: oneDNN-prepacked linears (packed.py, the CPU default), plain F.linear."""
+    eng = Engine(tiny_model, tokenizer, max_batch_size=8, packed=request.param == "packed")
+    assert bool(eng.packed) == (request.param == "packed")
     eng.add_adapter(head)
     eng.add_adapter(load_adapter(lora_setup[0]))
     return eng

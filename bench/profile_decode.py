@@ -1,0 +1,107 @@
+"""Where a decode step's time goes: torch.profiler over the engine's phases, per arm and concurrency.
+
+    python bench/profile_decode.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--streams 1,8,32]
+                                   [--arms base,gated,lora-gated] [--new-tokens 64] [--compile auto|off]
+                                   [--json out.json]
+
+For each concurrency S and arm, S chat prompts generate `--new-tokens` tokens each (greedy, EOS ignored)
+once to warm up, then once under torch.profiler. The engine labels its phases (`engine.decode`: the
+decoder forward; `engine.lm_head`; `engine.gate`: entropy and the gate; `engine.steer`: the correction;
+`engine.sample`; `engine.record`: events, detokenising, stop checks; `engine.join`: prefill and merge;
+`engine.evict`). It prints, per arm, ms per step and each phase's share of the wall time, the share spent
+in aten kernels (self time of every op: the rest is Python, dispatch and the interpreter), and the ops
+that take the most self time. Arms: `base` (no adapter), `gated` (a random rank-8 head adapter gated to
+fire on ~3% of tokens), `lora-gated` and `lora-always` (a random rank-16 LoRA on q/k/v/o).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+
+from torch.profiler import ProfilerActivity, profile
+
+from reasonmaxxer.steering.adapters import HeadAdapter
+from reasonmaxxer.steering.engine import Engine
+from reasonmaxxer.steering.models import load_model
+from reasonmaxxer.steering.request import Request, SteeringParams
+from reasonmaxxer.steering.sampling import SamplingParams
+
+try:
+    from decode import calibrate, chat_prompts, make_lora
+except ImportError:  # run as `python -m bench.profile_decode`
+    from bench.decode import calibrate, chat_prompts, make_lora
+
+PHASES = ["engine.decode", "engine.lm_head", "engine.gate", "engine.steer", "engine.sample", "engine.record",
+          "engine.join", "engine.evict"]
+
+
+def profile_arm(engine: Engine, prompts, new_tokens: int, steering: SteeringParams, top: int) -> dict:
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    engine.generate([Request(p, sp, steering) for p in prompts])  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        engine.generate([Request(p, sp, steering) for p in prompts])
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    phase = {e.key: e.cpu_time_total / 1e3 for e in events if e.key in PHASES}  # ms
+    ops = sorted((e for e in events if not e.key.startswith("engine.") and e.self_cpu_time_total > 0),
+                 key=lambda e: -e.self_cpu_time_total)
+    kernels = sum(e.self_cpu_time_total for e in ops) / 1e3
+    return {
+        "wall_ms": wall * 1e3, "ms_per_step": wall * 1e3 / new_tokens,
+        "tokens_per_s": len(prompts) * new_tokens / wall,
+        "phases_ms": phase, "aten_self_ms": kernels,
+        "top_ops": [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in ops[:top]],
+    }
+
+
+def print_arm(streams: int, arm: str, r: dict) -> None:
+    wall = r["wall_ms"]
+    print(f"\n== {streams} streams, {arm}: {r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:.1f} tok/s; "
+          f"aten kernels {100 * r['aten_self_ms'] / wall:.0f}% of wall (the rest: Python and dispatch)")
+    print("   " + "  ".join(f"{k.split('.')[1]} {100 * v / wall:.0f}%" for k, v in r["phases_ms"].items()))
+    for name, ms, count in r["top_ops"]:
+        print(f"   {name:<36} {100 * ms / wall:5.1f}%  {ms / count * 1e3:8.1f} us x {count}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--streams", default="1,8,32")
+    parser.add_argument("--arms", default="base,gated,lora-gated")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--top", type=int, default=8, help="how many ops to list per arm")
+    parser.add_argument("--compile", default=None, help="the engine's compile setting (auto, off)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    kwargs = {} if args.compile is None else {"compile": args.compile}
+    engine = Engine(model, tokenizer, max_batch_size=64, name=args.model, **kwargs)
+    d = model.config.hidden_size
+    engine.add_adapter(HeadAdapter.create(model, tokenizer, "bench-head", rank=8, b_std=0.5, seed=0))
+    arms = args.arms.split(",")
+    if any(a.startswith("lora") for a in arms):
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.add_adapter(make_lora(model, tokenizer, tmp))
+    results = []
+    for streams in [int(s) for s in args.streams.split(",")]:
+        prompts = chat_prompts(tokenizer, streams)
+        tau = calibrate(engine, prompts, args.new_tokens, 0.03) if set(arms) - {"base", "lora-always"} else 0.0
+        steering = {"base": SteeringParams(), "gated": SteeringParams("bench-head", "gated", threshold=tau),
+                    "lora-gated": SteeringParams("bench-lora", "gated", threshold=tau),
+                    "lora-always": SteeringParams("bench-lora", "always")}
+        for arm in arms:
+            r = profile_arm(engine, prompts, args.new_tokens, steering[arm], args.top)
+            print_arm(streams, arm, r)
+            results.append({"streams": streams, "arm": arm, "hidden": d, **r})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""CPU fast path: oneDNN-prepacked weights for a model's linear layers (what inductor's freezing pass does).
+
+Contract: `pack_linears(model)` gives every `nn.Linear` of `model` whose weight is a float32 or bfloat16 CPU
+tensor a forward that runs `torch.ops.mkldnn._linear_pointwise` on a copy of its weight reordered once into
+oneDNN's blocked layout. On this CPU that is 1.3-2.4x faster than `F.linear` for decode-sized inputs (aten's
+bf16 and fp32 matmuls do not use that layout) and gives the same values (bit for bit here; tested to
+rounding). The layer falls back to `F.linear` wherever the packed copy would be wrong or unsupported:
+autograd on (training), an input of another dtype or device, or a weight replaced or changed in place since
+it was packed (its identity or version counter; a weight created under inference mode has no counter, so
+an in-place change to one is not seen); a changed weight is repacked at its next inference forward.
+So the model stays the same model for every other user (PEFT wrapping, training, weight loading).
+`unpack_linears(model)` restores the plain forwards and frees the packed copies. Cost: one extra copy of
+each linear weight in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["available", "pack_linears", "packed_count", "unpack_linears"]
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available() -> bool:
+    """Whether this torch build has the oneDNN linear kernels."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class _PackedForward:
+    """The forward of one packed nn.Linear (an instance attribute, so hooks and PEFT wrapping still apply)."""
+
+    def __init__(self, module: nn.Linear):
+        self.module = module
+        self._pack()
+
+    def _pack(self) -> None:
+        w = self.module.weight
+        self.source, self.version = w, _version(w)
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+
+    def __deepcopy__(self, memo: dict) -> _PackedForward:  # a copied model repacks its own weights lazily
+        new = _PackedForward.__new__(_PackedForward)
+        new.module, new.source, new.version, new.packed = copy.deepcopy(self.module, memo), None, -1, None
+        return new
+
+    def __getstate__(self) -> dict:
+        return {"module": self.module, "source": None, "version": -1, "packed": None}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        w, b = m.weight, m.bias
+        if torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu" or w.device.type != "cpu":
+            return F.linear(x, w, b)
+        if w is not self.source or _version(w) != self.version:
+            if w.dtype not in _DTYPES:
+                return F.linear(x, w, b)
+            self._pack()
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, b, "none", [], "")
+
+
+def _version(w: torch.Tensor) -> int | None:
+    """The weight's version counter (None for an inference tensor, which has none: it is taken as unchanged)."""
+    return None if w.is_inference() else w._version
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Pack every eligible linear layer of `model` (idempotent). Returns how many are packed."""
+    if not available():
+        return 0
+    for module in model.modules():
+        if (type(module) is nn.Linear and not isinstance(module.__dict__.get("forward"), _PackedForward)
+                and module.weight.device.type == "cpu" and module.weight.dtype in _DTYPES):
+            module.forward = _PackedForward(module)
+    return packed_count(model)
+
+
+def unpack_linears(model: nn.Module) -> None:
+    """Give every packed layer of `model` its plain forward back."""
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), _PackedForward):
+            del module.forward
+
+
+def packed_count(model: nn.Module) -> int:
+    return sum(isinstance(m.__dict__.get("forward"), _PackedForward) for m in model.modules())

@@ -1,0 +1,122 @@
+"""The engine's fast paths: oneDNN-prepacked linears (packed.py) and batched multi-LoRA (lora.py)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from reasonmaxxer.steering.adapters import HeadAdapter, load_adapter
+from reasonmaxxer.steering.engine import Engine
+from reasonmaxxer.steering.packed import available, pack_linears, packed_count, unpack_linears
+from reasonmaxxer.steering.request import Request, SteeringParams
+from reasonmaxxer.steering.sampling import SamplingParams
+
+from conftest import make_lora
+
+pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN linear kernels")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_linear_gives_f_linear_and_falls_back_where_it_must(dtype):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32, bias=False)).to(dtype)
+    x = torch.randn(3, 5, 64, dtype=dtype)  # (B, S, in): 3-D input as in a decoder
+    with torch.inference_mode():
+        ref = net(x)
+    assert pack_linears(net) == 2 and pack_linears(net) == 2  # idempotent
+    with torch.inference_mode():
+        assert torch.allclose(net(x).float(), ref.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+        assert torch.allclose(net(x[:1, :1]).float(), ref[:1, :1].float(), rtol=1e-2, atol=1e-3)  # any batch shape
+    out = net(x)  # autograd on: the plain F.linear, so training sees the same module
+    assert out.requires_grad
+    out.float().sum().backward()
+    assert net[0].weight.grad is not None
+    with torch.no_grad():
+        net[0].weight.mul_(2.0)  # changed in place: repacked at the next inference forward
+        plain = copy.deepcopy(net)
+        unpack_linears(plain)
+        assert packed_count(plain) == 0
+    with torch.inference_mode():
+        assert torch.allclose(net(x).float(), plain(x).float(), rtol=1e-2, atol=1e-3)
+        twin = copy.deepcopy(net)  # a copy packs its own weights, lazily
+        assert packed_count(twin) == 2 and torch.equal(twin(x), net(x))
+    net[0].weight = nn.Parameter(torch.randn_like(net[0].weight), requires_grad=False)  # replaced: repacked
+    plain[0].weight = nn.Parameter(net[0].weight.detach().clone(), requires_grad=False)
+    with torch.inference_mode():
+        assert torch.allclose(net(x).float(), plain(x).float(), rtol=1e-2, atol=1e-3)
+
+
+def test_packed_and_plain_engines_give_the_same_tokens(tiny_model, tokenizer, prompts):
+    head = HeadAdapter.create(tiny_model, tokenizer, "head", rank=8, tau=3.5, top_k=5, b_std=2.0, seed=11)
+    sp = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True, logprobs=0)
+    outs = {}
+    for packed in (False, True):
+        engine = Engine(tiny_model, tokenizer, packed=packed)
+        engine.add_adapter(head)
+        steering = SteeringParams("head", "gated", threshold=3.0)
+        outs[packed] = engine.generate([Request(p, sp, steering) for p in prompts])
+    unpack_linears(tiny_model)
+    for a, b in zip(outs[False], outs[True], strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+
+
+@torch.no_grad()
+def peft_greedy(peft_model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(peft_model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_batched_lora_equals_peft_per_row_in_a_mixed_batch(tiny_model, tokenizer, prompts, tmp_path):
+    """Two LoRAs of different ranks, a head adapter and no adapter, in one batch: each row is its reference."""
+    peft_a = make_lora(tiny_model, tokenizer, tmp_path / "a", name="lora-a", seed=1, r=4)
+    peft_b = make_lora(tiny_model, tokenizer, tmp_path / "b", name="lora-b", seed=2, r=8)
+    head = HeadAdapter.create(tiny_model, tokenizer, "head", rank=8, tau=3.5, top_k=5, b_std=2.0, seed=11)
+    engine = Engine(tiny_model, tokenizer, max_batch_size=8)
+    for adapter in (load_adapter(tmp_path / "a"), load_adapter(tmp_path / "b"), head):
+        engine.add_adapter(adapter)
+    n = 12
+    sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0)
+    rows = [("lora-a", "always", prompts[0]), ("lora-b", "always", prompts[1]), (None, "off", prompts[2]),
+            ("head", "always", prompts[3]), ("lora-b", "always", prompts[0]), ("lora-a", "always", prompts[1])]
+    done = engine.generate([Request(p, sp, SteeringParams(a, m)) for a, m, p in rows])
+    alone_head = engine.generate([Request(prompts[3], sp, SteeringParams("head", "always"))])[0]
+    with torch.no_grad():
+        plain = [int(t) for t in tiny_model.generate(torch.tensor([prompts[2]]), max_new_tokens=n, do_sample=False,
+                                                      min_new_tokens=n)[0, len(prompts[2]):]]
+    for (name, _, prompt), out in zip(rows, done, strict=True):
+        if name in ("lora-a", "lora-b"):
+            peft_model = peft_a if name == "lora-a" else peft_b
+            assert out.token_ids == peft_greedy(peft_model, prompt, n), name
+            with torch.no_grad():
+                ids = torch.tensor([prompt + out.token_ids])
+                ref = torch.log_softmax(peft_model(ids).logits[0, len(prompt) - 1:-1].float(), -1)
+            chosen = ref.gather(-1, torch.tensor(out.token_ids)[:, None])[:, 0]
+            assert torch.allclose(torch.tensor(out.logprobs), chosen, atol=1e-4)
+        elif name == "head":
+            assert out.token_ids == alone_head.token_ids
+        else:
+            assert out.token_ids == plain
+    assert done[0].token_ids != done[4].token_ids  # same prompt, two LoRAs: each row got its own
+
+
+def test_gated_lora_rows_of_two_adapters_recompute_together_as_alone(tiny_model, tokenizer, prompts, tmp_path):
+    make_lora(tiny_model, tokenizer, tmp_path / "a", name="lora-a", seed=1, r=4)
+    make_lora(tiny_model, tokenizer, tmp_path / "b", name="lora-b", seed=2, r=8)
+    engine = Engine(tiny_model, tokenizer, max_batch_size=8)
+    engine.add_adapter(load_adapter(tmp_path / "a"))
+    engine.add_adapter(load_adapter(tmp_path / "b"))
+    sp = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    reqs = [("lora-a", prompts[0]), ("lora-b", prompts[1]), ("lora-a", prompts[2]), ("lora-b", prompts[3])]
+    alone = [engine.generate([Request(p, sp, SteeringParams(a, "gated", threshold=3.0, trace=True))])[0]
+             for a, p in reqs]
+    together = engine.generate([Request(p, sp, SteeringParams(a, "gated", threshold=3.0)) for a, p in reqs])
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    assert sum(o.report.gate_fired for o in alone) > 0
+    engine.remove_adapter("lora-a")
+    assert engine.lora.names == {"lora-b"}
+    again = engine.generate([Request(prompts[1], sp, SteeringParams("lora-b", "gated", threshold=3.0))])[0]
+    assert again.token_ids == alone[1].token_ids  # restacked without lora-a: lora-b unchanged
