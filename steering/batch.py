@@ -75,6 +75,12 @@ class GrowingLayer(DynamicLayer):
         self._n = end
         return self.keys, self.values
 
+    def reserve(self, end: int) -> None:
+        """Make room for columns up to `end` (exclusive) now, so that `update` will not grow the buffers (the
+        compiled step relies on it: its graph then never takes the growing branch)."""
+        if self._k is not None and end > min(self._k.shape[2], self._v.shape[2]):
+            self._k, self._v = self._grow(self._k, self._k, end), self._grow(self._v, self._v, end)
+
     def _grow(self, old: torch.Tensor | None, new: torch.Tensor, end: int) -> torch.Tensor:
         b, h, _, d = new.shape
         buf = new.new_empty((b, h, end + HEADROOM, d))
@@ -160,10 +166,12 @@ class Batch:
         batch = cls(cache, mask, positions[:, -1] + 1, ids[:, -1].clone(), ids[:, -1].clone())
         return batch, hidden
 
-    def decode(self, model) -> torch.Tensor:
-        """Feed `tokens` at `positions`; grow the cache and mask by one column. -> hidden (B, d)."""
+    def decode(self, model, step=None) -> torch.Tensor:
+        """Feed `tokens` at `positions`; grow the cache and mask by one column. -> hidden (B, d). `step`: a
+        callable (ids, mask, positions, cache) -> hidden to run instead of the eager decoder (compiled.py)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)
-        hidden = forward_hidden(model, self.tokens[:, None], self.mask, self.positions[:, None], self.cache)
+        args = (self.tokens[:, None], self.mask, self.positions[:, None], self.cache)
+        hidden = step(*args) if step is not None else forward_hidden(model, *args)
         self.positions = self.positions + 1
         self.current = self.tokens
         return hidden

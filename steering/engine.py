@@ -41,6 +41,7 @@ from torch.profiler import record_function
 
 from .adapters import HeadAdapter, LoraAdapter
 from .batch import Batch, forward_hidden
+from .compiled import CompiledDecoder
 from .gate import entropy, gate_mask, random_fire, topk_candidates
 from .lora import LoraRouter
 from .manifest import base_identity
@@ -60,9 +61,10 @@ class Engine:
     """Decode many requests together on one transformers causal LM."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, name: str | None = None,
-                 packed: bool | None = None):
+                 packed: bool | None = None, compile: bool = False):
         """`packed`: run the linear layers on oneDNN-prepacked weights (packed.py; None: wherever the model is on
-        the CPU in fp32 or bf16, the default; False: plain F.linear, the reference path)."""
+        the CPU in fp32 or bf16, the default; False: plain F.linear, the reference path). `compile`: run decode
+        steps through torch.compile (compiled.py; inside the graph the linears are inductor's, elsewhere packed)."""
         for key in _UNSUPPORTED_CONFIG:
             if getattr(model.config, key, None) not in (None, 1.0):
                 raise ValueError(f"models with {key} are not supported: their logits are not W_U h")
@@ -73,6 +75,7 @@ class Engine:
         self.packed = pack_linears(model) if packed is not False else 0
         if packed is False:
             unpack_linears(model)
+        self.compiled = CompiledDecoder(model) if compile else None
         self.max_batch_size = max_batch_size
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.identity = base_identity(model, tokenizer, name)
@@ -173,7 +176,7 @@ class Engine:
         self._evict_finished()
         if self._batch is not None:
             with self.lora.route(self._lora_routes(self._rows)), record_function("engine.decode"):
-                hidden = self._batch.decode(self.model)  # (B, d)
+                hidden = self._batch.decode(self.model, self.compiled)  # (B, d)
             events += self._advance(self._rows, self._batch, hidden)
         new = self._admit()
         if new:

@@ -5,7 +5,8 @@ tensor a forward that runs `torch.ops.mkldnn._linear_pointwise` on a copy of its
 oneDNN's blocked layout. On this CPU that is 1.3-2.4x faster than `F.linear` for decode-sized inputs (aten's
 bf16 and fp32 matmuls do not use that layout) and gives the same values (bit for bit here; tested to
 rounding). The layer falls back to `F.linear` wherever the packed copy would be wrong or unsupported:
-autograd on (training), an input of another dtype or device, or a weight replaced or changed in place since
+autograd on (training), inside a torch.compile graph (inductor lowers the linears itself: compiled.py),
+an input of another dtype or device, or a weight replaced or changed in place since
 it was packed (its identity or version counter; a weight created under inference mode has no counter, so
 an in-place change to one is not seen); a changed weight is repacked at its next inference forward.
 So the model stays the same model for every other user (PEFT wrapping, training, weight loading).
@@ -55,7 +56,8 @@ class _PackedForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         w, b = m.weight, m.bias
-        if torch.is_grad_enabled() or x.dtype != w.dtype or x.device.type != "cpu" or w.device.type != "cpu":
+        if (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.dtype != w.dtype
+                or x.device.type != "cpu" or w.device.type != "cpu"):
             return F.linear(x, w, b)
         if w is not self.source or _version(w) != self.version:
             if w.dtype not in _DTYPES:

@@ -29,14 +29,17 @@ def head(tiny_model, tokenizer):
     return HeadAdapter.create(tiny_model, tokenizer, "head", rank=8, tau=3.5, top_k=5, b_std=2.0, seed=11)
 
 
-@pytest.fixture(params=["packed", "plain"])
+@pytest.fixture(params=["packed", "plain", "compiled"])
 def engine(request, tiny_model, tokenizer, head, lora_setup):
-    """Every engine test runs on both paths: oneDNN-prepacked linears (packed.py, the CPU default), plain F.linear."""
-    eng = Engine(tiny_model, tokenizer, max_batch_size=8, packed=request.param == "packed")
-    assert bool(eng.packed) == (request.param == "packed")
+    """Every engine test runs on three paths: oneDNN-prepacked linears (packed.py, the CPU default), plain
+    F.linear (eager), and decode steps through torch.compile (compiled.py)."""
+    eng = Engine(tiny_model, tokenizer, max_batch_size=8, packed=request.param != "plain",
+                 compile=request.param == "compiled")
+    assert bool(eng.packed) == (request.param != "plain")
     eng.add_adapter(head)
     eng.add_adapter(load_adapter(lora_setup[0]))
-    return eng
+    yield eng
+    assert eng.compiled is None or eng.compiled.failed is None  # the compiled path ran compiled, never fell back
 
 
 def run(engine, prompt, sampling, **steering):

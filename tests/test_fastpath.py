@@ -120,3 +120,46 @@ def test_gated_lora_rows_of_two_adapters_recompute_together_as_alone(tiny_model,
     assert engine.lora.names == {"lora-b"}
     again = engine.generate([Request(prompts[1], sp, SteeringParams("lora-b", "gated", threshold=3.0))])[0]
     assert again.token_ids == alone[1].token_ids  # restacked without lora-a: lora-b unchanged
+
+
+def test_the_compiled_step_does_not_recompile_as_rows_come_and_go(tiny_model, tokenizer, prompts):
+    from torch._dynamo.utils import counters
+
+    engine = Engine(tiny_model, tokenizer, max_batch_size=8, compile=True)
+    eager = Engine(tiny_model, tokenizer, max_batch_size=8)
+    sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    # Two graphs at most: batch size 1 and any larger (dynamo specialises a size of 1); lengths symbolic.
+    engine.generate([Request(prompts[0], sp), Request(prompts[1], sp)])
+    engine.generate([Request(prompts[2], sp)])
+    graphs = counters["stats"]["unique_graphs"]
+    # Rows of other lengths join two steps in and leave early: batch size 1..4, cache lengths all over.
+    reqs = [Request(p, SamplingParams(max_tokens=4 + 3 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(prompts)]
+    for r in reqs[:2]:
+        engine.submit(r)
+        eager.submit(Request(r.prompt_ids, r.sampling))
+    for e in (engine, eager):
+        e.step()
+        e.step()
+    late = engine.generate(reqs[2:])
+    late_eager = eager.generate([Request(r.prompt_ids, r.sampling) for r in reqs[2:]])
+    assert counters["stats"]["unique_graphs"] == graphs  # no new graph
+    assert engine.compiled.failed is None
+    assert [o.token_ids for o in late] == [o.token_ids for o in late_eager]
+
+
+def test_a_failing_compile_falls_back_to_eager_once_with_a_warning(tiny_model, tokenizer, prompts):
+    engine = Engine(tiny_model, tokenizer, compile=True)
+    reference = Engine(tiny_model, tokenizer)
+    calls = []
+
+    def broken(**kwargs):
+        calls.append(1)
+        raise RuntimeError("inductor: no C++ compiler found\nmore detail")
+
+    engine.compiled.compiled = broken
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with pytest.warns(RuntimeWarning, match="compiled decode step failed .*no C\\+\\+ compiler.*eager from now on"):
+        out = engine.generate([Request(p, sp) for p in prompts])
+    assert len(calls) == 1 and engine.compiled.failed.startswith("RuntimeError: inductor")
+    assert [o.token_ids for o in out] == [o.token_ids for o in reference.generate([Request(p, sp) for p in prompts])]
