@@ -245,7 +245,7 @@ def main() -> None:
     if args.eager:  # packing belongs to the model object: the eager engine runs on its own copy
         import copy
 
-        extra["eager"] = Engine(copy.deepcopy(model), tokenizer, max_batch_size=64, name=args.model, packed=False)
+        extra["eager"] = Engine(copy.deepcopy(model), tokenizer, max_batch_size=64, name=args.model, fast=False)
     llm = start_vllm(resolve_model(args.model)) if args.vllm else None
     rows = [measure(model, tokenizer, engine, int(s), args, llm, extra) for s in args.streams.split(",")]
     print_table(args, rows)

@@ -40,6 +40,7 @@ import torch
 from torch.profiler import record_function
 
 from .adapters import HeadAdapter, LoraAdapter
+from .attention import plain_attention, use_decode_attention
 from .batch import Batch, forward_hidden
 from .compiled import CompiledDecoder
 from .gate import entropy, gate_mask, random_fire, topk_candidates
@@ -61,10 +62,12 @@ class Engine:
     """Decode many requests together on one transformers causal LM."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, name: str | None = None,
-                 packed: bool | None = None, compile: bool = False):
-        """`packed`: run the linear layers on oneDNN-prepacked weights (packed.py; None: wherever the model is on
-        the CPU in fp32 or bf16, the default; False: plain F.linear, the reference path). `compile`: run decode
-        steps through torch.compile (compiled.py; inside the graph the linears are inductor's, elsewhere packed)."""
+                 fast: bool | None = None, compile: bool = False):
+        """`fast`: the fast paths, the same values up to float rounding (None, the default: wherever they apply;
+        False: the reference path, plain F.linear and transformers' sdpa): on the CPU, linears on oneDNN-prepacked
+        weights (packed.py), and for every model, decode attention by grouped matmuls (attention.py). Both are
+        properties of the model object, shared by engines that share it. `compile`: decode steps through
+        torch.compile (compiled.py; inside the graph the linears are inductor's)."""
         for key in _UNSUPPORTED_CONFIG:
             if getattr(model.config, key, None) not in (None, 1.0):
                 raise ValueError(f"models with {key} are not supported: their logits are not W_U h")
@@ -72,9 +75,12 @@ class Engine:
         if any(t != "full_attention" for t in layer_types):
             raise ValueError("only full-attention models are supported (no sliding-window layers)")
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.packed = pack_linears(model) if packed is not False else 0
-        if packed is False:
+        self.fast = fast is not False
+        self.packed = pack_linears(model) if self.fast else 0
+        self.grouped_attention = use_decode_attention(model) if self.fast else False
+        if not self.fast:
             unpack_linears(model)
+            plain_attention(model)
         self.compiled = CompiledDecoder(model) if compile else None
         self.max_batch_size = max_batch_size
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 1 << 30))
@@ -99,8 +105,9 @@ class Engine:
         adapter is registered with its weights on the model's device (moved once, not on every step). A
         `Teacher` registers the same way, by name (its vocabulary must be this model's)."""
         adapter.validate(self.model, self.tokenizer)
-        if isinstance(adapter, Teacher) and self.packed:
+        if isinstance(adapter, Teacher) and self.fast:
             pack_linears(adapter.model)
+            use_decode_attention(adapter.model)
         if isinstance(adapter, HeadAdapter):
             adapter = adapter.to(self.model.device)
         with self._lock:

@@ -33,9 +33,9 @@ def head(tiny_model, tokenizer):
 def engine(request, tiny_model, tokenizer, head, lora_setup):
     """Every engine test runs on three paths: oneDNN-prepacked linears (packed.py, the CPU default), plain
     F.linear (eager), and decode steps through torch.compile (compiled.py)."""
-    eng = Engine(tiny_model, tokenizer, max_batch_size=8, packed=request.param != "plain",
+    eng = Engine(tiny_model, tokenizer, max_batch_size=8, fast=request.param != "plain",
                  compile=request.param == "compiled")
-    assert bool(eng.packed) == (request.param != "plain")
+    assert bool(eng.packed) == eng.grouped_attention == (request.param != "plain")
     eng.add_adapter(head)
     eng.add_adapter(load_adapter(lora_setup[0]))
     yield eng

@@ -52,7 +52,7 @@ def test_packed_and_plain_engines_give_the_same_tokens(tiny_model, tokenizer, pr
     sp = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True, logprobs=0)
     outs = {}
     for packed in (False, True):
-        engine = Engine(tiny_model, tokenizer, packed=packed)
+        engine = Engine(tiny_model, tokenizer, fast=packed)
         engine.add_adapter(head)
         steering = SteeringParams("head", "gated", threshold=3.0)
         outs[packed] = engine.generate([Request(p, sp, steering) for p in prompts])
@@ -163,3 +163,28 @@ def test_a_failing_compile_falls_back_to_eager_once_with_a_warning(tiny_model, t
         out = engine.generate([Request(p, sp) for p in prompts])
     assert len(calls) == 1 and engine.compiled.failed.startswith("RuntimeError: inductor")
     assert [o.token_ids for o in out] == [o.token_ids for o in reference.generate([Request(p, sp) for p in prompts])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_grouped_decode_attention_equals_transformers_sdpa(dtype, groups):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from reasonmaxxer.steering.attention import decode_attention
+
+    class Module(nn.Module):
+        num_key_value_groups, is_causal = groups, True
+
+    torch.manual_seed(0)
+    b, hkv, s, d = 5, 2, 17, 16
+    q = torch.randn(b, hkv * groups, 1, d, dtype=dtype)
+    k, v = torch.randn(b, hkv, s, d, dtype=dtype), torch.randn(b, hkv, s, d, dtype=dtype)
+    mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
+    mask[1, ..., :6] = False  # left padding, as in a batch
+    mask[3, ..., :16] = False  # only its own position visible
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    for m in (mask, None):
+        ref, _ = sdpa_attention_forward(Module(), q, k, v, m, scaling=d ** -0.5)  # (B, 1, H, D)
+        ours = decode_attention(q, k, v, m, d ** -0.5)
+        assert ours.shape == ref.shape
+        assert torch.allclose(ours.float(), ref.float(), **tol)
