@@ -40,6 +40,7 @@ import torch
 from torch.profiler import record_function
 
 from .adapters import HeadAdapter, LoraAdapter
+from .allocator import tune_malloc
 from .attention import plain_attention, use_decode_attention
 from .batch import Batch, forward_hidden
 from .compiled import CompiledDecoder
@@ -65,8 +66,9 @@ class Engine:
                  fast: bool | None = None, compile: bool = False):
         """`fast`: the fast paths, the same values up to float rounding (None, the default: wherever they apply;
         False: the reference path, plain F.linear and transformers' sdpa): on the CPU, linears on oneDNN-prepacked
-        weights (packed.py), and for every model, decode attention by grouped matmuls (attention.py). Both are
-        properties of the model object, shared by engines that share it. `compile`: decode steps through
+        weights (packed.py) and glibc malloc kept from unmapping the step's large temporaries (allocator.py,
+        process-wide), and for every model, decode attention by grouped matmuls (attention.py). The first and
+        the last are properties of the model object, shared by engines that share it. `compile`: decode steps through
         torch.compile (compiled.py; inside the graph the linears are inductor's)."""
         for key in _UNSUPPORTED_CONFIG:
             if getattr(model.config, key, None) not in (None, 1.0):
@@ -77,6 +79,7 @@ class Engine:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.fast = fast is not False
         self.packed = pack_linears(model) if self.fast else 0
+        self.malloc_tuned = self.fast and model.device.type == "cpu" and tune_malloc()
         self.grouped_attention = use_decode_attention(model) if self.fast else False
         if not self.fast:
             unpack_linears(model)
