@@ -132,7 +132,8 @@ def _rollout_engine(args, model, tokenizer):
         return VllmOfflineEngine.start(str(resolve_model(args.model)), tokenizer, engine_args, name=args.model)
     from reasonmaxxer.steering.engine import Engine
 
-    return Engine(model, tokenizer, max_batch_size=args.concurrency, name=args.model)
+    # The reference numerics (fast=False): rollouts stay the ones the recipe's tests and results were made with.
+    return Engine(model, tokenizer, max_batch_size=args.concurrency, name=args.model, fast=False)
 
 
 def run_rollouts_command(args) -> int:
@@ -294,7 +295,7 @@ def _val_engine(args, model, tokenizer, fit_args: FitArgs):
     from reasonmaxxer.steering.models import load_model
 
     val_model = model if fit_args.kind == "head" else load_model(args.model, dtype="bfloat16")[0]
-    return Engine(val_model, tokenizer, name=args.model)
+    return Engine(val_model, tokenizer, name=args.model, fast=False)
 
 
 def _validation(args, val, model, tokenizer, fit_args: FitArgs):
