@@ -106,6 +106,19 @@ def make_lora(model, tokenizer, directory: str, rank: int = 16):
     return load_adapter(directory)
 
 
+def bench_engine(model, tokenizer, name: str, lora: bool, **engine_args) -> Engine:
+    """The engine every bench arm runs: batches up to 64, a random rank-8 head adapter `bench-head`, and with
+    `lora` a random rank-16 LoRA `bench-lora` (make_lora)."""
+    import tempfile
+
+    engine = Engine(model, tokenizer, max_batch_size=64, name=name, **engine_args)
+    engine.add_adapter(HeadAdapter.create(model, tokenizer, "bench-head", rank=8, b_std=0.5, seed=0))
+    if lora:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.add_adapter(make_lora(model, tokenizer, tmp))
+    return engine
+
+
 def start_vllm(path: str):
     """Plain vLLM (no reasonmaxxer plugin) on the model folder, with DESIGN.md's CPU environment."""
     import os
@@ -231,13 +244,7 @@ def main() -> None:
     from reasonmaxxer.steering.models import resolve_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    engine = Engine(model, tokenizer, max_batch_size=64, name=args.model)
-    engine.add_adapter(HeadAdapter.create(model, tokenizer, "bench-head", rank=8, b_std=0.5, seed=0))
-    if args.lora:
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.add_adapter(make_lora(model, tokenizer, tmp))
+    engine = bench_engine(model, tokenizer, args.model, lora=args.lora)
     extra = {}
     if args.compile:
         extra["compiled"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, compile=True)

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: torch.profiler over the engine's phases, per arm and concurrency.
 
     python bench/profile_decode.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--streams 1,8,32]
-                                   [--arms base,gated,lora-gated] [--new-tokens 64] [--compile auto|off]
+                                   [--arms base,gated,lora-gated] [--new-tokens 64] [--compile] [--reference]
                                    [--json out.json]
 
 For each concurrency S and arm, S chat prompts generate `--new-tokens` tokens each (greedy, EOS ignored)
@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 
 from torch.profiler import ProfilerActivity, profile
 
-from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.steering.request import Request, SteeringParams
 from reasonmaxxer.steering.sampling import SamplingParams
 
 try:
-    from decode import calibrate, chat_prompts, make_lora
+    from decode import bench_engine, calibrate, chat_prompts
 except ImportError:  # run as `python -m bench.profile_decode`
-    from bench.decode import calibrate, chat_prompts, make_lora
+    from bench.decode import bench_engine, calibrate, chat_prompts
 
 PHASES = ["engine.decode", "engine.lm_head", "engine.gate", "engine.steer", "engine.sample", "engine.record",
           "engine.join", "engine.evict"]
@@ -75,18 +73,15 @@ def main() -> None:
     parser.add_argument("--arms", default="base,gated,lora-gated")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=8, help="how many ops to list per arm")
-    parser.add_argument("--compile", default=None, help="the engine's compile setting (auto, off)")
+    parser.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
+    parser.add_argument("--reference", action="store_true", help="the engine's reference path (fast=False)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, dtype=args.dtype)
-    kwargs = {} if args.compile is None else {"compile": args.compile}
-    engine = Engine(model, tokenizer, max_batch_size=64, name=args.model, **kwargs)
-    d = model.config.hidden_size
-    engine.add_adapter(HeadAdapter.create(model, tokenizer, "bench-head", rank=8, b_std=0.5, seed=0))
     arms = args.arms.split(",")
-    if any(a.startswith("lora") for a in arms):
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.add_adapter(make_lora(model, tokenizer, tmp))
+    engine = bench_engine(model, tokenizer, args.model, lora=any(a.startswith("lora") for a in arms),
+                          compile=args.compile, fast=not args.reference)
+    d = model.config.hidden_size
     results = []
     for streams in [int(s) for s in args.streams.split(",")]:
         prompts = chat_prompts(tokenizer, streams)

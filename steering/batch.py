@@ -23,7 +23,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["Batch", "GrowingLayer", "forward_hidden", "new_cache"]
+__all__ = ["Batch", "GrowingLayer", "decoder_hidden", "forward_hidden", "new_cache"]
 
 HEADROOM = 256  # columns allocated ahead, so that decode steps write in place instead of re-copying the cache
 
@@ -106,8 +106,13 @@ def forward_hidden(
 ) -> torch.Tensor:
     """Run the decoder (not the LM head); return the final hidden state of the last column. -> (B, d)."""
     decoder = model.get_decoder()
+    return decoder_hidden(decoder, cache_kwarg(decoder), input_ids, mask, positions, cache)
+
+
+def decoder_hidden(decoder, kwarg: str, input_ids, mask, positions, cache) -> torch.Tensor:
+    """`forward_hidden` on a given decoder callable (a compiled one too), whose cache argument is `kwarg`."""
     out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                  **{cache_kwarg(decoder): cache})
+                  **{kwarg: cache})
     return out.last_hidden_state[:, -1]
 
 

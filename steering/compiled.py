@@ -6,9 +6,7 @@ float rounding of fused kernels. Shapes are dynamic (`dynamic=True`): the batch 
 are symbolic, so two graphs (batch size 1, and any larger: dynamo specialises a size of 1) serve every
 batch as rows join and leave and as the cache grows: no buckets to pad to and no recompiles. The cache's
 buffers (batch.GrowingLayer) are written in place inside the graph; room for the step is reserved before
-it, eagerly, so the graph never takes the growing branch. With `freeze=True` (inductor's freezing: the
-weights become constants and the CPU linears are prepacked for oneDNN) a weight changed after the first
-call is not seen: use it only for a model that no longer changes. Prefills, gated-LoRA recomputes and
+it, eagerly, so the graph never takes the growing branch. Prefills, gated-LoRA recomputes and
 teacher forwards stay eager. If compiling or running the graph fails, it warns once, names the error,
 and runs eager from then on: compile is an optimisation, never a reason for a request to fail.
 """
@@ -20,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .batch import cache_kwarg
+from .batch import cache_kwarg, decoder_hidden
 
 __all__ = ["CompiledDecoder"]
 
@@ -44,25 +42,19 @@ def _prepare(input_ids, mask, positions, cache) -> None:
 class CompiledDecoder:
     """The decoder of `model`, compiled for decode steps (see the module docstring)."""
 
-    def __init__(self, model: Any, freeze: bool = False):
+    def __init__(self, model: Any):
         self.decoder = model.get_decoder()
-        self.kwarg = cache_kwarg(self.decoder)
-        options = {"freezing": True} if freeze else None
-        self.compiled = torch.compile(self.decoder, dynamic=True, options=options)
+        self.kwarg = cache_kwarg(self.decoder)  # asked of the plain module: the compiled one takes **kwargs
+        self.compiled = torch.compile(self.decoder, dynamic=True)
         self.failed: str | None = None  # why compile was given up, once it was
 
     def __call__(self, input_ids, mask, positions, cache) -> torch.Tensor:
         if self.failed is None:
             _prepare(input_ids, mask, positions, cache)
             try:
-                return self._run(self.compiled, input_ids, mask, positions, cache)
+                return decoder_hidden(self.compiled, self.kwarg, input_ids, mask, positions, cache)
             except Exception as e:  # any compiler failure: fall back, say why, once
                 self.failed = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 warnings.warn(f"the compiled decode step failed ({self.failed}); running eager from now on",
                               RuntimeWarning, stacklevel=2)
-        return self._run(self.decoder, input_ids, mask, positions, cache)
-
-    def _run(self, decoder, input_ids, mask, positions, cache) -> torch.Tensor:
-        out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                      **{self.kwarg: cache})
-        return out.last_hidden_state[:, -1]
+        return decoder_hidden(self.decoder, self.kwarg, input_ids, mask, positions, cache)

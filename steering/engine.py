@@ -290,18 +290,20 @@ class Engine:
         sel = torch.tensor(idx, device=batch.mask.device)
         cache, mask = batch.without_last_column(sel)
         current, position = batch.last_inputs()
-        routes: dict[str, list[int]] = {}
-        for j, name in enumerate(names):
-            routes.setdefault(name, []).append(j)
-        with self.lora.route({k: torch.tensor(v, device=sel.device) for k, v in routes.items()}):
+        with self.lora.route(self._routes(names)):
             h = forward_hidden(self.model, current[sel, None], mask, position[sel, None], cache)
         return self.lm_head(h).float()
 
     def _lora_routes(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        """The router's routes for the rows whose LoRA runs in every forward."""
+        return self._routes([r.adapter.name if r.lora_always else None for r in rows])
+
+    def _routes(self, names: list[str | None]) -> dict[str, torch.Tensor]:
+        """{adapter: batch rows} for per-row LoRA names (None: no LoRA on that row)."""
         routes: dict[str, list[int]] = {}
-        for i, r in enumerate(rows):
-            if r.lora_always:
-                routes.setdefault(r.adapter.name, []).append(i)
+        for i, name in enumerate(names):
+            if name is not None:
+                routes.setdefault(name, []).append(i)
         return {k: torch.tensor(v, device=self.model.device) for k, v in routes.items()}
 
     # ---- bookkeeping ---------------------------------------------------------------------------------
