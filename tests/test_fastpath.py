@@ -194,26 +194,34 @@ def test_grouped_decode_attention_equals_transformers_sdpa(dtype, groups):
 
 
 STEPS = """
-import resource, sys, torch
+import mmap, resource, sys, torch
 from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.gate import entropy
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+before, probe = faults(), mmap.mmap(-1, 256 * 4096)  # does this kernel count minor faults at all?
+for page in range(256):
+    probe[page * 4096] = 1
+counted = faults() - before >= 128
 if sys.argv[1] == "tuned":
     assert tune_malloc() and tune_malloc()  # idempotent
-faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 w = torch.randn(49152, 64)
 for rep in range(3):  # the last round counts: glibc's own threshold has had time to adapt
     before = faults()
     for _ in range(10):
         logits = torch.randn(32, 64) @ w.T  # (32, 49152) fresh each step, as the LM head's
         entropy(logits), logits.argmax(-1)
-print((faults() - before) / 10)
+print(counted, (faults() - before) / 10)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_tuned_malloc_reuses_freed_pages_instead_of_faulting_new_ones():
     """A step's (B, V) temporaries, in fresh processes: glibc's defaults fault in thousands of new pages per
-    step (3,040 here), the tuned allocator reuses the freed ones (0 to 154 here)."""
-    per_step = {mode: float(subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True,
-                                           check=True).stdout) for mode in ("default", "tuned")}
+    step (3,040 here), the tuned allocator reuses the freed ones (0 to 154 here). Skips where the kernel
+    does not count minor faults (some sandboxes report ru_minflt = 0 whatever happens)."""
+    runs = {mode: subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True,
+                                 check=True).stdout.split() for mode in ("default", "tuned")}
+    if any(counted != "True" for counted, _ in runs.values()):
+        pytest.skip("this kernel does not count minor page faults (ru_minflt stayed 0 over 256 fresh pages)")
+    per_step = {mode: float(n) for mode, (_, n) in runs.items()}
     assert per_step["default"] > 1000 and per_step["tuned"] * 5 < per_step["default"], per_step
