@@ -268,13 +268,15 @@ class Engine:
                 second.append(i)
         if not heads and not second:
             return logits
-        out = logits.clone()
-        for (_name, k), idx in heads.items():
-            sel = torch.tensor(idx, device=logits.device)
-            cand = topk_candidates(logits[sel], k)  # (n, k)
-            delta = rows[idx[0]].adapter.delta(hidden[sel], cand, self.lm_head.weight)  # (n, k)
-            delta = delta * fired[sel, None].to(delta.dtype)  # 0 where the gate did not fire
-            out[sel] = logits[sel].scatter_add(1, cand, delta)
+        if len(heads) == 1 and len(next(iter(heads.values()))) == len(rows):  # one head on every row: no gathers
+            (_name, k), = heads
+            out = logits.scatter_add(1, *self._head_delta(rows[0].adapter, k, hidden, logits, fired))
+        else:
+            out = logits.clone()
+            for (_name, k), idx in heads.items():
+                sel = torch.tensor(idx, device=logits.device)
+                out[sel] = logits[sel].scatter_add(1, *self._head_delta(rows[idx[0]].adapter, k, hidden[sel],
+                                                                         logits[sel], fired[sel]))
         fired_second = [i for i, f in zip(second, fired[second].tolist(), strict=True) if f] if second else []
         loras = [i for i in fired_second if isinstance(rows[i].adapter, LoraAdapter)]
         if loras:
@@ -283,6 +285,13 @@ class Engine:
             if isinstance(rows[i].adapter, Teacher):  # over what its lazy cache has not seen
                 out[i] = restrict(rows[i].teacher_logits().to(logits.device), logits[i], rows[i].cand_k)
         return out
+
+    def _head_delta(self, adapter: HeadAdapter, k: int, hidden, logits, fired) -> tuple[torch.Tensor, torch.Tensor]:
+        """A head adapter's correction of rows (hidden (n, d), logits (n, V), fired (n,)): its top-k candidates
+        (n, k) and their deltas (n, k), 0 where the gate did not fire."""
+        cand = topk_candidates(logits, k)  # (n, k)
+        delta = adapter.delta(hidden, cand, self.lm_head.weight)  # (n, k)
+        return cand, delta * fired[:, None].to(delta.dtype)
 
     def _recompute_current(self, batch: Batch, idx: list[int], names: list[str]) -> torch.Tensor:
         """Logits of the current position of rows `idx`, each with its LoRA `names[j]` on, over the base cache:
