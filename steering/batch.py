@@ -9,7 +9,8 @@ the other rows (up to float rounding of differently shaped matmuls).
 - `Batch.prefill(...)` runs a left-padded prompt batch and returns the final hidden state at each
   row's last prompt token; `Batch.decode(...)` feeds one token per row.
 - `merge` pads the shorter batch on the left and concatenates rows; `select` keeps rows; `trim` drops
-  leading columns that are padding in every row.
+  leading columns that are padding in every row. All three keep the buffers' spare columns (GrowingLayer).
+- `prefill_groups(lengths)` splits joining prompts into prefill batches of similar length.
 - `without_last_column(rows)` copies the cache of some rows minus the current position: what a
   recompute of the current position sees (used by gated LoRA).
 """
@@ -23,9 +24,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["Batch", "GrowingLayer", "decoder_hidden", "forward_hidden", "new_cache"]
+__all__ = ["Batch", "GrowingLayer", "decoder_hidden", "forward_hidden", "new_cache", "prefill_groups"]
 
 HEADROOM = 256  # columns allocated ahead, so that decode steps write in place instead of re-copying the cache
+PREFILL_WASTE = 0.125  # a joining prompt starts its own prefill batch where left padding would pass this share
 
 
 class GrowingLayer(DynamicLayer):
@@ -75,6 +77,22 @@ class GrowingLayer(DynamicLayer):
         self._n = end
         return self.keys, self.values
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows `indices`, with the buffers' spare room (transformers' version drops it: the next step
+        would then copy the cache again to grow it)."""
+        if self._k is not None:
+            self._k, self._v = self._k[indices], self._v[indices]
+
+    def drop_left(self, start: int) -> None:
+        """Drop the first `start` columns: a view, the spare room kept."""
+        if self._k is not None:
+            self._k, self._v, self._n = self._k[:, :, start:], self._v[:, :, start:], self._n - start
+
+    def compact(self) -> None:
+        """Make the buffers contiguous again after `drop_left` (for the compiled step: one stride pattern)."""
+        if self._k is not None and not (self._k.is_contiguous() and self._v.is_contiguous()):
+            self._k, self._v = self._k.contiguous(), self._v.contiguous()
+
     def reserve(self, end: int) -> None:
         """Make room for columns up to `end` (exclusive) now, so that `update` will not grow the buffers (the
         compiled step relies on it: its graph then never takes the growing branch)."""
@@ -89,14 +107,16 @@ class GrowingLayer(DynamicLayer):
         return buf
 
 
-def new_cache(data: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
-    """A DynamicCache made of GrowingLayers, empty or holding `data` [(keys, values) per layer]."""
+def new_cache(data: list[tuple] | None = None) -> DynamicCache:
+    """A DynamicCache made of GrowingLayers, empty or holding `data`: per layer (keys, values), or (keys, values,
+    n) for buffers whose first n columns are filled (the rest is spare room)."""
     cache = DynamicCache()
     cache.layer_class_to_replicate = GrowingLayer
-    for k, v in data or []:
+    for k, v, *n in data or []:
         layer = GrowingLayer()
         layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
+        layer._n = n[0] if n else k.shape[2]
         cache.layers.append(layer)
     return cache
 
@@ -130,8 +150,34 @@ def _cache_kwarg(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
+def prefill_groups(lengths: list[int], waste: float = PREFILL_WASTE) -> list[list[int]]:
+    """Split prompts into prefill batches of similar length: by decreasing length, a new batch starts where
+    its left padding would pass `waste` of its padded tokens. -> lists of indices into `lengths`."""
+    groups: list[list[int]] = []
+    tokens = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        group = groups[-1] if groups else []
+        if not group or 1 - (tokens + lengths[i]) / (lengths[group[0]] * (len(group) + 1)) > waste:
+            groups.append([i])
+            tokens = lengths[i]
+        else:
+            group.append(i)
+            tokens += lengths[i]
+    return groups
+
+
 def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _stack_rows(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of a (B1, H, S1, D) then b (B2, H, S2, D), right-aligned at column `width`, zeros on the left,
+    in a buffer with HEADROOM spare columns. -> (B1 + B2, H, width + HEADROOM, D)"""
+    b1, b2 = a.shape[0], b.shape[0]
+    buf = a.new_zeros((b1 + b2, a.shape[1], width + HEADROOM, a.shape[3]))
+    buf[:b1, :, width - a.shape[2]: width] = a
+    buf[b1:, :, width - b.shape[2]: width] = b
+    return buf
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -197,15 +243,14 @@ class Batch:
         self.tokens, self.current = self.tokens[rows], self.current[rows]
 
     def merge(self, other: Batch) -> None:
-        """Append the rows of `other` after ours, left-padding whichever is shorter."""
+        """Append the rows of `other` after ours, left-padding whichever is shorter. One copy of each cache, into
+        buffers with HEADROOM spare columns (so the next decode step writes in place)."""
         s1, s2 = self.mask.shape[1], other.mask.shape[1]
         width = max(s1, s2)
-        data = []
+        layers = []
         for (k1, v1), (k2, v2) in zip(_kv(self.cache), _kv(other.cache), strict=True):
-            k = torch.cat([_pad_left(k1, width - s1, 2), _pad_left(k2, width - s2, 2)], dim=0)
-            v = torch.cat([_pad_left(v1, width - s1, 2), _pad_left(v2, width - s2, 2)], dim=0)
-            data.append((k, v))
-        self.cache = new_cache(data)
+            layers.append((_stack_rows(k1, k2, width), _stack_rows(v1, v2, width), width))
+        self.cache = new_cache(layers)
         self.mask = torch.cat([_pad_left(self.mask, width - s1, 1), _pad_left(other.mask, width - s2, 1)])
         self.positions = torch.cat([self.positions, other.positions])
         self.tokens = torch.cat([self.tokens, other.tokens])
@@ -218,5 +263,5 @@ class Batch:
         if start == 0:
             return
         for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            layer.drop_left(start)
         self.mask = self.mask[:, start:]

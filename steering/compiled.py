@@ -24,15 +24,16 @@ __all__ = ["CompiledDecoder"]
 
 
 def _prepare(input_ids, mask, positions, cache) -> None:
-    """Before a compiled step: reserve cache room for this step and one more (so the graph's guards on the
-    buffers' sizes keep holding), and mark the batch and length axes dynamic from the first call (else the
-    first graph is specialised to its shapes and the second call recompiles)."""
+    """Before a compiled step: contiguous cache buffers, room reserved for this step and one more (so the
+    graph's guards on the buffers' sizes keep holding), and the batch and length axes marked dynamic from the
+    first call (else the first graph is specialised to its shapes and the second call recompiles)."""
     mark = torch._dynamo.maybe_mark_dynamic
     for t in (input_ids, positions):
         mark(t, 0)
     mark(mask, 0)
     mark(mask, 1)
     for layer in cache.layers:
+        layer.compact()  # after a trim: its view of the buffers has another stride pattern (a recompile)
         layer.reserve(layer._n + 2)
         for buf in (layer._k, layer._v):
             mark(buf, 0)

@@ -42,7 +42,7 @@ from torch.profiler import record_function
 from .adapters import HeadAdapter, LoraAdapter
 from .allocator import tune_malloc
 from .attention import plain_attention, use_decode_attention
-from .batch import Batch, forward_hidden
+from .batch import Batch, forward_hidden, prefill_groups
 from .compiled import CompiledDecoder
 from .gate import entropy, gate_mask, random_fire, topk_candidates
 from .lora import LoraRouter
@@ -196,9 +196,15 @@ class Engine:
         return events
 
     def _join(self, new: list[Row]) -> list[TokenEvent]:
-        """Prefill `new` rows and merge them into the running batch. If their batch fails, each row is tried
-        alone, so one request that cannot run ends alone, with finish_reason "error" (defence in depth: the
-        server validates what it can first), and the running rows never see it."""
+        """Prefill `new` rows, in groups of similar prompt length (`prefill_groups`: left padding is compute
+        spent on nothing), and merge them into the running batch."""
+        groups = prefill_groups([len(r.request.prompt_ids) for r in new])
+        return [event for group in groups for event in self._join_group([new[i] for i in group])]
+
+    def _join_group(self, new: list[Row]) -> list[TokenEvent]:
+        """Prefill `new` rows as one batch and merge them in. If their batch fails, each row is tried alone, so
+        one request that cannot run ends alone, with finish_reason "error" (defence in depth: the server
+        validates what it can first), and the running rows never see it."""
         try:
             with self.lora.route(self._lora_routes(new)):
                 batch, hidden = Batch.prefill(self.model, [r.request.prompt_ids for r in new], self.pad_id)
@@ -206,7 +212,7 @@ class Engine:
         except Exception as e:
             if len(new) == 1:
                 return [new[0].fail(f"{type(e).__name__}: {e}")]
-            return [event for row in new for event in self._join([row])]
+            return [event for row in new for event in self._join_group([row])]
         if self._batch is None:
             self._batch = batch
         else:

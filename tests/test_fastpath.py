@@ -151,6 +151,62 @@ def test_the_compiled_step_does_not_recompile_as_rows_come_and_go(tiny_model, to
     assert [o.token_ids for o in late] == [o.token_ids for o in late_eager]
 
 
+def test_prefill_groups_split_where_left_padding_passes_the_waste_share():
+    from reasonmaxxer.steering.batch import prefill_groups
+
+    assert prefill_groups([]) == [] and prefill_groups([7]) == [[0]]
+    assert prefill_groups([10, 10, 9, 10]) == [[0, 1, 3, 2]]  # 2.5% padding: one batch, longest first
+    assert prefill_groups([3, 40, 4, 41]) == [[3, 1], [2, 0]]
+    lengths = [78, 73, 73, 65, 64, 63, 59, 55] * 4  # bench/decode.py's 32 prompts on SmolLM2
+    groups = prefill_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(32))
+    for g in groups:
+        width = max(lengths[i] for i in g)
+        assert 1 - sum(lengths[i] for i in g) / (width * len(g)) <= 0.125
+    padded = sum(max(lengths[i] for i in g) * len(g) for g in groups)
+    assert padded < 78 * 32  # fewer tokens through the model than one left-padded batch
+
+
+def test_rows_of_far_apart_lengths_prefill_apart_and_decode_as_alone(tiny_model, tokenizer, prompts):
+    engine = Engine(tiny_model, tokenizer, max_batch_size=8)
+    sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    long_prompt = tokenizer("Weng earns $12 an hour for babysitting. " * 5)["input_ids"]
+    batch = [prompts[0], long_prompt, prompts[2], long_prompt[:-3]]
+    widths = []
+    hook = tiny_model.get_decoder().register_forward_pre_hook(
+        lambda _m, _a, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    try:
+        together = engine.generate([Request(p, sp) for p in batch])
+    finally:
+        hook.remove()
+    prefills = [w for w in widths if w[1] > 1]
+    assert sorted(prefills) == sorted([(2, len(long_prompt)), (2, max(len(prompts[0]), len(prompts[2])))])
+    alone = [engine.generate([Request(p, sp)])[0].token_ids for p in batch]
+    assert [c.token_ids for c in together] == alone
+
+
+def test_the_cache_keeps_its_spare_room_through_merge_select_and_trim(tiny_model, tokenizer, prompts):
+    """Joins, evictions and trims keep the buffers' spare columns: decode steps in between write in place
+    (the same buffer before and after the step), with no copy of the cache to grow it."""
+    engine = Engine(tiny_model, tokenizer, max_batch_size=8)
+    buffers = lambda: [layer._k.data_ptr() for layer in engine._batch.cache.layers]  # noqa: E731
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.submit(Request(prompts[3], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)))
+    engine.submit(Request(prompts[0], short))
+    engine.step()
+    engine.submit(Request(prompts[1], short))  # joins the running batch: a merge
+    sizes, in_place = [], []
+    while engine.has_work:
+        size, before = engine._batch.size, buffers()
+        engine.step()  # the short rows finish and leave: select, then trim of the columns only they used
+        if engine._batch is not None:
+            sizes.append(engine._batch.size)
+            if engine._batch.size == size:  # nobody joined or left in this step
+                in_place.append(buffers() == before)
+    assert sizes[0] == 3 and 1 in sizes  # the merge, then the evictions happened
+    assert len(in_place) >= 6 and all(in_place), in_place
+
+
 def test_a_failing_compile_falls_back_to_eager_once_with_a_warning(tiny_model, tokenizer, prompts):
     engine = Engine(tiny_model, tokenizer, compile=True)
     reference = Engine(tiny_model, tokenizer)
