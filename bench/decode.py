@@ -10,7 +10,8 @@ For each concurrency S, S chat-templated math prompts each generate exactly `--n
   it fire on about `--fire-rate` of tokens (calibrated on runs of the same S prompts);
 - `hf-generate`: `model.generate` on the same S prompts as one left-padded batch;
 - with `--lora`, `lora-always` and `lora-gated`: a random rank-16 LoRA (q/k/v/o) on every forward, and
-  gated at the head's tau (a fired row recomputes its current position with the LoRA on);
+  gated at its own tau, calibrated as the head's (a fired row recomputes its current position with the LoRA
+  on; a random LoRA changes the text and so the entropies, so the head's tau is not its ~3%);
 - with `--compile`, `compiled-base` and `compiled-gated`: the same engine settings with decode steps
   through torch.compile (steering/compiled.py; compiled before the first timed run);
 - with `--eager`, `eager-base`: the engine with plain F.linear instead of the oneDNN-prepacked linears
@@ -63,7 +64,8 @@ def chat_prompts(tokenizer, n: int) -> list[list[int]]:
     return out
 
 
-def calibrate(engine: Engine, prompts, new_tokens: int, fire_rate: float, rounds: int = 6) -> float:
+def calibrate(engine: Engine, prompts, new_tokens: int, fire_rate: float, rounds: int = 6,
+              adapter: str = "bench-head") -> float:
     """A tau at which the gated run itself fires on about `fire_rate` of its tokens.
 
     Firing changes the text and so the later entropies, so a quantile of a base run is only the start:
@@ -72,7 +74,7 @@ def calibrate(engine: Engine, prompts, new_tokens: int, fire_rate: float, rounds
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
 
     def gated_run(tau: float) -> tuple[float, torch.Tensor]:
-        steering = SteeringParams(adapter="bench-head", mode="gated", threshold=tau, trace=True)
+        steering = SteeringParams(adapter=adapter, mode="gated", threshold=tau, trace=True)
         done = engine.generate([Request(p, sp, steering) for p in prompts])
         trace = [t for c in done for t in c.report.trace]
         return sum(t.fired for t in trace) / len(trace), torch.tensor([t.entropy for t in trace])
@@ -182,6 +184,7 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
     prompts = chat_prompts(tokenizer, streams)
     tau = calibrate(engine, prompts, args.new_tokens, args.fire_rate)
     off, gated = SteeringParams(), SteeringParams(adapter="bench-head", mode="gated", threshold=tau)
+    tau_lora = calibrate(engine, prompts, args.new_tokens, args.fire_rate, adapter="bench-lora") if args.lora else None
     arms = {
         "engine-base": lambda: run_engine(engine, prompts, args.new_tokens, off),
         "engine-gated": lambda: run_engine(engine, prompts, args.new_tokens, gated),
@@ -197,20 +200,20 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
         arms["lora-always"] = lambda: run_engine(engine, prompts, args.new_tokens,
                                                  SteeringParams("bench-lora", "always"))
         arms["lora-gated"] = lambda: run_engine(engine, prompts, args.new_tokens,
-                                                SteeringParams("bench-lora", "gated", threshold=tau))
+                                                SteeringParams("bench-lora", "gated", threshold=tau_lora))
     if llm is not None:
         arms["vllm"] = lambda: (run_vllm(llm, prompts, args.new_tokens), None)
     for arm in arms.values():  # warm-up
         arm()
     times: dict[str, list[float]] = {k: [] for k in arms}
-    fire = []
+    fire: dict[str, list[float]] = {}
     names = list(arms)
     for i in range(args.repeats):
         for name in names[i % len(names):] + names[: i % len(names)]:
             t, f = arms[name]()
             times[name].append(t)
-            if f is not None and name == "engine-gated":
-                fire.append(f)
+            if f is not None and "gated" in name:
+                fire.setdefault(name, []).append(f)
     tps = {k: streams * args.new_tokens / statistics.median(v) for k, v in times.items()}
     paired = lambda a, b: statistics.median(tb / ta for ta, tb in zip(times[a], times[b], strict=True))  # noqa: E731
     ratios = {"gated_over_base": paired("engine-gated", "engine-base"),
@@ -227,7 +230,9 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
         ratios["gated_over_vllm"] = paired("engine-gated", "vllm")
         if "compiled" in extra:
             ratios["compiled_over_vllm"] = paired("compiled-base", "vllm")
-    return {"streams": streams, "tau": tau, "tokens_per_s": tps, "fire_rate": statistics.mean(fire), **ratios,
+    return {"streams": streams, "tau": tau, "tau_lora": tau_lora, "tokens_per_s": tps,
+            "fire_rate": statistics.mean(fire["engine-gated"]),
+            "fire_rates": {k: statistics.mean(v) for k, v in fire.items()}, **ratios,
             "wall_s": times}
 
 
@@ -280,11 +285,13 @@ def print_table(args, rows: list[dict]) -> None:
           f"{args.fire_rate:.0%} of base tokens")
     arms = list(rows[0]["tokens_per_s"])
     ratios = [k for k in rows[0] if k.endswith(("_over_base", "_over_generate", "_over_always", "_over_vllm"))]
+    lora = "lora-gated" in rows[0]["fire_rates"]
     print(f"{'streams':>7} " + " ".join(f"{a:>12}" for a in arms) + f" {'fire':>6} " +
-          " ".join(f"{r.replace('_over_', '/'):>14}" for r in ratios))
+          (f"{'fire-lora':>9} " if lora else "") + " ".join(f"{r.replace('_over_', '/'):>14}" for r in ratios))
     for r in rows:
         print(f"{r['streams']:>7} " + " ".join(f"{r['tokens_per_s'][a]:>12.1f}" for a in arms) +
-              f" {r['fire_rate']:>6.3f} " + " ".join(f"{r[k]:>14.3f}" for k in ratios))
+              f" {r['fire_rate']:>6.3f} " + (f"{r['fire_rates']['lora-gated']:>9.3f} " if lora else "") +
+              " ".join(f"{r[k]:>14.3f}" for k in ratios))
 
 
 if __name__ == "__main__":
