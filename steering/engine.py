@@ -260,7 +260,8 @@ class Engine:
     def _steer(self, rows, batch: Batch, hidden, logits: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:
         """Apply each fired row's adapter. Returns `logits` itself when no row has an adapter to apply.
 
-        Head adapters are applied on the device to every row that uses one, where fired (no host sync).
+        Head adapters are applied on the device to every row that uses one, where fired (no host sync); on the
+        CPU, where reading the fired mask is free, to the fired rows only (and not at all in a step with none).
         Gated LoRA and teacher rows need to know which fired first: one transfer of the fired mask, then one
         recompute forward for every fired LoRA row (whatever its adapter) and a teacher forward per fired row."""
         heads: dict[tuple[str, int], list[int]] = {}
@@ -272,6 +273,9 @@ class Engine:
                 heads.setdefault((row.adapter.name, row.cand_k), []).append(i)
             else:
                 second.append(i)
+        if heads and logits.device.type == "cpu":  # reading the mask costs nothing here: correct fired rows only
+            on = fired.tolist()
+            heads = {key: kept for key, idx in heads.items() if (kept := [i for i in idx if on[i]])}
         if not heads and not second:
             return logits
         if len(heads) == 1 and len(next(iter(heads.values()))) == len(rows):  # one head on every row: no gathers
