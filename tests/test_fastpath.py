@@ -272,12 +272,16 @@ print(counted, (faults() - before) / 10)
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_tuned_malloc_reuses_freed_pages_instead_of_faulting_new_ones():
-    """A step's (B, V) temporaries, in fresh processes: glibc's defaults fault in thousands of new pages per
-    step (3,040 here), the tuned allocator reuses the freed ones (0 to 154 here). Skips where the kernel
-    does not count minor faults (some sandboxes report ru_minflt = 0 whatever happens)."""
+    """A step's (B, V) temporaries, in fresh processes: the tuned allocator reuses the freed pages (0 to 154
+    new ones per step here). Where glibc's defaults fault in thousands per step (3,040 on the dev VM), tuned
+    must cut that at least fivefold; some machines' defaults already reuse them (0 per step on CI), and
+    there only the tuned bound is asserted. Skips where the kernel does not count minor faults at all (some
+    sandboxes report ru_minflt = 0 whatever happens)."""
     runs = {mode: subprocess.run([sys.executable, "-c", STEPS, mode], capture_output=True, text=True,
                                  check=True).stdout.split() for mode in ("default", "tuned")}
     if any(counted != "True" for counted, _ in runs.values()):
         pytest.skip("this kernel does not count minor page faults (ru_minflt stayed 0 over 256 fresh pages)")
     per_step = {mode: float(n) for mode, (_, n) in runs.items()}
-    assert per_step["default"] > 1000 and per_step["tuned"] * 5 < per_step["default"], per_step
+    assert per_step["tuned"] < 200, per_step  # 32 x 49,152 fp32 is 1,536 pages: tuned keeps them
+    if per_step["default"] > 1000:
+        assert per_step["tuned"] * 5 < per_step["default"], per_step
