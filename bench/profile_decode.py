@@ -11,7 +11,8 @@ decoder forward; `engine.lm_head`; `engine.gate`: entropy and the gate; `engine.
 `engine.evict`). It prints, per arm, ms per step and each phase's share of the wall time, the share spent
 in aten kernels (self time of every op: the rest is Python, dispatch and the interpreter), and the ops
 that take the most self time. Arms: `base` (no adapter), `gated` (a random rank-8 head adapter gated to
-fire on ~3% of tokens), `lora-gated` and `lora-always` (a random rank-16 LoRA on q/k/v/o).
+fire on ~3% of tokens), `lora-gated` and `lora-always` (bench/decode.py's random rank-16 LoRA on q/k/v/o,
+gated at its own tau for ~3%).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def profile_arm(engine: Engine, prompts, new_tokens: int, steering: SteeringPara
     engine.generate([Request(p, sp, steering) for p in prompts])  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        engine.generate([Request(p, sp, steering) for p in prompts])
+        done = engine.generate([Request(p, sp, steering) for p in prompts])
         wall = time.perf_counter() - start
     events = prof.key_averages()
     phase = {e.key: e.cpu_time_total / 1e3 for e in events if e.key in PHASES}  # ms
@@ -51,6 +52,7 @@ def profile_arm(engine: Engine, prompts, new_tokens: int, steering: SteeringPara
     return {
         "wall_ms": wall * 1e3, "ms_per_step": wall * 1e3 / new_tokens,
         "tokens_per_s": len(prompts) * new_tokens / wall,
+        "fire_rate": sum(c.report.gate_fired for c in done) / sum(c.report.tokens for c in done),
         "phases_ms": phase, "aten_self_ms": kernels,
         "top_ops": [(e.key, e.self_cpu_time_total / 1e3, e.count) for e in ops[:top]],
     }
@@ -58,7 +60,8 @@ def profile_arm(engine: Engine, prompts, new_tokens: int, steering: SteeringPara
 
 def print_arm(streams: int, arm: str, r: dict) -> None:
     wall = r["wall_ms"]
-    print(f"\n== {streams} streams, {arm}: {r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:.1f} tok/s; "
+    print(f"\n== {streams} streams, {arm}: {r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:.1f} tok/s, "
+          f"fired {r['fire_rate']:.1%}; "
           f"aten kernels {100 * r['aten_self_ms'] / wall:.0f}% of wall (the rest: Python and dispatch)")
     print("   " + "  ".join(f"{k.split('.')[1]} {100 * v / wall:.0f}%" for k, v in r["phases_ms"].items()))
     for name, ms, count in r["top_ops"]:
@@ -85,9 +88,11 @@ def main() -> None:
     results = []
     for streams in [int(s) for s in args.streams.split(",")]:
         prompts = chat_prompts(tokenizer, streams)
-        tau = calibrate(engine, prompts, args.new_tokens, 0.03) if set(arms) - {"base", "lora-always"} else 0.0
+        tau = calibrate(engine, prompts, args.new_tokens, 0.03) if "gated" in arms else 0.0
+        tau_lora = (calibrate(engine, prompts, args.new_tokens, 0.03, adapter="bench-lora")
+                    if "lora-gated" in arms else 0.0)  # its own tau, as in bench/decode.py
         steering = {"base": SteeringParams(), "gated": SteeringParams("bench-head", "gated", threshold=tau),
-                    "lora-gated": SteeringParams("bench-lora", "gated", threshold=tau),
+                    "lora-gated": SteeringParams("bench-lora", "gated", threshold=tau_lora),
                     "lora-always": SteeringParams("bench-lora", "always")}
         for arm in arms:
             r = profile_arm(engine, prompts, args.new_tokens, steering[arm], args.top)

@@ -6,7 +6,8 @@ oneDNN's blocked layout. On this CPU that is 1.3-2.4x faster than `F.linear` for
 bf16 and fp32 matmuls do not use that layout) and gives the same values (bit for bit here; tested to
 rounding). The layer falls back to `F.linear` wherever the packed copy would be wrong or unsupported:
 autograd on (training), inside a torch.compile graph (inductor lowers the linears itself: compiled.py),
-an input of another dtype or device, or a weight replaced or changed in place since
+an input of another dtype or device, a dtype this CPU's oneDNN cannot pack (bf16 needs AVX-512 or
+AVX-NE-CONVERT: on an AVX2-only CPU such as AMD Zen 3 only float32 is packed), or a weight replaced or changed in place since
 it was packed (its identity or version counter; a weight created under inference mode has no counter, so
 an in-place change to one is not seen); a changed weight is repacked at its next inference forward.
 So the model stays the same model for every other user (PEFT wrapping, training, weight loading).
@@ -17,6 +18,7 @@ each linear weight in memory.
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -27,9 +29,27 @@ __all__ = ["available", "pack_linears", "packed_count", "unpack_linears"]
 _DTYPES = (torch.float32, torch.bfloat16)
 
 
-def available() -> bool:
-    """Whether this torch build has the oneDNN linear kernels."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def available(dtype: torch.dtype | None = None) -> bool:
+    """Whether this torch build has the oneDNN linear kernels, and with `dtype`, whether they can pack a weight
+    of that dtype on this CPU (tried once per process on a small layer)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return dtype is None or _packs(dtype)
+
+
+@functools.cache
+def _packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs and runs a `dtype` linear here, and gives F.linear's values (to rounding)."""
+    if dtype not in _DTYPES:
+        return False
+    with torch.no_grad():
+        w, x = torch.randn(16, 32).to(dtype), torch.randn(2, 32).to(dtype)
+        try:
+            y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None,
+                                                   "none", [], "")
+        except RuntimeError:  # e.g. "bf16 path needs the cpu support avx_ne_convert or avx512bw, ..."
+            return False
+        return bool(torch.allclose(y.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2))
 
 
 class _PackedForward:
@@ -60,7 +80,7 @@ class _PackedForward:
                 or x.device.type != "cpu" or w.device.type != "cpu"):
             return F.linear(x, w, b)
         if w is not self.source or _version(w) != self.version:
-            if w.dtype not in _DTYPES:
+            if not _packs(w.dtype):
                 return F.linear(x, w, b)
             self._pack()
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, b, "none", [], "")
@@ -77,7 +97,7 @@ def pack_linears(model: nn.Module) -> int:
         return 0
     for module in model.modules():
         if (type(module) is nn.Linear and not isinstance(module.__dict__.get("forward"), _PackedForward)
-                and module.weight.device.type == "cpu" and module.weight.dtype in _DTYPES):
+                and module.weight.device.type == "cpu" and _packs(module.weight.dtype)):
             module.forward = _PackedForward(module)
     return packed_count(model)
 

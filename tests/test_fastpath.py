@@ -20,7 +20,11 @@ from conftest import make_lora
 pytestmark = pytest.mark.skipif(not available(), reason="this torch build has no oneDNN linear kernels")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+PACKABLE = [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not available(torch.bfloat16), reason="oneDNN cannot pack bf16 on this CPU (it needs AVX-512 or AVX-NE-CONVERT)"))]
+
+
+@pytest.mark.parametrize("dtype", PACKABLE)
 def test_a_packed_linear_gives_f_linear_and_falls_back_where_it_must(dtype):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32, bias=False)).to(dtype)
@@ -268,6 +272,22 @@ for rep in range(3):  # the last round counts: glibc's own threshold has had tim
         entropy(logits), logits.argmax(-1)
 print(counted, (faults() - before) / 10)
 """
+
+
+def test_a_dtype_this_cpu_cannot_pack_stays_on_f_linear_and_the_engine_runs(tiny_model, tokenizer, monkeypatch):
+    """On an AVX2-only CPU (AMD Zen 3, say) oneDNN refuses to reorder a bf16 weight: the engine must not fail
+    at start-up, it leaves those layers to F.linear. Here the refusal is forced for float32 as well."""
+    from reasonmaxxer.steering import packed
+
+    model = copy.deepcopy(tiny_model)  # the session's model may be packed already by an earlier engine
+    unpack_linears(model)
+    monkeypatch.setattr(packed, "_packs", lambda dtype: False)
+    assert pack_linears(model) == 0
+    engine = Engine(model, tokenizer)
+    assert engine.packed == 0
+    out = engine.generate([Request([1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))])
+    assert len(out[0].token_ids) == 4
+    assert packed.available() and not packed.available(torch.float16)  # fp16 is never packed
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
