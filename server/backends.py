@@ -43,7 +43,8 @@ def start_engine(settings: Settings, adapters: list) -> tuple[Any, Any, str]:
 
 def vllm_engine_args(settings: Settings) -> dict[str, Any]:
     """Settings -> vLLM engine arguments (explicit `vllm_args` win)."""
-    args: dict[str, Any] = {"dtype": settings.dtype, "tensor_parallel_size": settings.tensor_parallel_size,
+    args: dict[str, Any] = {"dtype": settings.dtype or "bfloat16",
+                            "tensor_parallel_size": settings.tensor_parallel_size,
                             "max_num_seqs": settings.max_batch_size, "enforce_eager": settings.enforce_eager}
     if settings.served_name:
         args["served_model_name"] = settings.served_name

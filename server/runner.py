@@ -76,11 +76,22 @@ def serve(settings, log_level: str = "info", say=log.info) -> int:
     return 0
 
 
+def _dtype(state, settings) -> str:
+    """The dtype served: the setting, else what the backend chose (preferred_dtype on transformers)."""
+    if settings.dtype:
+        return settings.dtype
+    if settings.backend == "vllm":
+        return "bfloat16"
+    model = getattr(getattr(state.engine, "engine", None), "model", None)
+    return str(model.dtype).removeprefix("torch.") if model is not None else "default"
+
+
 def banner(state, settings) -> list[str]:
     """The start-up lines: what is served, how, and where."""
     auth = "on (Authorization: Bearer KEY)" if settings.api_key else "off"
+    device = settings.device if settings.backend == "transformers" else "vLLM"
     lines = [f"ReasonMaxxer serving {state.served_name!r} (model {settings.model}) on the {settings.backend} backend, "
-             f"dtype {settings.dtype}, device {settings.device if settings.backend == 'transformers' else 'vLLM'}"]
+             f"dtype {_dtype(state, settings)}, device {device}"]
     adapters = state.engine.adapters
     for name in sorted(adapters):
         lines.append("  adapter " + _describe(name, adapters[name]))

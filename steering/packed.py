@@ -7,9 +7,10 @@ bf16 and fp32 matmuls do not use that layout) and gives the same values (bit for
 rounding). The layer falls back to `F.linear` wherever the packed copy would be wrong or unsupported:
 autograd on (training), inside a torch.compile graph (inductor lowers the linears itself: compiled.py),
 an input of another dtype or device, a dtype this CPU's oneDNN cannot pack (bf16 needs AVX-512 or
-AVX-NE-CONVERT: on an AVX2-only CPU such as AMD Zen 3 only float32 is packed), or a weight replaced or changed in place since
-it was packed (its identity or version counter; a weight created under inference mode has no counter, so
-an in-place change to one is not seen); a changed weight is repacked at its next inference forward.
+AVX-NE-CONVERT: on an AVX2-only CPU such as AMD Zen 3 only float32 is packed), or a weight replaced or
+changed in place since it was packed (its identity or version counter; a weight created under inference
+mode has no counter, so an in-place change to one is not seen); a changed weight is repacked at its next
+inference forward.
 So the model stays the same model for every other user (PEFT wrapping, training, weight loading).
 `unpack_linears(model)` restores the plain forwards and frees the packed copies. Cost: one extra copy of
 each linear weight in memory.

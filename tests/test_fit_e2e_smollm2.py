@@ -14,11 +14,15 @@ from reasonmaxxer.training.rollouts import load_rollouts
 
 
 def _easy_problems(n: int = 16) -> list[dict]:
-    """One-step arithmetic: SmolLM2 gets these right sometimes, which gives mixed outcomes."""
+    """One-step arithmetic: SmolLM2 gets these right sometimes, which gives mixed outcomes. Asked for just the
+    number: without it most answers run past 40 tokens (scored 0), and on an AVX2 CPU's bf16 numerics only 1
+    of 16 problems came out mixed (no positive-advantage token at a decision point: the check read nan);
+    with it 10 of 16 are mixed in bf16 and in fp32 there."""
     rng, rows = random.Random(0), []
     for i in range(n):
         a, b, op = rng.randint(2, 9), rng.randint(2, 9), "+-*"[i % 3]
-        rows.append({"q": f"What is {a} {op} {b}?", "a": str({"+": a + b, "-": a - b, "*": a * b}[op])})
+        rows.append({"q": f"What is {a} {op} {b}? Reply with just the number.",
+                     "a": str({"+": a + b, "-": a - b, "*": a * b}[op])})
     return rows
 
 

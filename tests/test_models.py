@@ -222,3 +222,20 @@ def test_smollm2_end_to_end():
     text = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert out.shape[1] > inputs["input_ids"].shape[1]
     assert text.strip()
+
+
+def test_the_default_dtype_is_bfloat16_where_this_cpu_runs_it_natively_and_float32_elsewhere(monkeypatch):
+    """AVX2-only CPUs (AMD Zen 3, say) have no oneDNN bf16 kernels: torch's bf16 matmuls take a slow path
+    there (3.4x slower than float32 on SmolLM2 rollouts), so an unset dtype loads float32; a GPU, and a CPU
+    whose oneDNN packs bf16, get bfloat16. An explicit dtype always wins."""
+    from reasonmaxxer.steering import packed
+
+    assert models.preferred_dtype("cuda") == models.preferred_dtype("cuda:1") == "bfloat16"
+    monkeypatch.setattr(packed, "_packs", lambda dtype: False)
+    assert models.preferred_dtype("cpu") == "float32"
+    model, _ = load_model("smollm2-135m-instruct")
+    assert model.dtype == torch.float32
+    assert load_model("smollm2-135m-instruct", dtype="bfloat16")[0].dtype == torch.bfloat16
+    monkeypatch.setattr(packed, "_packs", lambda dtype: True)
+    assert models.preferred_dtype("cpu") == "bfloat16"
+    assert load_model("smollm2-135m-instruct")[0].dtype == torch.bfloat16

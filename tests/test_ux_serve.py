@@ -16,6 +16,10 @@ def test_the_banner_names_model_backend_dtype_device_adapters_url_and_auth(tiny_
     state, settings = _state(tiny_model, tokenizer, port=8123)
     lines = banner(state, settings)
     text = "\n".join(lines)
+    served = str(tiny_model.dtype).removeprefix("torch.")  # no --dtype: the banner names the model's own
+    assert f"dtype {served}," in text and "dtype None" not in text, text
+    state, settings = _state(tiny_model, tokenizer, port=8123, dtype="bfloat16")
+    text = "\n".join(banner(state, settings))
     for part in ("'tiny'", "transformers backend", "dtype bfloat16", "device cpu", "adapter tiny-head: head",
                  "tau 3 nats", "http://127.0.0.1:8123/v1", "API key off"):
         assert part in text, (part, text)

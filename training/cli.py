@@ -8,6 +8,7 @@ message that says what to do on bad input (the top-level CLI turns those into ex
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -224,7 +225,7 @@ def _fit_preflight(args):
 
 
 def run_fit_command(args) -> int:
-    from reasonmaxxer.steering.models import load_model
+    from reasonmaxxer.steering.models import load_model, preferred_dtype
 
     from .fit import fit
     from .rollouts import load_rollouts
@@ -232,8 +233,9 @@ def run_fit_command(args) -> int:
     fit_args, rollouts, val, loaded = _fit_preflight(args)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    dtype = args.dtype or ("bfloat16" if fit_args.kind == "head" else "float32")
-    model, tokenizer = load_model(args.model, dtype=dtype, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    dtype = args.dtype or (preferred_dtype(device) if fit_args.kind == "head" else "float32")
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     if loaded is None:
         for warning in preflight.warnings(_do_rollouts(args, model, tokenizer, rollouts), args.samples,
                                           args.max_new_tokens):
@@ -294,7 +296,7 @@ def _val_engine(args, model, tokenizer, fit_args: FitArgs):
     from reasonmaxxer.steering.engine import Engine
     from reasonmaxxer.steering.models import load_model
 
-    val_model = model if fit_args.kind == "head" else load_model(args.model, dtype="bfloat16")[0]
+    val_model = model if fit_args.kind == "head" else load_model(args.model)[0]  # preferred_dtype("cpu")
     return Engine(val_model, tokenizer, name=args.model, fast=False)
 
 
@@ -332,6 +334,10 @@ def _validation(args, val, model, tokenizer, fit_args: FitArgs):
 
 def collapse_warning(d: dict[str, float]) -> str | None:
     """A warning when the fit pushed down the tokens it should raise: the unbounded negative term won."""
+    if math.isnan(d["logp_shift_positive"]):
+        return ("WARNING: no positive-advantage token lies at a decision point of the training rollouts, so the fit "
+                "only pushed tokens down. Give it more mixed problems (more --samples or --limit, a larger "
+                "--max-tokens if many answers are truncated) or a lower tau (--target-fire-rate).")
     if d["logp_shift_positive"] >= 0:
         return None
     return (f"WARNING: the fit lowered log p of the positive-advantage tokens too ({d['logp_shift_positive']:+.3f}): "

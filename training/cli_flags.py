@@ -103,7 +103,7 @@ def rollouts_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("rollouts", help="sample K rollouts per problem from the base and score them",
                        description="Sample --samples rollouts per problem from the base model, score each with the "
                        "verifier and append it to --out as it finishes (rerun the same command to resume).")
-    _model_flags(p, "bfloat16")
+    _model_flags(p, None, "model dtype (default: bfloat16, or float32 on a CPU without native bf16: AVX2 only)")
     _problem_flags(p)
     _recipe_flag(p)
     _rollout_flags(p)
@@ -115,7 +115,8 @@ def fit_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="fit a correction adapter from rollouts (or run the rollouts first)",
                        description="Fit a head or LoRA correction adapter from a rollout file, or sample the "
                        "rollouts first with --problems.")
-    _model_flags(p, None, "model dtype (default: bfloat16 for head, float32 for lora)")
+    _model_flags(p, None, "model dtype (default: float32 for lora; for head bfloat16, or float32 on a CPU without "
+                 "native bf16: AVX2 only)")
     p.add_argument("--rollouts", default=None, metavar="FILE",
                    help="rollout JSONL; with --problems it is written first (default: OUT.rollouts.jsonl)")
     _problem_flags(p, required=False)

@@ -35,8 +35,8 @@ def add_command(sub) -> None:
     p.add_argument("--backend", default="vllm", choices=["transformers", "vllm"], help="decode engine (default vllm)")
     p.add_argument("--vllm-args", type=json_object, default=None, metavar="JSON",
                    help="more vllm engine arguments (default: none)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "auto"],
-                   help="model dtype")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32", "auto"],
+                   help="model dtype (default: bfloat16, or float32 on a CPU without native bf16: AVX2 only)")
     p.add_argument("--verifier-fallbacks", default="boxed", help="answer extractors in order (as for rollouts)")
     _device_flag(p)
     p.set_defaults(func=run_probe_command)
