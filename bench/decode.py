@@ -242,6 +242,8 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
         ratios["gated_over_vllm"] = paired("engine-gated", "vllm")
         if "compiled" in extra:
             ratios["compiled_over_vllm"] = paired("compiled-base", "vllm")
+        if "fp32" in extra:
+            ratios["fp32_over_vllm"] = paired("fp32-base", "vllm")
     return {"streams": streams, "tau": tau, "tau_lora": tau_lora, "tokens_per_s": tps,
             "fire_rate": statistics.mean(fire["engine-gated"]),
             "fire_rates": {k: statistics.mean(v) for k, v in fire.items()}, **ratios,
