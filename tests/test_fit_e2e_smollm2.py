@@ -40,7 +40,7 @@ def test_fit_head_end_to_end(tmp_path):
     assert "fire rate" in run.stdout and "wall time" in run.stdout and "log p" in run.stdout
 
     adapter = load_adapter(out)
-    model, tok = load_model("smollm2-135m-instruct", dtype="bfloat16")
+    model, tok = load_model("smollm2-135m-instruct")  # the fit's own dtype (preferred_dtype: fp32 on AVX2)
     adapter.validate(model, tok)
     _, records = load_rollouts(out.with_suffix(".rollouts.jsonl"))
     assert len(records) == 8 * 16
