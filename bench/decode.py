@@ -32,6 +32,7 @@ every ratio as JSON with `--json`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -101,8 +102,6 @@ def make_lora(model, tokenizer, directory: str, rank: int = 16, alpha: float = 2
     size, as a fitted adapter's is) rather than a new model: with PEFT's usual alpha = 2r a random LoRA
     rewrites the text, and where it fires, the entropies after it rise and the gate fires again (a cascade the
     calibration cannot bring to ~3%: at 32 streams on Qwen it settled at 0 fires)."""
-    import copy
-
     from peft import LoraConfig, get_peft_model
 
     from reasonmaxxer.steering.adapters import load_adapter
@@ -282,12 +281,8 @@ def main() -> None:
         extra["compiled"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, compile=True)
         extra["compiled"].add_adapter(engine.adapters["bench-head"])
     if args.eager:  # packing belongs to the model object: the eager engine runs on its own copy
-        import copy
-
         extra["eager"] = Engine(copy.deepcopy(model), tokenizer, max_batch_size=64, name=args.model, fast=False)
     if args.float32:
-        import copy
-
         from reasonmaxxer.steering.packed import unpack_linears
 
         fp32 = copy.deepcopy(model)

@@ -177,7 +177,7 @@ def _prepare_parser(sub) -> None:
 
 
 def _generate_parser(sub) -> None:
-    from reasonmaxxer.training.cli_flags import MODEL_HELP
+    from reasonmaxxer.training.cli_flags import DTYPE_HELP, MODEL_HELP
 
     p = sub.add_parser("generate", help="generate one chat answer with the decode engine, optionally steered, and "
                                         "print its gate report")
@@ -194,7 +194,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus mass")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32", "auto"],
-                   help="model dtype (default: bfloat16, or float32 on a CPU without native bf16: AVX2 only)")
+                   help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--trace", action="store_true", help="print JSON lines instead of the text: one per token "
                    "(entropy, fired, base and chosen token), then the text and the gate report")

@@ -81,7 +81,9 @@ def _dtype(state, settings) -> str:
     if settings.dtype:
         return settings.dtype
     if settings.backend == "vllm":
-        return "bfloat16"
+        from .backends import vllm_engine_args
+
+        return vllm_engine_args(settings)["dtype"]
     model = getattr(getattr(state.engine, "engine", None), "model", None)
     return str(model.dtype).removeprefix("torch.") if model is not None else "default"
 

@@ -23,6 +23,8 @@ _FIT_HELP = {"kind": "head: a low-rank correction of the final hidden state; lor
              "order": "shuffle: seeded, per epoch; curriculum: |A| x decision density, descending",
              "autocast": "lora: autocast of the forwards"}
 _FIT_METAVARS = {"threshold": "TAU|calibrate", "name": "NAME", "warmup_cap": "BOOL"}
+# the default is steering.models.preferred_dtype
+DTYPE_HELP = "model dtype (default: bfloat16, or float32 on a CPU without native bf16: AVX2 only)"
 MODEL_HELP = "a known name (see `reasonmaxxer prepare-model --help`), a local Hugging Face folder or a hub id"
 
 
@@ -103,7 +105,7 @@ def rollouts_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("rollouts", help="sample K rollouts per problem from the base and score them",
                        description="Sample --samples rollouts per problem from the base model, score each with the "
                        "verifier and append it to --out as it finishes (rerun the same command to resume).")
-    _model_flags(p, None, "model dtype (default: bfloat16, or float32 on a CPU without native bf16: AVX2 only)")
+    _model_flags(p, None, DTYPE_HELP)
     _problem_flags(p)
     _recipe_flag(p)
     _rollout_flags(p)

@@ -14,6 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .cli import _device_flag, _fingerprint, _rollout_engine, _verifier, json_object, resolve_device
+from .cli_flags import DTYPE_HELP
 
 __all__ = ["add_command", "run_probe_command"]
 
@@ -36,7 +37,7 @@ def add_command(sub) -> None:
     p.add_argument("--vllm-args", type=json_object, default=None, metavar="JSON",
                    help="more vllm engine arguments (default: none)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32", "auto"],
-                   help="model dtype (default: bfloat16, or float32 on a CPU without native bf16: AVX2 only)")
+                   help=DTYPE_HELP)
     p.add_argument("--verifier-fallbacks", default="boxed", help="answer extractors in order (as for rollouts)")
     _device_flag(p)
     p.set_defaults(func=run_probe_command)
