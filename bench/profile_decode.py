@@ -1,6 +1,6 @@
 """Where a decode step's time goes: torch.profiler over the engine's phases, per arm and concurrency.
 
-    python bench/profile_decode.py [--model smollm2-135m-instruct] [--dtype bfloat16] [--streams 1,8,32]
+    python bench/profile_decode.py [--model smollm2-135m-instruct] [--dtype DTYPE] [--streams 1,8,32]
                                    [--arms base,gated,lora-gated] [--new-tokens 64] [--compile] [--reference]
                                    [--json out.json]
 
@@ -71,7 +71,7 @@ def print_arm(streams: int, arm: str, r: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default=None, help="default: steering.models.preferred_dtype on this CPU")
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--arms", default="base,gated,lora-gated")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, dtype=args.dtype)
+    print(f"model {args.model} in {str(model.dtype).removeprefix('torch.')}, {args.new_tokens} tokens per stream")
     arms = args.arms.split(",")
     engine = bench_engine(model, tokenizer, args.model, lora=any(a.startswith("lora") for a in arms),
                           compile=args.compile, fast=not args.reference)
@@ -97,7 +98,7 @@ def main() -> None:
         for arm in arms:
             r = profile_arm(engine, prompts, args.new_tokens, steering[arm], args.top)
             print_arm(streams, arm, r)
-            results.append({"streams": streams, "arm": arm, "hidden": d, **r})
+            results.append({"streams": streams, "arm": arm, "hidden": d, "dtype": str(model.dtype), **r})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
