@@ -49,6 +49,8 @@ from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.steering.request import Request, SteeringParams
 from reasonmaxxer.steering.sampling import SamplingParams
 
+VLLM_SETTLE_S = 1.0  # after a vLLM run its idle worker used 0.25-0.3 CPU-s: the next arm would pay for it
+
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
     "How many clips did Natalia sell altogether in April and May?",
@@ -163,6 +165,7 @@ def run_vllm(llm, prompts, new_tokens: int) -> float:
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     assert all(len(o.outputs[0].token_ids) == new_tokens for o in outs)
+    time.sleep(VLLM_SETTLE_S)  # untimed: vLLM's worker keeps its threads spinning a moment after a run
     return elapsed
 
 

@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-__all__ = ["NAME", "decode_attention", "plain_attention", "use_decode_attention"]
+__all__ = ["NAME", "decode_attention", "grouped_decode", "plain_attention", "use_decode_attention"]
 
 NAME = "reasonmaxxer"
 
@@ -28,6 +28,25 @@ def decode_attention(query, key, value, mask, scaling: float) -> torch.Tensor:
     """query (B, H, 1, D), key/value (B, Hkv, S, D), mask bool (B, 1|H, 1, S) or additive float, or None ->
     (B, 1, H, D), as transformers' attention functions return it."""
     b, h, _, d = query.shape
+    s = key.shape[2]
+    bias = None
+    if mask is not None:
+        m = mask[..., -s:]  # (B, 1|H, 1, S)
+        bias = torch.zeros(m.shape, device=m.device).masked_fill_(~m, float("-inf")) if m.dtype == torch.bool \
+            else m.float()
+    out = grouped_decode(query.reshape(b, h, d), key, value, bias, scaling, guard=True)  # (B, H*D)
+    return out.view(b, 1, h, d)
+
+
+def grouped_decode(query, key, value, bias, scaling: float, guard: bool = False) -> torch.Tensor:
+    """One query token per row against its cache, each group of query heads on its key/value head.
+
+    query (B, H, D), key/value (B, Hkv, S, D) (views into buffers with spare columns are fine), bias: additive
+    float32 mask (B, 1|H, 1, S) (0 where visible, -inf where not) or None -> (B, H*D) in value's dtype.
+    Scores k q^T in the model's dtype, then scaling and the bias in float32 (one kernel), softmax in float32,
+    cast back, times v: transformers' eager attention, for GQA without repeat_kv's copies. `guard`: a row that
+    sees no column gets zeros instead of NaN (the decode step never needs it: every row sees its own column)."""
+    b, h, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
     g = h // hkv
     # Batched matmuls over the (B * Hkv) flattened heads, and k q^T rather than q k^T: the cache is a view into
@@ -35,15 +54,18 @@ def decode_attention(query, key, value, mask, scaling: float) -> torch.Tensor:
     # (3.6x slower for q k^T at 1,000 columns); a transposed q is small.
     q = query.reshape(b * hkv, g, d)  # (B*Hkv, G, D): a group's query heads as rows
     k, v = key.flatten(0, 1), value.flatten(0, 1)  # (B*Hkv, S, D), views
-    scores = torch.bmm(k, q.transpose(1, 2)).transpose(1, 2).float().contiguous() * scaling  # (B*Hkv, G, S)
-    scores = scores.view(b, hkv, g, s)
-    if mask is not None:
-        m = mask[..., -s:]  # (B, 1|H, 1, S)
-        m = m.reshape(b, 1, 1, s) if m.shape[1] == 1 else m.reshape(b, hkv, g, s)
-        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(value.dtype)  # (B, Hkv, G, S)
-    out = torch.bmm(probs.view(b * hkv, g, s), v)  # (B*Hkv, G, D)
-    return out.reshape(b, h, 1, d).transpose(1, 2)  # (B, 1, H, D)
+    raw = torch.bmm(k, q.transpose(1, 2)).view(b, hkv, s, g).transpose(2, 3)  # (B, Hkv, G, S) model dtype
+    if bias is None:
+        scores = raw.float() * scaling
+    else:
+        bias = bias.reshape(bias.shape[0], 1, 1, s) if bias.shape[1] == 1 else bias.reshape(bias.shape[0], hkv, g, s)
+        scores = torch.empty((b, hkv, g, s), device=raw.device)  # contiguous: add would follow raw's strides
+        torch.add(bias, raw, alpha=scaling, out=scores)  # float32: bias + scaling * scores
+    probs = torch.softmax(scores, dim=-1)
+    if guard:
+        probs = probs.nan_to_num(0.0)
+    out = torch.bmm(probs.to(value.dtype).view(b * hkv, g, s), v)  # (B*Hkv, G, D)
+    return out.view(b, h * d)
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,

@@ -44,6 +44,7 @@ from .allocator import tune_malloc
 from .attention import plain_attention, use_decode_attention
 from .batch import Batch, forward_hidden, prefill_groups
 from .compiled import CompiledDecoder
+from .fused import FusedDecoder
 from .gate import entropy, gate_mask, random_fire, topk_candidates
 from .lora import LoraRouter
 from .manifest import base_identity
@@ -67,9 +68,11 @@ class Engine:
         """`fast`: the fast paths, the same values up to float rounding (None, the default: wherever they apply;
         False: the reference path, plain F.linear and transformers' sdpa): on the CPU, linears on oneDNN-prepacked
         weights (packed.py) and glibc malloc kept from unmapping the step's large temporaries (allocator.py,
-        process-wide), and for every model, decode attention by grouped matmuls (attention.py). The first and
-        the last are properties of the model object, shared by engines that share it. `compile`: decode steps through
-        torch.compile (compiled.py; inside the graph the linears are inductor's)."""
+        process-wide), for every model, decode attention by grouped matmuls (attention.py), and for Llama-family
+        models, decode steps (and gated-LoRA recomputes) through fused.py's FusedDecoder: the same arithmetic
+        without transformers' module machinery, with oneDNN post-ops. The first and the last but one are properties
+        of the model object, shared by engines that share it. `compile`: decode steps through torch.compile
+        (compiled.py; inside the graph the linears are inductor's) instead of the fused step."""
         for key in _UNSUPPORTED_CONFIG:
             if getattr(model.config, key, None) not in (None, 1.0):
                 raise ValueError(f"models with {key} are not supported: their logits are not W_U h")
@@ -85,12 +88,13 @@ class Engine:
             unpack_linears(model)
             plain_attention(model)
         self.compiled = CompiledDecoder(model) if compile else None
+        self.lora = LoraRouter(model)
+        self.fused = FusedDecoder.of(model, self.lora) if self.fast and not compile else None
         self.max_batch_size = max_batch_size
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.identity = base_identity(model, tokenizer, name)
         self.lm_head = model.get_output_embeddings()
         self.vocab = int(model.get_input_embeddings().num_embeddings)
-        self.lora = LoraRouter(model)
         self.adapters: dict[str, HeadAdapter | LoraAdapter | Teacher] = {}  # one namespace: teachers too
         self.eos_ids = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -186,7 +190,7 @@ class Engine:
         self._evict_finished()
         if self._batch is not None:
             with self.lora.route(self._lora_routes(self._rows)), record_function("engine.decode"):
-                hidden = self._batch.decode(self.model, self.compiled)  # (B, d)
+                hidden = self._batch.decode(self.model, self.compiled or self.fused)  # (B, d)
             events += self._advance(self._rows, self._batch, hidden)
         new = self._admit()
         if new:
@@ -309,8 +313,9 @@ class Engine:
         sel = torch.tensor(idx, device=batch.mask.device)
         cache, mask = batch.without_last_column(sel)
         current, position = batch.last_inputs()
+        args = (current[sel, None], mask, position[sel, None], cache)
         with self.lora.route(self._routes(names)):
-            h = forward_hidden(self.model, current[sel, None], mask, position[sel, None], cache)
+            h = self.fused(*args) if self.fused is not None else forward_hidden(self.model, *args)
         return self.lm_head(h).float()
 
     def _lora_routes(self, rows: list[Row]) -> dict[str, torch.Tensor]:

@@ -44,6 +44,11 @@ class LoraRouter:
         self._masks: dict[int, torch.Tensor] = {}  # batch size -> m, for the routes in force
 
     @property
+    def active(self) -> bool:
+        """Whether a route is in force: some row of the forward being run takes an adapter."""
+        return bool(self._routes)
+
+    @property
     def names(self) -> set[str]:
         return set(self._adapters)
 
@@ -103,14 +108,18 @@ class LoraRouter:
             mask = self._masks[n] = mask.reshape(n, 1, -1)
         return mask
 
+    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The routed adapters' float32 delta on `module`'s output for its input x (n, S, in) -> (n, S, out), or
+        None when no route is in force or no loaded adapter targets the module (the output is then the base's)."""
+        if not self._routes or module not in self._stacks:
+            return None
+        a_all, b_all = self._stacks[module]
+        mask = self._mask(x.shape[0], x.device)  # (n, 1, N*r)
+        return ((x.float() @ a_all.T) * mask) @ b_all.T
+
     def _hook(self, module: str):
         def hook(_mod: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
-            if not self._routes:
-                return None
-            a_all, b_all = self._stacks[module]
-            x = args[0]  # (n, S, in)
-            mask = self._mask(x.shape[0], x.device)  # (n, 1, N*r)
-            delta = ((x.float() @ a_all.T) * mask) @ b_all.T  # (n, S, out)
-            return (out.float() + delta).to(out.dtype)
+            delta = self.delta(module, args[0])
+            return None if delta is None else (out.float() + delta).to(out.dtype)
 
         return hook

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["available", "pack_linears", "packed_count", "unpack_linears"]
+__all__ = ["Linear", "available", "pack_linears", "packed_count", "unpack_linears"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -74,17 +75,26 @@ class _PackedForward:
     def __getstate__(self) -> dict:
         return {"module": self.module, "source": None, "version": -1, "packed": None}
 
+    def current(self) -> torch.Tensor | None:
+        """The packed weight, repacked first if the weight was replaced or changed in place since; None where a
+        packed copy must not be used (autograd on, a weight off the CPU or of a dtype this CPU cannot pack)."""
+        w = self.module.weight
+        if torch.is_grad_enabled() or w.device.type != "cpu":
+            return None
+        if w is not self.source or _version(w) != self.version:
+            if not _packs(w.dtype):
+                return None
+            self._pack()
+        return self.packed
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         w, b = m.weight, m.bias
-        if (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.dtype != w.dtype
-                or x.device.type != "cpu" or w.device.type != "cpu"):
+        packed = None if torch.compiler.is_compiling() or x.dtype != w.dtype or x.device.type != "cpu" \
+            else self.current()
+        if packed is None:
             return F.linear(x, w, b)
-        if w is not self.source or _version(w) != self.version:
-            if not _packs(w.dtype):
-                return F.linear(x, w, b)
-            self._pack()
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, b, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
 def _version(w: torch.Tensor) -> int | None:
@@ -112,3 +122,56 @@ def unpack_linears(model: nn.Module) -> None:
 
 def packed_count(model: nn.Module) -> int:
     return sum(isinstance(m.__dict__.get("forward"), _PackedForward) for m in model.modules())
+
+
+class Linear:
+    """Linear layers run directly, with a fused post-op: `Linear(*layers)(x, post, other)` (fused.py's decode step).
+
+    Layers run packed where `pack_linears` packed them, else with `F.linear`. One layer runs on its own packed
+    copy (no new memory). Several layers that read the same input (q, k and v) run as one matmul on a packed copy
+    of their concatenated weights (an extra copy of their weights, repacked when any of them changes), returning
+    the concatenated outputs; unpacked, as separate `F.linear`s, concatenated (no extra memory). `post`:
+    "none"; "silu" (SiLU of the output), "mul" (output * other) or "add" (output + other): inside the oneDNN
+    kernel where packed (one rounding to the model's dtype instead of two), else as transformers computes them.
+    """
+
+    _UNARY: ClassVar[dict[str, str]] = {"none": "none", "silu": "swish"}  # our name -> oneDNN's
+
+    def __init__(self, *layers: nn.Linear):
+        self.layers = layers
+        self.bias: torch.Tensor | None = None  # the concatenated bias, made with the packed copy
+        self._packed: torch.Tensor | None = None
+        self._sources: list = []
+
+    def weight(self) -> torch.Tensor | None:
+        """The packed weight to use now (None: run F.linear)."""
+        if len(self.layers) == 1:
+            fwd = self.layers[0].__dict__.get("forward")
+            return fwd.current() if isinstance(fwd, _PackedForward) else None
+        ws = [m.weight for m in self.layers]
+        if (torch.is_grad_enabled() or ws[0].device.type != "cpu" or not _packs(ws[0].dtype)
+                or not all(isinstance(m.__dict__.get("forward"), _PackedForward) for m in self.layers)):
+            return None
+        sources = [(w, _version(w)) for w in ws]
+        if self._packed is None or any(a is not w or va != vw
+                                       for (a, va), (w, vw) in zip(self._sources, sources, strict=True)):
+            with torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in ws]), 1)
+                self.bias = None if self.layers[0].bias is None else torch.cat([m.bias.detach() for m in self.layers])
+            self._sources = sources
+        return self._packed
+
+    def __call__(self, x: torch.Tensor, post: str = "none", other: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.weight() if x.device.type == "cpu" and x.dtype == self.layers[0].weight.dtype else None
+        bias = self.layers[0].bias if len(self.layers) == 1 else self.bias
+        if w is not None:
+            if post in self._UNARY:
+                return torch.ops.mkldnn._linear_pointwise(x, w, bias, self._UNARY[post], [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, other, w, bias, post)
+        outs = [F.linear(x, m.weight, m.bias) for m in self.layers]
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if post == "silu":
+            return F.silu(y)
+        if post == "mul":
+            return y * other
+        return y + other if post == "add" else y

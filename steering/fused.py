@@ -1,0 +1,162 @@
+"""A fused decode step for Llama-family decoders: the one-token forward as a stack of small functions.
+
+Contract: `FusedDecoder.of(model, router)` returns a decoder for a model whose layers are Llama's (model types
+llama, qwen2 and mistral: RMSNorm, rotary q/k, grouped-query attention, a SiLU-gated MLP), else None (the
+engine then runs transformers' forward). Called as `Batch.decode`'s step (input ids (B, 1), mask (B, S) with
+the new column, positions (B, 1), the batch's cache of GrowingLayers), it writes each layer's new key and
+value into the cache and returns the final hidden states (B, d): transformers' forward up to float rounding.
+
+What it leaves out is everything but the arithmetic: module calls, hooks, keyword plumbing, and the
+attention mask rebuilt for every layer (here one additive mask per step). Per layer:
+- RMSNorm as transformers computes it (float32, cast back, times the weight);
+- q, k and v from one matmul on their concatenated packed weights (packed.Linear);
+- rotary embeddings on q and k together: x cos + rotate_half(x) sin, with the sign of rotate_half folded
+  into sin (the same values); cos and sin from the model's own rotary module, once per step;
+- attention.grouped_decode over the cache (no row is fully masked: each sees its own new column);
+- o_proj adding the residual, gate_proj applying SiLU, up_proj multiplying by it, down_proj adding the
+  residual: each one oneDNN kernel with a post-op where the weights are packed (one rounding instead of two).
+Rows routed to a LoRA (lora.LoraRouter) get its delta on every projection it targets, as the router's hooks
+add it (the output rounded, then delta added in float32); such a projection runs without its post-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .attention import grouped_decode
+from .packed import Linear
+
+__all__ = ["FusedDecoder"]
+
+MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+@dataclass
+class _Layer:
+    norm1: nn.Module
+    norm2: nn.Module
+    qkv: Linear
+    o: Linear
+    gate: Linear
+    up: Linear
+    down: Linear
+    names: dict[str, str]  # projection -> module name (the LoRA router's key)
+    scaling: float
+
+
+def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """transformers' Llama RMSNorm of x (B, d): normalised in float32, cast back, times the weight (torch's
+    rms_norm computes the first part in float32 for a bfloat16 or float16 x: the same values, in one kernel)."""
+    return norm.weight * F.rms_norm(x, x.shape[-1:], eps=norm.variance_epsilon)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, n, D) with cos and sign-folded sin (B, 1, D): x cos + swap_halves(x) sin_signed,
+    which equals transformers' x cos + rotate_half(x) sin value for value."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed
+
+
+class FusedDecoder:
+    """The decode step of a Llama-family model (see the module docstring)."""
+
+    def __init__(self, model: Any, router: Any = None):
+        cfg = model.config
+        self.decoder = model.get_decoder()
+        self.router = router
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        names = {id(m): n for n, m in model.named_modules()}
+        self.layers = [self._layer(layer, names) for layer in self.decoder.layers]
+        half = self.head_dim // 2
+        self._sign = torch.cat([-torch.ones(half), torch.ones(half)])  # rotate_half's sign, folded into sin
+
+    @staticmethod
+    def _layer(layer: nn.Module, names: dict[int, str]) -> _Layer:
+        att, mlp = layer.self_attn, layer.mlp
+        mods = {"q": att.q_proj, "k": att.k_proj, "v": att.v_proj, "o": att.o_proj, "gate": mlp.gate_proj,
+                "up": mlp.up_proj, "down": mlp.down_proj}
+        return _Layer(layer.input_layernorm, layer.post_attention_layernorm, Linear(att.q_proj, att.k_proj, att.v_proj),
+                      Linear(att.o_proj), Linear(mlp.gate_proj), Linear(mlp.up_proj), Linear(mlp.down_proj),
+                      {k: names[id(m)] for k, m in mods.items()}, float(att.scaling))
+
+    @classmethod
+    def of(cls, model: Any, router: Any = None) -> FusedDecoder | None:
+        """A FusedDecoder for `model`, or None where its layers are not exactly Llama's (see `unsupported`)."""
+        return None if cls.unsupported(model) else cls(model, router)
+
+    @staticmethod
+    def unsupported(model: Any) -> str | None:
+        """Why `model` cannot run the fused step (None: it can)."""
+        cfg = model.config
+        if getattr(cfg, "model_type", None) not in MODEL_TYPES:
+            return f"model type {getattr(cfg, 'model_type', None)!r} is not one of {', '.join(MODEL_TYPES)}"
+        if getattr(cfg, "hidden_act", None) not in ("silu", "swish"):
+            return f"hidden_act {cfg.hidden_act!r} is not silu"
+        if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+            return "pretraining_tp > 1"
+        decoder = model.get_decoder()
+        if not hasattr(decoder, "rotary_emb"):
+            return "no shared rotary embedding module"
+        for layer in decoder.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            parts = [att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+            if any(type(p) is not nn.Linear for p in parts) or any(hasattr(att, n) for n in ("q_norm", "k_norm")):
+                return "a decoder layer is not Llama's (projections wrapped, or q/k norms)"
+            if not all(hasattr(n, "variance_epsilon") for n in (layer.input_layernorm, layer.post_attention_layernorm)):
+                return "a norm is not Llama's RMSNorm"
+        return None
+
+    def __call__(self, input_ids, mask, positions, cache) -> torch.Tensor:
+        """input_ids (B, 1), mask (B, S), positions (B, 1), cache -> final hidden states (B, d)."""
+        x = self.decoder.embed_tokens(input_ids[:, 0])  # (B, d)
+        cos, sin = self.decoder.rotary_emb(x, positions)  # (B, 1, D) each, in the model's dtype
+        sin = sin * self._sign.to(sin.device, sin.dtype)
+        bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(mask == 0, float("-inf"))[:, None, None]
+        lora = self.router is not None and self.router.active
+        for layer, kv in zip(self.layers, cache.layers, strict=True):
+            x = self._layer_step(layer, x, cos, sin, bias, kv, lora)
+        return rms_norm(x, self.decoder.norm)
+
+    def _layer_step(self, layer: _Layer, x, cos, sin, bias, kv, lora: bool) -> torch.Tensor:
+        """One decoder layer on x (B, d), its new key/value written into kv. -> (B, d)"""
+        b, h, hkv, d = x.shape[0], self.heads, self.kv_heads, self.head_dim
+        hidden = rms_norm(x, layer.norm1)
+        qkv = layer.qkv(hidden)  # (B, (H + 2 Hkv) D)
+        if lora:
+            self._lora_qkv(layer, hidden, qkv)
+        qk = rotate(qkv[:, : (h + hkv) * d].view(b, h + hkv, d), cos, sin)  # (B, H + Hkv, D)
+        keys, values = kv.update(qk[:, h:, None], qkv[:, (h + hkv) * d:].view(b, hkv, 1, d))  # (B, Hkv, S, D)
+        attn = grouped_decode(qk[:, :h], keys, values, bias, layer.scaling)  # (B, H D)
+        x = self._proj(layer, "o", attn, "add", x, lora)
+        hidden = rms_norm(x, layer.norm2)
+        act = self._proj(layer, "gate", hidden, "silu", None, lora)
+        act = self._proj(layer, "up", hidden, "mul", act, lora)
+        return self._proj(layer, "down", act, "add", x, lora)
+
+    def _proj(self, layer: _Layer, name: str, x, post: str, other, lora: bool) -> torch.Tensor:
+        """Projection `name` of x with its post-op; with a LoRA delta, the delta first, then the post-op."""
+        linear = getattr(layer, name)
+        delta = self.router.delta(layer.names[name], x[:, None]) if lora else None
+        if delta is None:
+            return linear(x, post, other)
+        y = linear(x)
+        y = (y.float() + delta[:, 0]).to(y.dtype)
+        if post == "silu":
+            return F.silu(y)
+        return y * other if post == "mul" else y + other
+
+    def _lora_qkv(self, layer: _Layer, hidden, qkv) -> None:
+        """Add the routed LoRA deltas to the q, k and v parts of qkv (B, (H + 2 Hkv) D), in place."""
+        start = 0
+        for name, width in (("q", self.heads), ("k", self.kv_heads), ("v", self.kv_heads)):
+            end = start + width * self.head_dim
+            delta = self.router.delta(layer.names[name], hidden[:, None])
+            if delta is not None:
+                qkv[:, start:end] = (qkv[:, start:end].float() + delta[:, 0]).to(qkv.dtype)
+            start = end

@@ -1,0 +1,150 @@
+"""The fused decode step (fused.py) against transformers' own forward, and the linears it runs (packed.Linear)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from reasonmaxxer.steering.adapters import load_adapter
+from reasonmaxxer.steering.attention import use_decode_attention
+from reasonmaxxer.steering.batch import Batch
+from reasonmaxxer.steering.engine import Engine
+from reasonmaxxer.steering.fused import FusedDecoder
+from reasonmaxxer.steering.lora import LoraRouter
+from reasonmaxxer.steering.packed import Linear, available, pack_linears, unpack_linears
+from reasonmaxxer.steering.request import Request
+from reasonmaxxer.steering.sampling import SamplingParams
+
+from conftest import make_lora, make_model
+
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not available(torch.bfloat16), reason="oneDNN cannot pack bf16 on this CPU"))
+
+
+def tiny_qwen2(tokenizer, cls=Qwen2ForCausalLM, config=Qwen2Config, **extra):
+    """A tiny random Qwen2 (q/k/v with biases, GQA 4:2), or with `cls`/`config` another Llama-like family."""
+    torch.manual_seed(3)
+    cfg = config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                 initializer_range=0.3, pad_token_id=tokenizer.pad_token_id, **extra)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.normal_(0, 0.5)  # biases that matter (transformers initialises them to 0)
+    return model
+
+
+def decode_both(model, prompts, steps: int, fused: FusedDecoder):
+    """Prefill `prompts` once, then decode `steps` tokens on two copies of the batch: transformers' forward and
+    the fused step, feeding both the same tokens. -> per step (reference hidden, fused hidden), and both batches."""
+    with torch.inference_mode():
+        ref, _ = Batch.prefill(model, prompts, 0)
+        out = copy.deepcopy(ref)
+        pairs = []
+        for t in range(steps):
+            ref.tokens = out.tokens = torch.arange(len(prompts)) * 7 + 3 * t + 5
+            pairs.append((ref.decode(model), out.decode(model, fused)))
+    return pairs, ref, out
+
+
+def close(a, b, dtype):
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0.05, atol=0.1)
+    return torch.allclose(a.float(), b.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_fused_step_equals_transformers_forward(tokenizer, prompts, family, dtype, packed):
+    model = (make_model(tokenizer) if family == "llama" else tiny_qwen2(tokenizer)).to(dtype)
+    if packed:
+        pack_linears(model)
+    use_decode_attention(model)
+    pairs, ref, out = decode_both(model, prompts, 4, FusedDecoder(model))
+    for h_ref, h_fused in pairs:  # (B, d): every row, every step
+        assert h_fused.shape == h_ref.shape and h_fused.dtype == h_ref.dtype
+        assert close(h_ref, h_fused, dtype)
+    for a, b in zip(ref.cache.layers, out.cache.layers, strict=True):  # the keys/values it wrote are the model's
+        assert a.keys.shape == b.keys.shape and close(a.keys, b.keys, dtype) and close(a.values, b.values, dtype)
+    unpack_linears(model)
+
+
+def test_lora_routed_rows_get_their_adapters_and_the_others_the_base(tiny_model, tokenizer, prompts, tmp_path):
+    make_lora(tiny_model, tokenizer, tmp_path / "a", name="a", seed=1)
+    make_lora(tiny_model, tokenizer, tmp_path / "b", name="b", seed=2)
+    router = LoraRouter(tiny_model)
+    for name in "ab":
+        router.add(load_adapter(tmp_path / name))
+    routes = {"a": torch.tensor([0, 2]), "b": torch.tensor([3])}  # row 1: no adapter
+    fused = FusedDecoder(tiny_model, router)
+    with router.route(routes):  # the reference: transformers' forward with the router's hooks
+        pairs, _, _ = decode_both(tiny_model, prompts, 3, fused)
+    for h_ref, h_fused in pairs:
+        assert torch.allclose(h_ref, h_fused, rtol=1e-4, atol=1e-4)
+    _, _, plain = decode_both(tiny_model, prompts, 3, FusedDecoder(tiny_model, router))  # no route: the base
+    with router.route(routes):
+        _, _, routed = decode_both(tiny_model, prompts, 3, fused)
+    k_plain, k_routed = plain.cache.layers[0].keys, routed.cache.layers[0].keys
+    assert torch.equal(k_plain[1], k_routed[1])  # the row with no adapter is the base exactly
+    assert not torch.allclose(k_plain[0], k_routed[0]) and not torch.allclose(k_plain[3], k_routed[3])
+
+
+@pytest.mark.parametrize("post", ["none", "silu", "mul", "add"])
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_linear_post_ops_equal_f_linear_then_the_op(post, dtype):
+    torch.manual_seed(0)
+    layers = [nn.Linear(32, n, bias=True).to(dtype) for n in (16, 8, 8)]
+    x = torch.randn(5, 32, dtype=dtype)
+    other = torch.randn(5, 32, dtype=dtype)
+    with torch.inference_mode():
+        y = torch.cat([F.linear(x, m.weight, m.bias) for m in layers], -1)
+        want = {"none": y, "silu": F.silu(y), "mul": y * other, "add": y + other}[post]
+        plain = Linear(*layers)(x, post, other)  # not packed: F.linear, then the op
+        assert torch.equal(plain, want)
+        for m in layers:
+            pack_linears(m)
+        packed = Linear(*layers)
+        got = packed(x, post, other)  # one oneDNN kernel on the concatenated packed weights, the op fused
+        assert packed.weight() is not None
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
+        with torch.no_grad():
+            layers[1].weight.mul_(2.0)  # changed in place: repacked at the next call
+        y2 = torch.cat([F.linear(x, m.weight, m.bias) for m in layers], -1)
+        assert torch.allclose(packed(x).float(), y2.float(), rtol=tol, atol=tol)
+
+
+def test_models_that_are_not_llamas_run_transformers_forward(tokenizer):
+    llama = make_model(tokenizer)
+    assert FusedDecoder.unsupported(llama) is None
+    qwen3 = tiny_qwen2(tokenizer, Qwen3ForCausalLM, Qwen3Config, head_dim=16)  # q/k norms: not fused
+    assert "qwen3" in FusedDecoder.unsupported(qwen3) and FusedDecoder.of(qwen3) is None
+    qwen3.config.model_type = "llama"  # a known name does not pass a layer that is not Llama's
+    assert "q/k norms" in FusedDecoder.unsupported(qwen3)
+    qwen3.config.model_type = "qwen3"
+    gelu = make_model(tokenizer)
+    gelu.config.hidden_act = "gelu"
+    assert "silu" in FusedDecoder.unsupported(gelu)
+    assert Engine(llama, tokenizer).fused is not None
+    assert Engine(qwen3, tokenizer).fused is None and Engine(llama, tokenizer, fast=False).fused is None
+    assert Engine(llama, tokenizer, compile=True).fused is None  # the compiled step replaces it
+    unpack_linears(llama)
+
+
+def test_fused_engine_decodes_qwen2_as_transformers_does(tokenizer, prompts):
+    model = tiny_qwen2(tokenizer)
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine = Engine(model, tokenizer)
+    assert engine.fused is not None
+    got = [c.token_ids for c in engine.generate([Request(p, sp) for p in prompts])]
+    with torch.no_grad():
+        for prompt, tokens in zip(prompts, got, strict=True):
+            ids = list(prompt)
+            for _ in range(12):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            assert tokens == ids[len(prompt):]
+    unpack_linears(model)
