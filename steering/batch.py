@@ -201,8 +201,9 @@ class Batch:
         return self.mask.shape[0]
 
     @classmethod
-    def prefill(cls, model, prompts: list[list[int]], pad_id: int) -> tuple[Batch, torch.Tensor]:
-        """Left-pad and run prompts. Returns the batch (`tokens` to be set by the caller) and hidden (B, d)."""
+    def prefill(cls, model, prompts: list[list[int]], pad_id: int, fused=None) -> tuple[Batch, torch.Tensor]:
+        """Left-pad and run prompts. Returns the batch (`tokens` to be set by the caller) and hidden (B, d).
+        `fused`: a fused.FusedDecoder to run the prompts packed, without padding, instead of transformers' forward."""
         device = model.device
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -212,8 +213,11 @@ class Batch:
             mask[i, width - len(p):] = 1
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, S)
-        cache = new_cache()
-        hidden = forward_hidden(model, ids, mask, positions, cache)
+        if fused is not None:
+            cache, hidden = fused.prefill(prompts)
+        else:
+            cache = new_cache()
+            hidden = forward_hidden(model, ids, mask, positions, cache)
         batch = cls(cache, mask, positions[:, -1] + 1, ids[:, -1].clone(), ids[:, -1].clone())
         return batch, hidden
 

@@ -200,10 +200,18 @@ class Engine:
         return events
 
     def _join(self, new: list[Row]) -> list[TokenEvent]:
-        """Prefill `new` rows, in groups of similar prompt length (`prefill_groups`: left padding is compute
-        spent on nothing), and merge them into the running batch."""
+        """Prefill `new` rows and merge them into the running batch: all at once through the fused step, which
+        packs prompts without padding; else in groups of similar prompt length (`prefill_groups`: left padding
+        is compute spent on nothing)."""
+        if self._fused_prefill(new):
+            return self._join_group(new)
         groups = prefill_groups([len(r.request.prompt_ids) for r in new])
         return [event for group in groups for event in self._join_group([new[i] for i in group])]
+
+    def _fused_prefill(self, rows: list[Row]) -> bool:
+        """Whether `rows` prefill through the fused step: a fused decoder, and no LoRA on every forward (its
+        routes are per row, the packed prefill's rows are tokens)."""
+        return self.fused is not None and not any(r.lora_always for r in rows)
 
     def _join_group(self, new: list[Row]) -> list[TokenEvent]:
         """Prefill `new` rows as one batch and merge them in. If their batch fails, each row is tried alone, so
@@ -211,7 +219,8 @@ class Engine:
         validates what it can first), and the running rows never see it."""
         try:
             with self.lora.route(self._lora_routes(new)):
-                batch, hidden = Batch.prefill(self.model, [r.request.prompt_ids for r in new], self.pad_id)
+                batch, hidden = Batch.prefill(self.model, [r.request.prompt_ids for r in new], self.pad_id,
+                                              fused=self.fused if self._fused_prefill(new) else None)
             events = self._advance(new, batch, hidden)
         except Exception as e:
             if len(new) == 1:

@@ -22,13 +22,16 @@ add it (the output rounded, then delta added in float32); such a projection runs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import DynamicCache
 
 from .attention import grouped_decode
+from .batch import HEADROOM, new_cache
 from .packed import Linear
 
 __all__ = ["FusedDecoder"]
@@ -47,6 +50,35 @@ class _Layer:
     down: Linear
     names: dict[str, str]  # projection -> module name (the LoRA router's key)
     scaling: float
+
+
+@dataclass
+class _Packing:
+    """Where each token of prompts packed end to end goes: its row (N,), its column in the left-padded cache (N,)
+    and in a right-padded layout, i.e. its position (N,); each prompt's last token (B,); the longest length."""
+
+    rows: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+    ends: torch.Tensor
+    width: int
+
+    @classmethod
+    def of(cls, lengths: list[int], device) -> _Packing:
+        width = max(lengths)
+        n = torch.tensor(lengths)
+        rows = torch.repeat_interleave(torch.arange(len(lengths)), n)  # (N,)
+        starts = torch.cumsum(n, 0) - n  # (B,) first token of each prompt in the packing
+        right = torch.arange(int(n.sum())) - starts[rows]  # (N,) position within its prompt
+        left = right + (width - n)[rows]
+        return cls(rows.to(device), left.to(device), right.to(device), (starts + n - 1).to(device), width)
+
+
+def _decode_attention(kv, bias, scaling: float, q, k, v) -> torch.Tensor:
+    """A decode step's attention: write the new key/value (B, Hkv, D) into the cache layer kv, and attend with
+    q (B, H, D) over all its columns. -> (B, H D)"""
+    keys, values = kv.update(k[:, :, None], v[:, :, None])  # (B, Hkv, S, D)
+    return grouped_decode(q, keys, values, bias, scaling)
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -113,26 +145,68 @@ class FusedDecoder:
         return None
 
     def __call__(self, input_ids, mask, positions, cache) -> torch.Tensor:
-        """input_ids (B, 1), mask (B, S), positions (B, 1), cache -> final hidden states (B, d)."""
+        """One decode step: input_ids (B, 1), mask (B, S), positions (B, 1), cache -> final hidden states (B, d)."""
         x = self.decoder.embed_tokens(input_ids[:, 0])  # (B, d)
-        cos, sin = self.decoder.rotary_emb(x, positions)  # (B, 1, D) each, in the model's dtype
-        sin = sin * self._sign.to(sin.device, sin.dtype)
+        cos, sin = self._rotary(x, positions)  # (B, 1, D) each
         bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(mask == 0, float("-inf"))[:, None, None]
         lora = self.router is not None and self.router.active
         for layer, kv in zip(self.layers, cache.layers, strict=True):
-            x = self._layer_step(layer, x, cos, sin, bias, kv, lora)
+            x = self._layer_step(layer, x, cos, sin, partial(_decode_attention, kv, bias, layer.scaling), lora)
         return rms_norm(x, self.decoder.norm)
 
-    def _layer_step(self, layer: _Layer, x, cos, sin, bias, kv, lora: bool) -> torch.Tensor:
-        """One decoder layer on x (B, d), its new key/value written into kv. -> (B, d)"""
-        b, h, hkv, d = x.shape[0], self.heads, self.kv_heads, self.head_dim
+    def prefill(self, prompts: list[list[int]]) -> tuple[DynamicCache, torch.Tensor]:
+        """Prefill prompts packed end to end, so that no matmul computes padding; only the attention pads (each
+        prompt attends causally to itself, right-padded to the longest). Returns the batch's cache, left-padded
+        to the longest prompt (zeros in the padding, batch.HEADROOM spare columns), and the final hidden state at
+        each prompt's last token (B, d). Not for a forward with LoRA routes in force (the router's routes are
+        rows; here a row is many tokens): run transformers' forward for those."""
+        if self.router is not None and self.router.active:
+            raise ValueError("the fused prefill does not apply LoRA routes: prefill these rows with forward_hidden")
+        device = self.decoder.embed_tokens.weight.device
+        pack = _Packing.of([len(p) for p in prompts], device)
+        ids = torch.tensor([t for p in prompts for t in p], device=device)  # (N,)
+        x = self.decoder.embed_tokens(ids)  # (N, d)
+        cos, sin = self._rotary(x, pack.right[:, None])  # (N, 1, D)
+        shape = (len(prompts), self.kv_heads, pack.width + HEADROOM, self.head_dim)
+        buffers = [(x.new_zeros(shape), x.new_zeros(shape)) for _ in self.layers]
+        last = len(self.layers) - 1
+        for i, (layer, kv) in enumerate(zip(self.layers, buffers, strict=True)):
+            attend = partial(self._prefill_attention, kv, pack, layer.scaling)
+            x = self._layer_step(layer, x, cos, sin, attend, False, keep=pack.ends if i == last else None)
+        cache = new_cache([(k, v, pack.width) for k, v in buffers])
+        return cache, rms_norm(x, self.decoder.norm)  # x: the last tokens' rows only (keep)
+
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sign-folded sin (n, 1, D) at positions (n, 1), from the model's own rotary module."""
+        cos, sin = self.decoder.rotary_emb(x, positions)  # in the model's dtype
+        return cos, sin * self._sign.to(sin.device, sin.dtype)
+
+    def _prefill_attention(self, kv, pack: _Packing, scaling: float, q, k, v) -> torch.Tensor:
+        """Write the prompts' keys/values (N, Hkv, D) into the left-padded buffers kv, and attend: each prompt's
+        queries (N, H, D) causally over its own keys, right-padded into (B, ., W, D) for one sdpa call. -> (N, H D)"""
+        for buf, t in zip(kv, (k, v), strict=True):
+            buf.transpose(1, 2)[pack.rows, pack.left] = t  # (B, S, Hkv, D) view: row, column
+        b, w = kv[0].shape[0], pack.width
+        padded = []
+        for t in (q, k, v):
+            out = t.new_zeros((b, w, t.shape[1], t.shape[2]))
+            out[pack.rows, pack.right] = t
+            padded.append(out.transpose(1, 2))  # (B, heads, W, D)
+        out = F.scaled_dot_product_attention(*padded, is_causal=True, scale=scaling, enable_gqa=True)  # (B, H, W, D)
+        return out.transpose(1, 2)[pack.rows, pack.right].flatten(1)
+
+    def _layer_step(self, layer: _Layer, x, cos, sin, attend, lora: bool, keep=None) -> torch.Tensor:
+        """One decoder layer on x (n, d); `attend(q, k, v)` stores the new keys/values and attends. `keep`: the rows
+        to go on with after attention (the prefill's last layer needs the prompts' last tokens only). -> (n', d)"""
+        n, h, hkv, d = x.shape[0], self.heads, self.kv_heads, self.head_dim
         hidden = rms_norm(x, layer.norm1)
-        qkv = layer.qkv(hidden)  # (B, (H + 2 Hkv) D)
+        qkv = layer.qkv(hidden)  # (n, (H + 2 Hkv) D)
         if lora:
             self._lora_qkv(layer, hidden, qkv)
-        qk = rotate(qkv[:, : (h + hkv) * d].view(b, h + hkv, d), cos, sin)  # (B, H + Hkv, D)
-        keys, values = kv.update(qk[:, h:, None], qkv[:, (h + hkv) * d:].view(b, hkv, 1, d))  # (B, Hkv, S, D)
-        attn = grouped_decode(qk[:, :h], keys, values, bias, layer.scaling)  # (B, H D)
+        qk = rotate(qkv[:, : (h + hkv) * d].view(n, h + hkv, d), cos, sin)  # (n, H + Hkv, D)
+        attn = attend(qk[:, :h], qk[:, h:], qkv[:, (h + hkv) * d:].view(n, hkv, d))  # (n, H D)
+        if keep is not None:
+            attn, x = attn[keep], x[keep]
         x = self._proj(layer, "o", attn, "add", x, lora)
         hidden = rms_norm(x, layer.norm2)
         act = self._proj(layer, "gate", hidden, "silu", None, lora)

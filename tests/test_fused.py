@@ -148,3 +148,34 @@ def test_fused_engine_decodes_qwen2_as_transformers_does(tokenizer, prompts):
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
             assert tokens == ids[len(prompt):]
     unpack_linears(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_packed_prefill_equals_the_left_padded_forward(tokenizer, prompts, family, dtype):
+    model = (make_model(tokenizer) if family == "llama" else tiny_qwen2(tokenizer)).to(dtype)
+    pack_linears(model)
+    use_decode_attention(model)
+    fused = FusedDecoder(model)
+    with torch.inference_mode():
+        ref, h_ref = Batch.prefill(model, prompts, 0)  # transformers' forward, left-padded, masked
+        out, h_out = Batch.prefill(model, prompts, 0, fused=fused)
+        assert close(h_ref, h_out, dtype)  # (B, d) at each prompt's last token
+        assert torch.equal(ref.mask, out.mask) and torch.equal(ref.positions, out.positions)
+        real = ref.mask == 1  # (B, S); transformers' forward runs the pad tokens too (with biases, k = b there)
+        for a, b in zip(ref.cache.layers, out.cache.layers, strict=True):
+            assert a.keys.shape == b.keys.shape
+            for x, y in ((a.keys, b.keys), (a.values, b.values)):
+                x, y = x.transpose(1, 2), y.transpose(1, 2)  # (B, S, Hkv, D)
+                assert close(x[real], y[real], dtype) and not y[~real].any()  # the fused padding: zeros
+        ref.tokens = out.tokens = torch.tensor([5, 6, 7, 8])
+        assert close(ref.decode(model), out.decode(model, fused), dtype)  # decoding on from either is the same
+    unpack_linears(model)
+
+
+def test_the_fused_prefill_refuses_lora_routes(tiny_model, tokenizer, prompts, tmp_path):
+    make_lora(tiny_model, tokenizer, tmp_path / "a", name="a")
+    router = LoraRouter(tiny_model)
+    router.add(load_adapter(tmp_path / "a"))
+    with router.route({"a": torch.tensor([0])}), pytest.raises(ValueError, match="LoRA routes"):
+        FusedDecoder(tiny_model, router).prefill(prompts)
