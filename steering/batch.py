@@ -9,7 +9,8 @@ the other rows (up to float rounding of differently shaped matmuls).
 - `Batch.prefill(...)` runs a left-padded prompt batch and returns the final hidden state at each
   row's last prompt token; `Batch.decode(...)` feeds one token per row.
 - `merge` pads the shorter batch on the left and concatenates rows; `select` keeps rows; `trim` drops
-  leading columns that are padding in every row. All three keep the buffers' spare columns (GrowingLayer).
+  leading columns that are padding in every row. All three keep the buffers' spare columns (GrowingLayer)
+  and leave them contiguous.
 - `prefill_groups(lengths)` splits joining prompts into prefill batches of similar length.
 - `without_last_column(rows)` copies the cache of some rows minus the current position: what a
   recompute of the current position sees (used by gated LoRA).
@@ -26,7 +27,7 @@ from transformers.cache_utils import DynamicLayer
 
 __all__ = ["Batch", "GrowingLayer", "decoder_hidden", "forward_hidden", "new_cache", "prefill_groups"]
 
-HEADROOM = 256  # columns allocated ahead, so that decode steps write in place instead of re-copying the cache
+HEADROOM = 32  # columns allocated ahead, so that decode steps write in place instead of re-copying the cache
 PREFILL_WASTE = 0.125  # a joining prompt starts its own prefill batch where left padding would pass this share
 
 
@@ -84,9 +85,11 @@ class GrowingLayer(DynamicLayer):
             self._k, self._v = self._k[indices], self._v[indices]
 
     def drop_left(self, start: int) -> None:
-        """Drop the first `start` columns: a view, the spare room kept."""
+        """Drop the first `start` columns, the spare room kept: one copy into contiguous buffers (which decode
+        steps read in place: see `buffers`)."""
         if self._k is not None:
-            self._k, self._v, self._n = self._k[:, :, start:], self._v[:, :, start:], self._n - start
+            self._k, self._v = self._k[:, :, start:].contiguous(), self._v[:, :, start:].contiguous()
+            self._n -= start
 
     def compact(self) -> None:
         """Make the buffers contiguous again after `drop_left` (for the compiled step: one stride pattern)."""
@@ -99,9 +102,17 @@ class GrowingLayer(DynamicLayer):
         if self._k is not None and end > min(self._k.shape[2], self._v.shape[2]):
             self._k, self._v = self._grow(self._k, self._k, end), self._grow(self._v, self._v, end)
 
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key/value buffers (B, H, W, D), spare columns included (zeros, or values a rollback left:
+        always finite), made contiguous first if a trim left them a view (a copy, once). Columns _n..W-1 are
+        not part of the cache: a reader masks them (fused.py's decode attention, which runs its batched
+        matmuls on these buffers because torch copies a non-contiguous batch operand on every call)."""
+        self.compact()
+        return self._k, self._v
+
     def _grow(self, old: torch.Tensor | None, new: torch.Tensor, end: int) -> torch.Tensor:
         b, h, _, d = new.shape
-        buf = new.new_empty((b, h, end + HEADROOM, d))
+        buf = new.new_zeros((b, h, end + HEADROOM, d))  # zeros: the spare columns are read (masked) by buffers()
         if old is not None and self._n:
             buf[:, :, : self._n] = old[:, :, : self._n]
         return buf

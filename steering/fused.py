@@ -1,22 +1,29 @@
-"""A fused decode step for Llama-family decoders: the one-token forward as a stack of small functions.
+"""A fused decode step and prefill for Llama-family decoders: transformers' forward as a stack of small functions.
 
 Contract: `FusedDecoder.of(model, router)` returns a decoder for a model whose layers are Llama's (model types
 llama, qwen2 and mistral: RMSNorm, rotary q/k, grouped-query attention, a SiLU-gated MLP), else None (the
 engine then runs transformers' forward). Called as `Batch.decode`'s step (input ids (B, 1), mask (B, S) with
 the new column, positions (B, 1), the batch's cache of GrowingLayers), it writes each layer's new key and
-value into the cache and returns the final hidden states (B, d): transformers' forward up to float rounding.
+value into the cache and returns the final hidden states (B, d); `prefill(prompts)` returns a left-padded
+cache for the prompts and their last tokens' final hidden states (B, d). Both equal transformers' forward up
+to float rounding (tested against it, Llama and Qwen2, float32 and bfloat16).
 
-What it leaves out is everything but the arithmetic: module calls, hooks, keyword plumbing, and the
-attention mask rebuilt for every layer (here one additive mask per step). Per layer:
+What it leaves out is everything but the arithmetic: module calls, hooks, keyword plumbing, the attention
+mask rebuilt for every layer (here one additive mask per step) and, in the prefill, padding: the prompts are
+packed end to end, so no matmul computes a pad token (only the attention pads, each prompt causally over
+itself), and the last layer runs o_proj and the MLP for the last tokens only. Per layer:
 - RMSNorm as transformers computes it (float32, cast back, times the weight);
 - q, k and v from one matmul on their concatenated packed weights (packed.Linear);
 - rotary embeddings on q and k together: x cos + rotate_half(x) sin, with the sign of rotate_half folded
-  into sin (the same values); cos and sin from the model's own rotary module, once per step;
-- attention.grouped_decode over the cache (no row is fully masked: each sees its own new column);
+  into sin (the same values); cos and sin from the model's own rotary module, once per forward;
+- attention: attention.grouped_decode over the cache in a decode step (no row is fully masked: each sees its
+  own new column); torch's causal sdpa in the prefill;
 - o_proj adding the residual, gate_proj applying SiLU, up_proj multiplying by it, down_proj adding the
   residual: each one oneDNN kernel with a post-op where the weights are packed (one rounding instead of two).
-Rows routed to a LoRA (lora.LoraRouter) get its delta on every projection it targets, as the router's hooks
-add it (the output rounded, then delta added in float32); such a projection runs without its post-op.
+In a decode step, rows routed to a LoRA (lora.LoraRouter) get its delta on every projection it targets, as
+the router's hooks add it (the output rounded, then delta added in float32); such a projection runs without
+its post-op. The prefill refuses LoRA routes (they name rows; its rows are tokens): the engine prefills rows
+whose LoRA runs on every forward with transformers' forward.
 """
 
 from __future__ import annotations
@@ -74,11 +81,30 @@ class _Packing:
         return cls(rows.to(device), left.to(device), right.to(device), (starts + n - 1).to(device), width)
 
 
-def _decode_attention(kv, bias, scaling: float, q, k, v) -> torch.Tensor:
+class _Bias:
+    """A decode step's additive attention mask (B, 1, 1, W) for buffers W columns wide: 0 where the batch mask
+    (B, S) is 1, -inf where it is 0 and on the spare columns S..W-1 (made once per width, per step)."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask, self._by_width = mask, {}
+
+    def __call__(self, width: int) -> torch.Tensor:
+        bias = self._by_width.get(width)
+        if bias is None:
+            b, s = self.mask.shape
+            bias = torch.full((b, width), float("-inf"), device=self.mask.device)
+            bias[:, :s].masked_fill_(self.mask != 0, 0.0)
+            bias = self._by_width[width] = bias[:, None, None]
+        return bias
+
+
+def _decode_attention(kv, bias: _Bias, scaling: float, q, k, v) -> torch.Tensor:
     """A decode step's attention: write the new key/value (B, Hkv, D) into the cache layer kv, and attend with
-    q (B, H, D) over all its columns. -> (B, H D)"""
-    keys, values = kv.update(k[:, :, None], v[:, :, None])  # (B, Hkv, S, D)
-    return grouped_decode(q, keys, values, bias, scaling)
+    q (B, H, D) over its whole buffers, the spare columns masked: the buffers are contiguous, so the batched
+    matmuls read them in place (on the filled part alone, a view, torch would copy both on every call). -> (B, H D)"""
+    kv.update(k[:, :, None], v[:, :, None])
+    keys, values = kv.buffers()  # (B, Hkv, W, D)
+    return grouped_decode(q, keys, values, bias(keys.shape[2]), scaling)
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -148,7 +174,7 @@ class FusedDecoder:
         """One decode step: input_ids (B, 1), mask (B, S), positions (B, 1), cache -> final hidden states (B, d)."""
         x = self.decoder.embed_tokens(input_ids[:, 0])  # (B, d)
         cos, sin = self._rotary(x, positions)  # (B, 1, D) each
-        bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(mask == 0, float("-inf"))[:, None, None]
+        bias = _Bias(mask)
         lora = self.router is not None and self.router.active
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             x = self._layer_step(layer, x, cos, sin, partial(_decode_attention, kv, bias, layer.scaling), lora)

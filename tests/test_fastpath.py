@@ -171,8 +171,11 @@ def test_prefill_groups_split_where_left_padding_passes_the_waste_share():
     assert padded < 78 * 32  # fewer tokens through the model than one left-padded batch
 
 
-def test_rows_of_far_apart_lengths_prefill_apart_and_decode_as_alone(tiny_model, tokenizer, prompts):
-    engine = Engine(tiny_model, tokenizer, max_batch_size=8)
+@pytest.mark.parametrize("fast", [False, True])
+def test_rows_of_far_apart_lengths_prefill_apart_and_decode_as_alone(tiny_model, tokenizer, prompts, fast):
+    """transformers' forward prefills far-apart lengths in separate groups; the fused prefill packs them all
+    without padding (no decoder module call at all). Either way each row decodes as it does alone."""
+    engine = Engine(tiny_model, tokenizer, max_batch_size=8, fast=fast)
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     long_prompt = tokenizer("Weng earns $12 an hour for babysitting. " * 5)["input_ids"]
     batch = [prompts[0], long_prompt, prompts[2], long_prompt[:-3]]
@@ -184,7 +187,10 @@ def test_rows_of_far_apart_lengths_prefill_apart_and_decode_as_alone(tiny_model,
     finally:
         hook.remove()
     prefills = [w for w in widths if w[1] > 1]
-    assert sorted(prefills) == sorted([(2, len(long_prompt)), (2, max(len(prompts[0]), len(prompts[2])))])
+    if fast:
+        assert engine.fused is not None and prefills == []
+    else:
+        assert sorted(prefills) == sorted([(2, len(long_prompt)), (2, max(len(prompts[0]), len(prompts[2])))])
     alone = [engine.generate([Request(p, sp)])[0].token_ids for p in batch]
     assert [c.token_ids for c in together] == alone
 

@@ -179,3 +179,19 @@ def test_the_fused_prefill_refuses_lora_routes(tiny_model, tokenizer, prompts, t
     router.add(load_adapter(tmp_path / "a"))
     with router.route({"a": torch.tensor([0])}), pytest.raises(ValueError, match="LoRA routes"):
         FusedDecoder(tiny_model, router).prefill(prompts)
+
+
+def test_spare_cache_columns_never_reach_the_output(tiny_model, tokenizer, prompts):
+    """The decode attention runs on the whole buffers (the filled part is a view torch would copy); whatever
+    finite values the spare columns hold, the step's hidden states are the same."""
+    fused = FusedDecoder(tiny_model)
+    with torch.inference_mode():
+        batch, _ = Batch.prefill(tiny_model, prompts, 0, fused=fused)
+        batch.tokens = torch.tensor([5, 6, 7, 8])
+        noisy = copy.deepcopy(batch)
+        for layer in noisy.cache.layers:
+            k, v = layer.buffers()
+            assert k.is_contiguous() and k.shape[2] > layer._n  # spare room, read by the step
+            k[:, :, layer._n:] = 1e4
+            v[:, :, layer._n:] = -1e4
+        assert torch.equal(batch.decode(tiny_model, fused), noisy.decode(tiny_model, fused))
