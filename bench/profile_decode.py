@@ -2,6 +2,7 @@
 
     python bench/profile_decode.py [--model smollm2-135m-instruct] [--dtype DTYPE] [--streams 1,8,32]
                                    [--arms base,gated,lora-gated] [--new-tokens 64] [--compile] [--reference]
+                                   [--module]
                                    [--json out.json]
 
 For each concurrency S and arm, S chat prompts generate `--new-tokens` tokens each (greedy, EOS ignored)
@@ -78,13 +79,15 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=8, help="how many ops to list per arm")
     parser.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
     parser.add_argument("--reference", action="store_true", help="the engine's reference path (fast=False)")
+    parser.add_argument("--module", action="store_true",
+                        help="every fast path but the fused step: transformers' forward for prefill and decode")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     print(f"model {args.model} in {str(model.dtype).removeprefix('torch.')}, {args.new_tokens} tokens per stream")
     arms = args.arms.split(",")
     engine = bench_engine(model, tokenizer, args.model, lora=any(a.startswith("lora") for a in arms),
-                          compile=args.compile, fast=not args.reference)
+                          compile=args.compile, fast=not args.reference, fused=not args.module)
     d = model.config.hidden_size
     results = []
     for streams in [int(s) for s in args.streams.split(",")]:

@@ -64,7 +64,7 @@ class Engine:
     """Decode many requests together on one transformers causal LM."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, name: str | None = None,
-                 fast: bool | None = None, compile: bool = False):
+                 fast: bool | None = None, compile: bool = False, fused: bool | None = None):
         """`fast`: the fast paths, the same values up to float rounding (None, the default: wherever they apply;
         False: the reference path, plain F.linear and transformers' sdpa): on the CPU, linears on oneDNN-prepacked
         weights (packed.py) and glibc malloc kept from unmapping the step's large temporaries (allocator.py,
@@ -72,7 +72,8 @@ class Engine:
         models, decode steps (and gated-LoRA recomputes) through fused.py's FusedDecoder: the same arithmetic
         without transformers' module machinery, with oneDNN post-ops. The first and the last but one are properties
         of the model object, shared by engines that share it. `compile`: decode steps through torch.compile
-        (compiled.py; inside the graph the linears are inductor's) instead of the fused step."""
+        (compiled.py; inside the graph the linears are inductor's) instead of the fused step. `fused`: False
+        keeps the other fast paths but runs transformers' forward for every step (the fused step's A/B)."""
         for key in _UNSUPPORTED_CONFIG:
             if getattr(model.config, key, None) not in (None, 1.0):
                 raise ValueError(f"models with {key} are not supported: their logits are not W_U h")
@@ -89,7 +90,7 @@ class Engine:
             plain_attention(model)
         self.compiled = CompiledDecoder(model) if compile else None
         self.lora = LoraRouter(model)
-        self.fused = FusedDecoder.of(model, self.lora) if self.fast and not compile else None
+        self.fused = FusedDecoder.of(model, self.lora) if self.fast and not compile and fused is not False else None
         self.max_batch_size = max_batch_size
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.identity = base_identity(model, tokenizer, name)

@@ -13,13 +13,14 @@ mask rebuilt for every layer (here one additive mask per step) and, in the prefi
 packed end to end, so no matmul computes a pad token (only the attention pads, each prompt causally over
 itself), and the last layer runs o_proj and the MLP for the last tokens only. Per layer:
 - RMSNorm as transformers computes it (float32, cast back, times the weight);
-- q, k and v from one matmul on their concatenated packed weights (packed.Linear);
+- q, k and v from one matmul on their concatenated packed weights, and gate and up from another (packed.Linear:
+  the concatenated copies replace the layers' own packed copies, so no memory is added);
 - rotary embeddings on q and k together: x cos + rotate_half(x) sin, with the sign of rotate_half folded
   into sin (the same values); cos and sin from the model's own rotary module, once per forward;
 - attention: attention.grouped_decode over the cache in a decode step (no row is fully masked: each sees its
   own new column); torch's causal sdpa in the prefill;
-- o_proj adding the residual, gate_proj applying SiLU, up_proj multiplying by it, down_proj adding the
-  residual: each one oneDNN kernel with a post-op where the weights are packed (one rounding instead of two).
+- SiLU(gate) * up as transformers computes it; o_proj and down_proj add the residual inside their oneDNN
+  kernel where the weights are packed (one rounding instead of two).
 In a decode step, rows routed to a LoRA (lora.LoraRouter) get its delta on every projection it targets, as
 the router's hooks add it (the output rounded, then delta added in float32); such a projection runs without
 its post-op. The prefill refuses LoRA routes (they name rows; its rows are tokens): the engine prefills rows
@@ -38,7 +39,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 
 from .attention import grouped_decode
-from .batch import HEADROOM, new_cache
+from .batch import HEADROOM, GrowingLayer, new_cache
 from .packed import Linear
 
 __all__ = ["FusedDecoder"]
@@ -52,11 +53,11 @@ class _Layer:
     norm2: nn.Module
     qkv: Linear
     o: Linear
-    gate: Linear
-    up: Linear
+    gate_up: Linear
     down: Linear
     names: dict[str, str]  # projection -> module name (the LoRA router's key)
     scaling: float
+    inner: int  # the MLP's width
 
 
 @dataclass
@@ -140,8 +141,8 @@ class FusedDecoder:
         mods = {"q": att.q_proj, "k": att.k_proj, "v": att.v_proj, "o": att.o_proj, "gate": mlp.gate_proj,
                 "up": mlp.up_proj, "down": mlp.down_proj}
         return _Layer(layer.input_layernorm, layer.post_attention_layernorm, Linear(att.q_proj, att.k_proj, att.v_proj),
-                      Linear(att.o_proj), Linear(mlp.gate_proj), Linear(mlp.up_proj), Linear(mlp.down_proj),
-                      {k: names[id(m)] for k, m in mods.items()}, float(att.scaling))
+                      Linear(att.o_proj), Linear(mlp.gate_proj, mlp.up_proj), Linear(mlp.down_proj),
+                      {k: names[id(m)] for k, m in mods.items()}, float(att.scaling), mlp.gate_proj.out_features)
 
     @classmethod
     def of(cls, model: Any, router: Any = None) -> FusedDecoder | None:
@@ -176,16 +177,19 @@ class FusedDecoder:
         cos, sin = self._rotary(x, positions)  # (B, 1, D) each
         bias = _Bias(mask)
         lora = self.router is not None and self.router.active
+        while len(cache.layers) < len(self.layers):  # an empty cache (a first token): its layers start now
+            cache.layers.append(GrowingLayer())
         for layer, kv in zip(self.layers, cache.layers, strict=True):
             x = self._layer_step(layer, x, cos, sin, partial(_decode_attention, kv, bias, layer.scaling), lora)
         return rms_norm(x, self.decoder.norm)
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[DynamicCache, torch.Tensor]:
+    def prefill(self, prompts: list[list[int]], every: bool = False) -> tuple[DynamicCache, torch.Tensor]:
         """Prefill prompts packed end to end, so that no matmul computes padding; only the attention pads (each
         prompt attends causally to itself, right-padded to the longest). Returns the batch's cache, left-padded
         to the longest prompt (zeros in the padding, batch.HEADROOM spare columns), and the final hidden state at
-        each prompt's last token (B, d). Not for a forward with LoRA routes in force (the router's routes are
-        rows; here a row is many tokens): run transformers' forward for those."""
+        each prompt's last token (B, d), or with `every`, at every token of the packing (N, d). Not for a forward
+        with LoRA routes in force (the router's routes are rows; here a row is many tokens): run transformers'
+        forward for those."""
         if self.router is not None and self.router.active:
             raise ValueError("the fused prefill does not apply LoRA routes: prefill these rows with forward_hidden")
         device = self.decoder.embed_tokens.weight.device
@@ -198,9 +202,9 @@ class FusedDecoder:
         last = len(self.layers) - 1
         for i, (layer, kv) in enumerate(zip(self.layers, buffers, strict=True)):
             attend = partial(self._prefill_attention, kv, pack, layer.scaling)
-            x = self._layer_step(layer, x, cos, sin, attend, False, keep=pack.ends if i == last else None)
+            x = self._layer_step(layer, x, cos, sin, attend, False, keep=pack.ends if i == last and not every else None)
         cache = new_cache([(k, v, pack.width) for k, v in buffers])
-        return cache, rms_norm(x, self.decoder.norm)  # x: the last tokens' rows only (keep)
+        return cache, rms_norm(x, self.decoder.norm)  # x: the last tokens' rows only, unless every
 
     def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin (n, 1, D) at positions (n, 1), from the model's own rotary module."""
@@ -228,35 +232,34 @@ class FusedDecoder:
         hidden = rms_norm(x, layer.norm1)
         qkv = layer.qkv(hidden)  # (n, (H + 2 Hkv) D)
         if lora:
-            self._lora_qkv(layer, hidden, qkv)
+            self._lora_into(layer, (("q", h * d), ("k", hkv * d), ("v", hkv * d)), hidden, qkv)
         qk = rotate(qkv[:, : (h + hkv) * d].view(n, h + hkv, d), cos, sin)  # (n, H + Hkv, D)
         attn = attend(qk[:, :h], qk[:, h:], qkv[:, (h + hkv) * d:].view(n, hkv, d))  # (n, H D)
         if keep is not None:
             attn, x = attn[keep], x[keep]
-        x = self._proj(layer, "o", attn, "add", x, lora)
+        x = self._residual(layer, "o", attn, x, lora)
         hidden = rms_norm(x, layer.norm2)
-        act = self._proj(layer, "gate", hidden, "silu", None, lora)
-        act = self._proj(layer, "up", hidden, "mul", act, lora)
-        return self._proj(layer, "down", act, "add", x, lora)
+        gate_up = layer.gate_up(hidden)  # (n, 2 I)
+        if lora:
+            self._lora_into(layer, (("gate", layer.inner), ("up", layer.inner)), hidden, gate_up)
+        act = F.silu(gate_up[:, : layer.inner]) * gate_up[:, layer.inner:]  # (n, I)
+        return self._residual(layer, "down", act, x, lora)
 
-    def _proj(self, layer: _Layer, name: str, x, post: str, other, lora: bool) -> torch.Tensor:
-        """Projection `name` of x with its post-op; with a LoRA delta, the delta first, then the post-op."""
+    def _residual(self, layer: _Layer, name: str, x, residual, lora: bool) -> torch.Tensor:
+        """residual + projection `name` of x: one kernel where packed; with a LoRA delta, the delta first."""
         linear = getattr(layer, name)
         delta = self.router.delta(layer.names[name], x[:, None]) if lora else None
         if delta is None:
-            return linear(x, post, other)
+            return linear(x, "add", residual)
         y = linear(x)
-        y = (y.float() + delta[:, 0]).to(y.dtype)
-        if post == "silu":
-            return F.silu(y)
-        return y * other if post == "mul" else y + other
+        return (y.float() + delta[:, 0]).to(y.dtype) + residual
 
-    def _lora_qkv(self, layer: _Layer, hidden, qkv) -> None:
-        """Add the routed LoRA deltas to the q, k and v parts of qkv (B, (H + 2 Hkv) D), in place."""
+    def _lora_into(self, layer: _Layer, parts, hidden, out) -> None:
+        """Add the routed LoRA deltas of projections `parts` ((name, width), in the order their outputs are
+        concatenated in out (n, sum of widths)) to out, in place, as the router's hooks add them."""
         start = 0
-        for name, width in (("q", self.heads), ("k", self.kv_heads), ("v", self.kv_heads)):
-            end = start + width * self.head_dim
+        for name, width in parts:
             delta = self.router.delta(layer.names[name], hidden[:, None])
             if delta is not None:
-                qkv[:, start:end] = (qkv[:, start:end].float() + delta[:, 0]).to(qkv.dtype)
-            start = end
+                out[:, start:start + width] = (out[:, start:start + width].float() + delta[:, 0]).to(out.dtype)
+            start += width

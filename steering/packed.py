@@ -127,12 +127,14 @@ def packed_count(model: nn.Module) -> int:
 class Linear:
     """Linear layers run directly, with a fused post-op: `Linear(*layers)(x, post, other)` (fused.py's decode step).
 
-    Layers run packed where `pack_linears` packed them, else with `F.linear`. One layer runs on its own packed
-    copy (no new memory). Several layers that read the same input (q, k and v) run as one matmul on a packed copy
-    of their concatenated weights (an extra copy of their weights, repacked when any of them changes), returning
-    the concatenated outputs; unpacked, as separate `F.linear`s, concatenated (no extra memory). `post`:
-    "none"; "silu" (SiLU of the output), "mul" (output * other) or "add" (output + other): inside the oneDNN
-    kernel where packed (one rounding to the model's dtype instead of two), else as transformers computes them.
+    One layer runs on its own packed copy where `pack_linears` packed it (no new memory), else with `F.linear`.
+    Several layers that read the same input (q, k and v; gate and up) run as one matmul on a packed copy of their
+    concatenated weights, returning the concatenated outputs, where all of them were packed when this was made;
+    their own packed copies are then released (their module forwards, the path of any other caller, run
+    `F.linear` again), so packing the group costs no more memory than packing each did. The copy is repacked
+    when any weight changes. Unpacked: separate `F.linear`s, concatenated. `post`: "none"; "silu" (SiLU of the
+    output), "mul" (output * other) or "add" (output + other): inside the oneDNN kernel where packed (one rounding
+    to the model's dtype instead of two), else as transformers computes them.
     """
 
     _UNARY: ClassVar[dict[str, str]] = {"none": "none", "silu": "swish"}  # our name -> oneDNN's
@@ -142,6 +144,11 @@ class Linear:
         self.bias: torch.Tensor | None = None  # the concatenated bias, made with the packed copy
         self._packed: torch.Tensor | None = None
         self._sources: list = []
+        self.group = len(layers) > 1 and all(isinstance(m.__dict__.get("forward"), _PackedForward) for m in layers)
+        with torch.no_grad():
+            if self.group and self.weight() is not None:
+                for m in layers:
+                    del m.forward  # the group's copy replaces theirs
 
     def weight(self) -> torch.Tensor | None:
         """The packed weight to use now (None: run F.linear)."""
@@ -149,8 +156,7 @@ class Linear:
             fwd = self.layers[0].__dict__.get("forward")
             return fwd.current() if isinstance(fwd, _PackedForward) else None
         ws = [m.weight for m in self.layers]
-        if (torch.is_grad_enabled() or ws[0].device.type != "cpu" or not _packs(ws[0].dtype)
-                or not all(isinstance(m.__dict__.get("forward"), _PackedForward) for m in self.layers)):
+        if not self.group or torch.is_grad_enabled() or ws[0].device.type != "cpu" or not _packs(ws[0].dtype):
             return None
         sources = [(w, _version(w)) for w in ws]
         if self._packed is None or any(a is not w or va != vw

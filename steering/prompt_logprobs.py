@@ -66,13 +66,17 @@ def _score_one(engine, ids: list[int], adapter, gate: GateSettings, top_n: int, 
     device = engine.model.device
     x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, n)
     routes = {adapter.name: torch.zeros(1, dtype=torch.long, device=device)} if gate.lora_always else {}
-    decoder = engine.model.get_decoder()
-    cache = new_cache()
-    with engine.lora.route(routes):
-        positions = torch.arange(len(ids), device=device)[None]  # (1, n)
-        out = decoder(input_ids=x, attention_mask=torch.ones_like(x), position_ids=positions, use_cache=True,
-                      **{cache_kwarg(decoder): cache})
-    hidden = out.last_hidden_state[0, :-1]  # (n-1, d): row j-1 predicts token j
+    if engine.fused is not None and not routes:  # the fused prefill (fused.py), every position's hidden state
+        cache, hidden = engine.fused.prefill([list(ids)], every=True)  # (n, d)
+    else:
+        decoder = engine.model.get_decoder()
+        cache = new_cache()
+        with engine.lora.route(routes):
+            positions = torch.arange(len(ids), device=device)[None]  # (1, n)
+            out = decoder(input_ids=x, attention_mask=torch.ones_like(x), position_ids=positions, use_cache=True,
+                          **{cache_kwarg(decoder): cache})
+        hidden = out.last_hidden_state[0]
+    hidden = hidden[:-1]  # (n-1, d): row j-1 predicts token j
     targets = x[0, 1:]  # (n-1,)
     result = PromptLogprobs(list(ids), [None], [None])
     teacher = _TeacherPrompt(adapter, x) if isinstance(adapter, Teacher) else None
@@ -141,6 +145,7 @@ def _recompute(engine, x: torch.Tensor, cache, col: int, name: str) -> torch.Ten
     data = [(layer.keys[:, :, :col], layer.values[:, :, :col]) for layer in cache.layers] if col else None
     device = x.device
     mask = torch.ones((1, col + 1), dtype=torch.long, device=device)
+    args = (x[:, col:col + 1], mask, torch.tensor([[col]], device=device), new_cache(data))
     with engine.lora.route({name: torch.zeros(1, dtype=torch.long, device=device)}):
-        h = forward_hidden(engine.model, x[:, col:col + 1], mask, torch.tensor([[col]], device=device), new_cache(data))
+        h = engine.fused(*args) if engine.fused is not None else forward_hidden(engine.model, *args)
     return engine.lm_head(h).float()[0]

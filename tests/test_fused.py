@@ -14,7 +14,7 @@ from reasonmaxxer.steering.batch import Batch
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.fused import FusedDecoder
 from reasonmaxxer.steering.lora import LoraRouter
-from reasonmaxxer.steering.packed import Linear, available, pack_linears, unpack_linears
+from reasonmaxxer.steering.packed import Linear, available, pack_linears, packed_count, unpack_linears
 from reasonmaxxer.steering.request import Request
 from reasonmaxxer.steering.sampling import SamplingParams
 
@@ -132,6 +132,7 @@ def test_models_that_are_not_llamas_run_transformers_forward(tokenizer):
     assert Engine(llama, tokenizer).fused is not None
     assert Engine(qwen3, tokenizer).fused is None and Engine(llama, tokenizer, fast=False).fused is None
     assert Engine(llama, tokenizer, compile=True).fused is None  # the compiled step replaces it
+    assert Engine(llama, tokenizer, fused=False).fused is None  # the A/B switch: transformers' forward
     unpack_linears(llama)
 
 
@@ -195,3 +196,17 @@ def test_spare_cache_columns_never_reach_the_output(tiny_model, tokenizer, promp
             k[:, :, layer._n:] = 1e4
             v[:, :, layer._n:] = -1e4
         assert torch.equal(batch.decode(tiny_model, fused), noisy.decode(tiny_model, fused))
+
+
+def test_grouped_projections_take_over_their_layers_packed_copies(tokenizer, prompts):
+    """q/k/v and gate/up run on one packed copy per group, which replaces the layers' own (no memory added);
+    transformers' forward then runs those layers on F.linear, with the same values."""
+    model = make_model(tokenizer)
+    n = pack_linears(model)
+    with torch.inference_mode():
+        want = model(torch.tensor([prompts[1]])).logits
+    FusedDecoder(model)
+    assert packed_count(model) == n - 5 * len(model.get_decoder().layers)  # o_proj, down_proj, lm_head stay
+    with torch.inference_mode():
+        assert torch.allclose(model(torch.tensor([prompts[1]])).logits, want, rtol=1e-4, atol=1e-4)
+    unpack_linears(model)
