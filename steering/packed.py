@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -125,19 +124,16 @@ def packed_count(model: nn.Module) -> int:
 
 
 class Linear:
-    """Linear layers run directly, with a fused post-op: `Linear(*layers)(x, post, other)` (fused.py's decode step).
+    """Linear layers run directly: `Linear(*layers)(x)` (fused.py's step).
 
     One layer runs on its own packed copy where `pack_linears` packed it (no new memory), else with `F.linear`.
     Several layers that read the same input (q, k and v; gate and up) run as one matmul on a packed copy of their
     concatenated weights, returning the concatenated outputs, where all of them were packed when this was made;
     their own packed copies are then released (their module forwards, the path of any other caller, run
     `F.linear` again), so packing the group costs no more memory than packing each did. The copy is repacked
-    when any weight changes. Unpacked: separate `F.linear`s, concatenated. `post`: "none"; "silu" (SiLU of the
-    output), "mul" (output * other) or "add" (output + other): inside the oneDNN kernel where packed (one rounding
-    to the model's dtype instead of two), else as transformers computes them.
+    when any weight changes. Unpacked: separate `F.linear`s, concatenated. Each output column is computed as
+    the layer alone computes it (the same values: tested).
     """
-
-    _UNARY: ClassVar[dict[str, str]] = {"none": "none", "silu": "swish"}  # our name -> oneDNN's
 
     def __init__(self, *layers: nn.Linear):
         self.layers = layers
@@ -167,17 +163,10 @@ class Linear:
             self._sources = sources
         return self._packed
 
-    def __call__(self, x: torch.Tensor, post: str = "none", other: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight() if x.device.type == "cpu" and x.dtype == self.layers[0].weight.dtype else None
-        bias = self.layers[0].bias if len(self.layers) == 1 else self.bias
         if w is not None:
-            if post in self._UNARY:
-                return torch.ops.mkldnn._linear_pointwise(x, w, bias, self._UNARY[post], [], "")
-            return torch.ops.mkldnn._linear_pointwise(x, other, w, bias, post)
+            bias = self.layers[0].bias if len(self.layers) == 1 else self.bias
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
         outs = [F.linear(x, m.weight, m.bias) for m in self.layers]
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        if post == "silu":
-            return F.silu(y)
-        if post == "mul":
-            return y * other
-        return y + other if post == "add" else y
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
