@@ -69,11 +69,12 @@ class Engine:
         False: the reference path, plain F.linear and transformers' sdpa): on the CPU, linears on oneDNN-prepacked
         weights (packed.py) and glibc malloc kept from unmapping the step's large temporaries (allocator.py,
         process-wide), for every model, decode attention by grouped matmuls (attention.py), and for Llama-family
-        models, decode steps (and gated-LoRA recomputes) through fused.py's FusedDecoder: the same arithmetic
-        without transformers' module machinery, with oneDNN post-ops. The first and the last but one are properties
-        of the model object, shared by engines that share it. `compile`: decode steps through torch.compile
-        (compiled.py; inside the graph the linears are inductor's) instead of the fused step. `fused`: False
-        keeps the other fast paths but runs transformers' forward for every step (the fused step's A/B)."""
+        models, prefills, decode steps and gated-LoRA recomputes through fused.py's FusedDecoder: the same
+        arithmetic without transformers' module machinery, q/k/v and gate/up as one matmul each. The first and
+        the last but one are properties of the model object, shared by engines that share it. `compile`: decode
+        steps through torch.compile (compiled.py; inside the graph the linears are inductor's) instead of the
+        fused step. `fused`: False keeps the other fast paths but runs transformers' forward for every step
+        (the fused step's A/B)."""
         for key in _UNSUPPORTED_CONFIG:
             if getattr(model.config, key, None) not in (None, 1.0):
                 raise ValueError(f"models with {key} are not supported: their logits are not W_U h")

@@ -5,8 +5,9 @@ llama, qwen2 and mistral: RMSNorm, rotary q/k, grouped-query attention, a SiLU-g
 engine then runs transformers' forward). Called as `Batch.decode`'s step (input ids (B, 1), mask (B, S) with
 the new column, positions (B, 1), the batch's cache of GrowingLayers), it writes each layer's new key and
 value into the cache and returns the final hidden states (B, d); `prefill(prompts)` returns a left-padded
-cache for the prompts and their last tokens' final hidden states (B, d). Both equal transformers' forward up
-to float rounding (tested against it, Llama and Qwen2, float32 and bfloat16).
+cache for the prompts and their last tokens' final hidden states (B, d). A decode step gives transformers'
+forward on the same linears bit for bit here (Llama and Qwen2, float32 and bfloat16; tested to rounding,
+other CPUs may block matmuls otherwise); the prefill equals it to rounding (other matmul shapes).
 
 What it leaves out is everything but the arithmetic: module calls, hooks, keyword plumbing, the attention
 mask rebuilt for every layer (here one additive mask per step) and, in the prefill, padding: the prompts are
@@ -23,9 +24,9 @@ itself), and the last layer runs o_proj and the MLP for the last tokens only. Pe
   into the matmuls, but round once where transformers rounds twice: greedy bf16 text then parted from
   transformers' within 14 tokens on one of four SmolLM2 prompts; unfused, none in 48).
 In a decode step, rows routed to a LoRA (lora.LoraRouter) get its delta on every projection it targets, as
-the router's hooks add it (the output rounded, then delta added in float32); such a projection runs without
-its post-op. The prefill refuses LoRA routes (they name rows; its rows are tokens): the engine prefills rows
-whose LoRA runs on every forward with transformers' forward.
+the router's hooks add it (the output rounded, then the delta added in float32). The prefill refuses LoRA
+routes (they name rows; its rows are tokens): the engine prefills rows whose LoRA runs on every forward with
+transformers' forward.
 """
 
 from __future__ import annotations
