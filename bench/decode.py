@@ -41,6 +41,7 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -223,7 +224,8 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
                                                 SteeringParams("bench-lora", "gated", threshold=tau_lora))
     if llm is not None:
         arms["vllm"] = lambda: (run_vllm(llm, prompts, args.new_tokens), None)
-    for arm in arms.values():  # warm-up
+    for name, arm in arms.items():  # warm-up
+        print(f"[{streams} streams] warm-up {name}", file=sys.stderr, flush=True)
         arm()
     times: dict[str, list[float]] = {k: [] for k in arms}
     fire: dict[str, list[float]] = {}
@@ -232,6 +234,8 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
         for name in names[i % len(names):] + names[: i % len(names)]:
             t, f = arms[name]()
             times[name].append(t)
+            print(f"[{streams} streams] repeat {i + 1}/{args.repeats} {name}: "
+                  f"{streams * args.new_tokens / t:.1f} tok/s", file=sys.stderr, flush=True)
             if f is not None and "gated" in name:
                 fire.setdefault(name, []).append(f)
     tps = {k: streams * args.new_tokens / statistics.median(v) for k, v in times.items()}
