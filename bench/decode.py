@@ -196,6 +196,34 @@ def run_generate(model, tokenizer, prompts, new_tokens: int) -> float:
     return elapsed
 
 
+def paired_ratios(times: dict[str, list[float]], extra: dict, lora: bool, vllm: bool) -> dict[str, float]:
+    """Speed ratios of arm pairs: the median over repeats of the per-repeat ratio (pairing cancels drift)."""
+    def paired(a: str, b: str) -> float:
+        return statistics.median(tb / ta for ta, tb in zip(times[a], times[b], strict=True))
+
+    ratios = {"gated_over_base": paired("engine-gated", "engine-base"),
+              "engine_over_generate": paired("engine-base", "hf-generate")}
+    if "compiled" in extra:
+        ratios["compiled_over_base"] = paired("compiled-base", "engine-base")
+        ratios["compiled_gated_over_base"] = paired("compiled-gated", "compiled-base")
+    if "eager" in extra:
+        ratios["base_over_eager"] = paired("engine-base", "eager-base")
+    if "module" in extra:
+        ratios["base_over_module"] = paired("engine-base", "module-base")
+    if "fp32" in extra:
+        ratios["fp32_over_base"] = paired("fp32-base", "engine-base")
+    if lora:
+        ratios["lora_gated_over_always"] = paired("lora-gated", "lora-always")
+    if vllm:
+        ratios["engine_over_vllm"] = paired("engine-base", "vllm")
+        ratios["gated_over_vllm"] = paired("engine-gated", "vllm")
+        if "compiled" in extra:
+            ratios["compiled_over_vllm"] = paired("compiled-base", "vllm")
+        if "fp32" in extra:
+            ratios["fp32_over_vllm"] = paired("fp32-base", "vllm")
+    return ratios
+
+
 def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict | None = None) -> dict:
     """Interleaved repeats (the order rotates each repeat); ratios are medians of per-repeat ratios."""
     prompts = chat_prompts(tokenizer, streams)
@@ -239,27 +267,7 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
             if f is not None and "gated" in name:
                 fire.setdefault(name, []).append(f)
     tps = {k: streams * args.new_tokens / statistics.median(v) for k, v in times.items()}
-    paired = lambda a, b: statistics.median(tb / ta for ta, tb in zip(times[a], times[b], strict=True))  # noqa: E731
-    ratios = {"gated_over_base": paired("engine-gated", "engine-base"),
-              "engine_over_generate": paired("engine-base", "hf-generate")}
-    if "compiled" in extra:
-        ratios["compiled_over_base"] = paired("compiled-base", "engine-base")
-        ratios["compiled_gated_over_base"] = paired("compiled-gated", "compiled-base")
-    if "eager" in extra:
-        ratios["base_over_eager"] = paired("engine-base", "eager-base")
-    if "module" in extra:
-        ratios["base_over_module"] = paired("engine-base", "module-base")
-    if "fp32" in extra:
-        ratios["fp32_over_base"] = paired("fp32-base", "engine-base")
-    if args.lora:
-        ratios["lora_gated_over_always"] = paired("lora-gated", "lora-always")
-    if llm is not None:
-        ratios["engine_over_vllm"] = paired("engine-base", "vllm")
-        ratios["gated_over_vllm"] = paired("engine-gated", "vllm")
-        if "compiled" in extra:
-            ratios["compiled_over_vllm"] = paired("compiled-base", "vllm")
-        if "fp32" in extra:
-            ratios["fp32_over_vllm"] = paired("fp32-base", "vllm")
+    ratios = paired_ratios(times, extra, args.lora, llm is not None)
     return {"streams": streams, "tau": tau, "tau_lora": tau_lora, "tokens_per_s": tps,
             "fire_rate": statistics.mean(fire["engine-gated"]),
             "fire_rates": {k: statistics.mean(v) for k, v in fire.items()}, **ratios,
