@@ -199,7 +199,34 @@ def test_option_combinations_that_do_not_go_together_are_refused_first(no_model_
     assert code == 2 and "add --backend vllm" in err
     code, err = _run(capsys, "fit", "--problems", str(problems), "--val-limit", "5", "--out", str(tmp_path / "ad"))
     assert code == 2 and "--val-limit select validation problems: add --val-problems" in err
+    code, err = _run(capsys, "rollouts", *base, "--backend", "vllm", "--fast")
+    assert code == 2 and "leave --fast out" in err
     code, err = _run(capsys, "ab", "--url", "http://127.0.0.1:9", "--adapter", "x", "--problems", str(problems),
                      "--out", str(tmp_path / "ab"))
     assert code == 2 and "with --url" in err
     assert not (tmp_path / "ab").exists()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_rollouts_take_the_fast_paths_only_when_asked(tiny_model, tokenizer, tmp_path, capsys, monkeypatch, fast):
+    """`rollouts --fast` decodes through the engine's fused step (as the server does); without it, the reference
+    path, whose numerics the recipe's results were made with. Either way every rollout is written."""
+    from reasonmaxxer.steering.fused import FusedDecoder
+
+    folder = tmp_path / "tiny"
+    tiny_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                                for i in range(3)))
+    steps = []
+    real = FusedDecoder.__call__
+    monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *a, **k: steps.append(1) or real(self, *a, **k))
+    out = tmp_path / "r.jsonl"
+    argv = ["rollouts", "--model", str(folder), "--problems", str(problems), "--samples", "2", "--max-tokens", "6",
+            "--out", str(out)] + (["--fast"] if fast else [])
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert json.loads(captured.out)["rollouts"] == 6
+    assert (len(steps) > 0) == fast

@@ -133,8 +133,9 @@ def _rollout_engine(args, model, tokenizer):
         return VllmOfflineEngine.start(str(resolve_model(args.model)), tokenizer, engine_args, name=args.model)
     from reasonmaxxer.steering.engine import Engine
 
-    # The reference numerics (fast=False): rollouts stay the ones the recipe's tests and results were made with.
-    return Engine(model, tokenizer, max_batch_size=args.concurrency, name=args.model, fast=False)
+    # The reference numerics (fast=False) unless --fast: by default rollouts stay the ones the recipe's tests and
+    # results were made with.
+    return Engine(model, tokenizer, max_batch_size=args.concurrency, name=args.model, fast=args.fast)
 
 
 def run_rollouts_command(args) -> int:
@@ -297,7 +298,7 @@ def _val_engine(args, model, tokenizer, fit_args: FitArgs):
     from reasonmaxxer.steering.models import load_model
 
     val_model = model if fit_args.kind == "head" else load_model(args.model)[0]  # preferred_dtype("cpu")
-    return Engine(val_model, tokenizer, name=args.model, fast=False)
+    return Engine(val_model, tokenizer, name=args.model, fast=args.fast)
 
 
 def _validation(args, val, model, tokenizer, fit_args: FitArgs):

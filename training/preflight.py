@@ -56,6 +56,10 @@ def check_sampling(args: Any) -> None:
             raise ValueError(f"{flag} must be {want}")
     if getattr(args, "vllm_args", None) and args.backend != "vllm" and getattr(args, "val_backend", None) != "vllm":
         raise ValueError("--vllm-args are vLLM engine arguments: add --backend vllm, or leave them out")
+    embedded = args.backend != "vllm" or getattr(args, "val_backend", "vllm") != "vllm"
+    if getattr(args, "fast", False) and not embedded:
+        raise ValueError("--fast picks the embedded (transformers) engine's fast paths, and --backend vllm runs "
+                         "none: leave --fast out")
     given_val = [f"--val-{k.replace('_', '-')}" for k in ("limit", "preset", "question_field", "answer_field")
                  if getattr(args, f"val_{k}", None) is not None]
     if given_val and not getattr(args, "val_problems", None):

@@ -14,7 +14,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .cli import _device_flag, _fingerprint, _rollout_engine, _verifier, json_object, resolve_device
-from .cli_flags import DTYPE_HELP
+from .cli_flags import DTYPE_HELP, fast_flag
 
 __all__ = ["add_command", "run_probe_command"]
 
@@ -38,6 +38,7 @@ def add_command(sub) -> None:
                    help="more vllm engine arguments (default: none)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32", "auto"],
                    help=DTYPE_HELP)
+    fast_flag(p)
     p.add_argument("--verifier-fallbacks", default="boxed", help="answer extractors in order (as for rollouts)")
     _device_flag(p)
     p.set_defaults(func=run_probe_command)
