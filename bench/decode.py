@@ -196,32 +196,20 @@ def run_generate(model, tokenizer, prompts, new_tokens: int) -> float:
     return elapsed
 
 
-def paired_ratios(times: dict[str, list[float]], extra: dict, lora: bool, vllm: bool) -> dict[str, float]:
-    """Speed ratios of arm pairs: the median over repeats of the per-repeat ratio (pairing cancels drift)."""
-    def paired(a: str, b: str) -> float:
-        return statistics.median(tb / ta for ta, tb in zip(times[a], times[b], strict=True))
+# (ratio, faster-if-above-1 arm, other arm): each is kept where both arms ran
+RATIOS = [("gated_over_base", "engine-gated", "engine-base"), ("engine_over_generate", "engine-base", "hf-generate"),
+          ("compiled_over_base", "compiled-base", "engine-base"),
+          ("compiled_gated_over_base", "compiled-gated", "compiled-base"),
+          ("base_over_eager", "engine-base", "eager-base"), ("base_over_module", "engine-base", "module-base"),
+          ("fp32_over_base", "fp32-base", "engine-base"), ("lora_gated_over_always", "lora-gated", "lora-always"),
+          ("engine_over_vllm", "engine-base", "vllm"), ("gated_over_vllm", "engine-gated", "vllm"),
+          ("compiled_over_vllm", "compiled-base", "vllm"), ("fp32_over_vllm", "fp32-base", "vllm")]
 
-    ratios = {"gated_over_base": paired("engine-gated", "engine-base"),
-              "engine_over_generate": paired("engine-base", "hf-generate")}
-    if "compiled" in extra:
-        ratios["compiled_over_base"] = paired("compiled-base", "engine-base")
-        ratios["compiled_gated_over_base"] = paired("compiled-gated", "compiled-base")
-    if "eager" in extra:
-        ratios["base_over_eager"] = paired("engine-base", "eager-base")
-    if "module" in extra:
-        ratios["base_over_module"] = paired("engine-base", "module-base")
-    if "fp32" in extra:
-        ratios["fp32_over_base"] = paired("fp32-base", "engine-base")
-    if lora:
-        ratios["lora_gated_over_always"] = paired("lora-gated", "lora-always")
-    if vllm:
-        ratios["engine_over_vllm"] = paired("engine-base", "vllm")
-        ratios["gated_over_vllm"] = paired("engine-gated", "vllm")
-        if "compiled" in extra:
-            ratios["compiled_over_vllm"] = paired("compiled-base", "vllm")
-        if "fp32" in extra:
-            ratios["fp32_over_vllm"] = paired("fp32-base", "vllm")
-    return ratios
+
+def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
+    """Speed ratios of arm pairs: the median over repeats of the per-repeat ratio (pairing cancels drift)."""
+    return {name: statistics.median(tb / ta for ta, tb in zip(times[a], times[b], strict=True))
+            for name, a, b in RATIOS if a in times and b in times}
 
 
 def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict | None = None) -> dict:
@@ -267,7 +255,7 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
             if f is not None and "gated" in name:
                 fire.setdefault(name, []).append(f)
     tps = {k: streams * args.new_tokens / statistics.median(v) for k, v in times.items()}
-    ratios = paired_ratios(times, extra, args.lora, llm is not None)
+    ratios = paired_ratios(times)
     return {"streams": streams, "tau": tau, "tau_lora": tau_lora, "tokens_per_s": tps,
             "fire_rate": statistics.mean(fire["engine-gated"]),
             "fire_rates": {k: statistics.mean(v) for k, v in fire.items()}, **ratios,
@@ -343,7 +331,7 @@ def print_table(args, rows: list[dict]) -> None:
           f"{args.new_tokens} new tokens/stream, median of {args.repeats}; tau calibrated per row for "
           f"{args.fire_rate:.0%} of base tokens")
     arms = list(rows[0]["tokens_per_s"])
-    ratios = [k for k in rows[0] if k.endswith(("_over_base", "_over_generate", "_over_always", "_over_vllm"))]
+    ratios = [name for name, _, _ in RATIOS if name in rows[0]]  # base/module and base/eager were left out
     lora = "lora-gated" in rows[0]["fire_rates"]
     print(f"{'streams':>7} " + " ".join(f"{a:>12}" for a in arms) + f" {'fire':>6} " +
           (f"{'fire-lora':>9} " if lora else "") + " ".join(f"{r.replace('_over_', '/'):>14}" for r in ratios))

@@ -161,13 +161,19 @@ def test_the_rollout_summary_warns_and_names_the_flag_to_change():
     assert "700 problems x 20 samples = 14,000 sequences" in line and "--limit" in line
 
 
-def test_ctrl_c_ends_rollouts_with_one_line_and_the_run_resumes(tiny_model, tokenizer, tmp_path):
+def _tiny_model_and_problems(tiny_model, tokenizer, tmp_path, n: int):
+    """A model folder the CLI loads, and n one-step sums."""
     folder = tmp_path / "tiny"
     tiny_model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     problems = tmp_path / "p.jsonl"
     problems.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
-                                for i in range(40)))
+                                for i in range(n)))
+    return folder, problems
+
+
+def test_ctrl_c_ends_rollouts_with_one_line_and_the_run_resumes(tiny_model, tokenizer, tmp_path):
+    folder, problems = _tiny_model_and_problems(tiny_model, tokenizer, tmp_path, 40)
     out = tmp_path / "r.jsonl"
     cmd = [*CLI, "rollouts", "--model", str(folder), "--problems", str(problems), "--samples", "4", "--max-tokens",
            "64", "--concurrency", "2", "--out", str(out)]
@@ -213,12 +219,7 @@ def test_rollouts_take_the_fast_paths_only_when_asked(tiny_model, tokenizer, tmp
     path, whose numerics the recipe's results were made with. Either way every rollout is written."""
     from reasonmaxxer.steering.fused import FusedDecoder
 
-    folder = tmp_path / "tiny"
-    tiny_model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    problems = tmp_path / "p.jsonl"
-    problems.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
-                                for i in range(3)))
+    folder, problems = _tiny_model_and_problems(tiny_model, tokenizer, tmp_path, 3)
     steps = []
     real = FusedDecoder.__call__
     monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *a, **k: steps.append(1) or real(self, *a, **k))
