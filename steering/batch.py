@@ -25,7 +25,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-__all__ = ["Batch", "GrowingLayer", "decoder_hidden", "forward_hidden", "new_cache", "prefill_groups"]
+__all__ = ["Batch", "GrowingLayer", "decoder_hidden", "forward_hidden", "new_cache", "prefill_groups",
+           "step_hidden"]
 
 HEADROOM = 32  # columns allocated ahead, so that decode steps write in place instead of re-copying the cache;
 # few, because fused.py's decode attention reads the spare ones too (masked): a regrowth every 32 steps costs
@@ -94,7 +95,8 @@ class GrowingLayer(DynamicLayer):
             self._n -= start
 
     def compact(self) -> None:
-        """Make the buffers contiguous again after `drop_left` (for the compiled step: one stride pattern)."""
+        """Make the buffers contiguous where they are views (a cache `new_cache` made from slices): one stride
+        pattern for the compiled step, in-place reads for the fused one (`drop_left` copies already)."""
         if self._k is not None and not (self._k.is_contiguous() and self._v.is_contiguous()):
             self._k, self._v = self._k.contiguous(), self._v.contiguous()
 
@@ -140,6 +142,13 @@ def forward_hidden(
     """Run the decoder (not the LM head); return the final hidden state of the last column. -> (B, d)."""
     decoder = model.get_decoder()
     return decoder_hidden(decoder, cache_kwarg(decoder), input_ids, mask, positions, cache)
+
+
+def step_hidden(model, step, input_ids, mask, positions, cache) -> torch.Tensor:
+    """`forward_hidden` through `step`, a callable with its arguments (fused.py's or compiled.py's decoder),
+    where one is given, else transformers' forward."""
+    args = (input_ids, mask, positions, cache)
+    return step(*args) if step is not None else forward_hidden(model, *args)
 
 
 def decoder_hidden(decoder, kwarg: str, input_ids, mask, positions, cache) -> torch.Tensor:
@@ -238,8 +247,7 @@ class Batch:
         """Feed `tokens` at `positions`; grow the cache and mask by one column. -> hidden (B, d). `step`: a
         callable (ids, mask, positions, cache) -> hidden to run instead of the eager decoder (compiled.py)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.size, 1)], dim=1)
-        args = (self.tokens[:, None], self.mask, self.positions[:, None], self.cache)
-        hidden = step(*args) if step is not None else forward_hidden(model, *args)
+        hidden = step_hidden(model, step, self.tokens[:, None], self.mask, self.positions[:, None], self.cache)
         self.positions = self.positions + 1
         self.current = self.tokens
         return hidden

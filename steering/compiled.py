@@ -33,7 +33,7 @@ def _prepare(input_ids, mask, positions, cache) -> None:
     mark(mask, 0)
     mark(mask, 1)
     for layer in cache.layers:
-        layer.compact()  # after a trim: its view of the buffers has another stride pattern (a recompile)
+        layer.compact()  # a view of the buffers would have another stride pattern (a recompile)
         layer.reserve(layer._n + 2)
         for buf in (layer._k, layer._v):
             mark(buf, 0)

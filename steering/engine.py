@@ -42,7 +42,7 @@ from torch.profiler import record_function
 from .adapters import HeadAdapter, LoraAdapter
 from .allocator import tune_malloc
 from .attention import plain_attention, use_decode_attention
-from .batch import Batch, forward_hidden, prefill_groups
+from .batch import Batch, prefill_groups, step_hidden
 from .compiled import CompiledDecoder
 from .fused import FusedDecoder
 from .gate import entropy, gate_mask, random_fire, topk_candidates
@@ -324,9 +324,8 @@ class Engine:
         sel = torch.tensor(idx, device=batch.mask.device)
         cache, mask = batch.without_last_column(sel)
         current, position = batch.last_inputs()
-        args = (current[sel, None], mask, position[sel, None], cache)
         with self.lora.route(self._routes(names)):
-            h = self.fused(*args) if self.fused is not None else forward_hidden(self.model, *args)
+            h = step_hidden(self.model, self.fused, current[sel, None], mask, position[sel, None], cache)
         return self.lm_head(h).float()
 
     def _lora_routes(self, rows: list[Row]) -> dict[str, torch.Tensor]:

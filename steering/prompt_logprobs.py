@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import HeadAdapter, LoraAdapter
-from .batch import cache_kwarg, forward_hidden, new_cache
+from .batch import cache_kwarg, new_cache, step_hidden
 from .gate import entropy, gate_mask, random_fire, topk_candidates
 from .request import SteeringParams
 from .rows import GateSettings
@@ -145,7 +145,7 @@ def _recompute(engine, x: torch.Tensor, cache, col: int, name: str) -> torch.Ten
     data = [(layer.keys[:, :, :col], layer.values[:, :, :col]) for layer in cache.layers] if col else None
     device = x.device
     mask = torch.ones((1, col + 1), dtype=torch.long, device=device)
-    args = (x[:, col:col + 1], mask, torch.tensor([[col]], device=device), new_cache(data))
     with engine.lora.route({name: torch.zeros(1, dtype=torch.long, device=device)}):
-        h = engine.fused(*args) if engine.fused is not None else forward_hidden(engine.model, *args)
+        h = step_hidden(engine.model, engine.fused, x[:, col:col + 1], mask, torch.tensor([[col]], device=device),
+                        new_cache(data))
     return engine.lm_head(h).float()[0]
