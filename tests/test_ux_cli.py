@@ -207,6 +207,9 @@ def test_option_combinations_that_do_not_go_together_are_refused_first(no_model_
     assert code == 2 and "--val-limit select validation problems: add --val-problems" in err
     code, err = _run(capsys, "rollouts", *base, "--backend", "vllm", "--fast")
     assert code == 2 and "leave --fast out" in err
+    probe = ["probe-branches", "--model", "m", "--rollouts", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "pb")]
+    code, err = _run(capsys, *probe, "--fast")  # its default backend is vllm
+    assert code == 2 and "leave --fast out" in err
     code, err = _run(capsys, "ab", "--url", "http://127.0.0.1:9", "--adapter", "x", "--problems", str(problems),
                      "--out", str(tmp_path / "ab"))
     assert code == 2 and "with --url" in err

@@ -44,6 +44,16 @@ def check_output(path: str | Path, kind: str = "file") -> None:
         raise ValueError(f"cannot write {path}: {target} is not a writable folder; pass another --out")
 
 
+def check_backends(args: Any) -> None:
+    """Engine flags that no engine of the run reads (its --backend, and fit's --val-backend): refused."""
+    backends = {args.backend, getattr(args, "val_backend", args.backend)}
+    if getattr(args, "vllm_args", None) and "vllm" not in backends:
+        raise ValueError("--vllm-args are vLLM engine arguments: add --backend vllm, or leave them out")
+    if getattr(args, "fast", False) and "transformers" not in backends:
+        raise ValueError("--fast picks the embedded (transformers) engine's fast paths, and --backend vllm runs "
+                         "none: leave --fast out")
+
+
 def check_sampling(args: Any) -> None:
     """The rollout flags of `args` (after the recipe is resolved): in range, known extractors."""
     from .verifier import _EXTRACTORS
@@ -54,12 +64,7 @@ def check_sampling(args: Any) -> None:
     for flag, ok, want in checks:
         if not ok:
             raise ValueError(f"{flag} must be {want}")
-    if getattr(args, "vllm_args", None) and args.backend != "vllm" and getattr(args, "val_backend", None) != "vllm":
-        raise ValueError("--vllm-args are vLLM engine arguments: add --backend vllm, or leave them out")
-    embedded = args.backend != "vllm" or getattr(args, "val_backend", "vllm") != "vllm"
-    if getattr(args, "fast", False) and not embedded:
-        raise ValueError("--fast picks the embedded (transformers) engine's fast paths, and --backend vllm runs "
-                         "none: leave --fast out")
+    check_backends(args)
     given_val = [f"--val-{k.replace('_', '-')}" for k in ("limit", "preset", "question_field", "answer_field")
                  if getattr(args, f"val_{k}", None) is not None]
     if given_val and not getattr(args, "val_problems", None):

@@ -48,10 +48,12 @@ def run_probe_command(args) -> Path:
     """Plan (pick answers, score them), then continue every branch; returns the branches file."""
     from reasonmaxxer.steering.models import load_model
 
+    from .preflight import check_backends
     from .probe import ProbeConfig, plan, run_probe
     from .problems import check_not_evaluation
     from .rollouts import load_rollouts
 
+    check_backends(args)
     meta, records = load_rollouts(args.rollouts)
     check_not_evaluation(meta.get("problems", {}), "the probed rollouts' problem selection")
     config = ProbeConfig(**{f.name: getattr(args, f.name) for f in fields(ProbeConfig)})
