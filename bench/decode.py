@@ -331,7 +331,7 @@ def print_table(args, rows: list[dict]) -> None:
           f"{args.new_tokens} new tokens/stream, median of {args.repeats}; tau calibrated per row for "
           f"{args.fire_rate:.0%} of base tokens")
     arms = list(rows[0]["tokens_per_s"])
-    ratios = [name for name, _, _ in RATIOS if name in rows[0]]  # base/module and base/eager were left out
+    ratios = [name for name, _, _ in RATIOS if name in rows[0]]  # every ratio of this run, in RATIOS' order
     lora = "lora-gated" in rows[0]["fire_rates"]
     print(f"{'streams':>7} " + " ".join(f"{a:>12}" for a in arms) + f" {'fire':>6} " +
           (f"{'fire-lora':>9} " if lora else "") + " ".join(f"{r.replace('_over_', '/'):>14}" for r in ratios))

@@ -64,7 +64,7 @@ class Engine:
     """Decode many requests together on one transformers causal LM."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, name: str | None = None,
-                 fast: bool | None = None, compile: bool = False, fused: bool | None = None):
+                 fast: bool | None = None, compile: bool = False, fused: bool = True):
         """`fast`: the fast paths, the same values up to float rounding (None, the default: wherever they apply;
         False: the reference path, plain F.linear and transformers' sdpa): on the CPU, linears on oneDNN-prepacked
         weights (packed.py) and glibc malloc kept from unmapping the step's large temporaries (allocator.py,
@@ -91,7 +91,7 @@ class Engine:
             plain_attention(model)
         self.compiled = CompiledDecoder(model) if compile else None
         self.lora = LoraRouter(model)
-        self.fused = FusedDecoder.of(model, self.lora) if self.fast and not compile and fused is not False else None
+        self.fused = FusedDecoder.of(model, self.lora) if self.fast and fused and not compile else None
         self.max_batch_size = max_batch_size
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.identity = base_identity(model, tokenizer, name)

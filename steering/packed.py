@@ -141,7 +141,7 @@ class Linear:
         self._packed: torch.Tensor | None = None
         self._sources: list = []
         self.group = len(layers) > 1 and all(isinstance(m.__dict__.get("forward"), _PackedForward) for m in layers)
-        with torch.no_grad():
+        with torch.no_grad():  # weight() packs only with grad off
             if self.group and self.weight() is not None:
                 for m in layers:
                     del m.forward  # the group's copy replaces theirs
