@@ -4,7 +4,8 @@ Contract:
 - The output file starts with one `{"meta": ...}` line (model identity, sampling settings, prompt
   style, problem selection), then one line per rollout: problem id and row, sample index, seed,
   question, gold answer, the exact `prompt_ids` and `completion_ids`, text, finish reason, `truncated`
-  (hit max tokens) and `reward` (1.0 or 0.0; truncated or missing answer = 0).
+  (hit max tokens) and `reward` (1.0 or 0.0; truncated or missing answer = 0). An `--out` ending in `.gz`
+  is the compact form a run keeps in `runs/` (records.py): the same lines less `question` and `text`.
 - Each rollout is written and flushed as soon as it finishes, so an interrupted run loses at most the
   rollouts in flight. Running again with the same arguments resumes: the meta line must match (else a
   clear error), a torn last line is cut off, and only the missing (problem, sample) pairs run. Sample
@@ -31,6 +32,7 @@ from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.request import Request, SteeringParams, TokenEvent
 from reasonmaxxer.steering.sampling import SamplingParams
 
+from . import records as records_io
 from .problems import Problem, ProblemSet
 from .prompts import build_prompt_ids, default_stop, prompt_style_for
 
@@ -123,43 +125,39 @@ def _same_run(old: dict[str, Any], new: dict[str, Any]) -> str | None:
 
 
 def load_rollouts(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read a rollout file: (meta, records). A torn last line (interrupted write) is ignored."""
+    """Read a rollout file, plain or compact (`.gz`, records.py): (meta, records). A torn last line or member
+    (an interrupted write) is ignored."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"rollout file {path} does not exist: run `reasonmaxxer rollouts` first")
-    lines = path.read_text().split("\n")
+    lines = records_io.read_lines(path)
     if not lines or not lines[0].startswith('{"meta"'):
         raise ValueError(f"{path} is not a rollout file (its first line must be the meta line)")
     meta = json.loads(lines[0])["meta"]
     records = []
     for i, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if i < len(lines) - 1 and any(x.strip() for x in lines[i:]):
-                raise ValueError(f"{path}:{i} is not valid JSON; the file is damaged") from None
+            raise ValueError(f"{path}:{i} is not valid JSON; the file is damaged") from None
     return meta, records
 
 
 def _open_output(path: Path, meta: dict[str, Any]) -> tuple[Any, set[tuple[str, int]]]:
-    """Open for appending, resuming a matching earlier run. Returns (file, done pairs)."""
+    """Open for appending (binary; records.append writes), resuming a matching earlier run. Returns (file,
+    done pairs)."""
     done: set[tuple[str, int]] = set()
     if path.exists() and path.stat().st_size > 0:
         old_meta, records = load_rollouts(path)
         why = _same_run(old_meta, meta)
         if why:
             raise ValueError(f"{path} exists but {why}: pass another --out, or delete it to start over")
-        text = path.read_text()
-        if not text.endswith("\n"):  # cut a torn last line
-            path.write_text(text[: text.rfind("\n") + 1])
+        records_io.truncate_torn(path)
         done = {(r["problem_id"], r["sample"]) for r in records}
-        return path.open("a"), done
+        return path.open("ab"), done
     path.parent.mkdir(parents=True, exist_ok=True)
-    f = path.open("w")
-    f.write(json.dumps({"meta": meta}) + "\n")
-    f.flush()
+    f = path.open("wb")
+    records_io.append(f, {"meta": meta}, records_io.is_compact(path))
     return f, done
 
 
@@ -218,6 +216,7 @@ def run_rollouts(
     """Generate, score and append the missing rollouts; return `summarize` of the whole file."""
     out = Path(out)
     f, done = _open_output(out, _meta(engine, problems, config))
+    compact = records_io.is_compact(out)
     todo = list(_todo(problems, config.samples, done))
     bar = tqdm(total=len(todo) * config.max_new_tokens, desc="rollouts", unit="tok", unit_scale=True,
                disable=not progress, postfix=f"0/{len(todo)} sequences")
@@ -225,8 +224,8 @@ def run_rollouts(
     try:
         with f:
             for problem, k, req, ids, last in generate(engine, todo, config, on_token=lambda: bar.update(1)):
-                f.write(json.dumps(_record(engine, problem, k, req, ids, last.finish_reason, score)) + "\n")
-                f.flush()
+                record = _record(engine, problem, k, req, ids, last.finish_reason, score)
+                records_io.append(f, records_io.compact(record) if compact else record, compact)
                 finished += 1
                 bar.total -= config.max_new_tokens - len(ids)  # an early end frees the rest of its budget
                 bar.set_postfix_str(f"{finished}/{len(todo)} sequences")

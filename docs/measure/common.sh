@@ -17,6 +17,40 @@ serve_vllm() {
   .venv-vllm/bin/reasonmaxxer serve --backend vllm --port "$port" --max-model-len 2048 --max-batch-size 32 \
     --log-level warning "$@" > "$log" 2>&1 &
   SERVER=$!
-  trap 'kill $SERVER' EXIT
+  [[ -n ${TRACKED:-} ]] || trap 'kill $SERVER' EXIT  # else end_stage stops it
   until curl -sf "localhost:$port/health" > /dev/null; do kill -0 $SERVER; sleep 5; done
+}
+
+# track_stage WORK STAGE: log the stage's start and end (its exit code) in WORK/status.log; with COMMIT_EVERY=SECONDS,
+# commit WORK that often while the stage runs and once more when it ends (only what is committed survives a new
+# machine). Commits name WORK's paths only, so work staged elsewhere in the tree stays out of them.
+track_stage() {
+  local work=$1 stage=$2
+  mkdir -p "$work"
+  echo "$(date -u +%FT%TZ) $stage started: $*" >> "$work/status.log"
+  if [[ -n ${COMMIT_EVERY:-} ]]; then
+    ( while sleep "$COMMIT_EVERY"; do commit_work "$work" "$stage: progress"; done ) &
+    COMMITTER=$!
+  fi
+  TRACKED=1
+  trap 'rc=$?; end_stage "$work" "$stage" $rc' EXIT
+}
+
+end_stage() {
+  local work=$1 stage=$2 rc=$3
+  [[ -n ${SERVER:-} ]] && kill "$SERVER" 2> /dev/null
+  [[ -n ${COMMITTER:-} ]] && kill "$COMMITTER" 2> /dev/null
+  echo "$(date -u +%FT%TZ) $stage ended: exit $rc" >> "$work/status.log"
+  [[ -n ${COMMIT_EVERY:-} ]] && commit_work "$work" "$stage: exit $rc"
+  return 0
+}
+
+# commit_work WORK MESSAGE: commit WORK's files (retrying while another git command holds the index).
+commit_work() {
+  local try
+  for try in 1 2 3 4 5; do
+    if git add -- "$1" && git commit -q -m "runs/$(basename "$1"): $2" -- "$1"; then return 0; fi
+    git diff --quiet HEAD -- "$1" && [[ -z $(git ls-files --others --exclude-standard -- "$1") ]] && return 0
+    sleep 5
+  done
 }

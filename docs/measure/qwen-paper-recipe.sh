@@ -9,27 +9,35 @@
 #   bash docs/measure/qwen-paper-recipe.sh ab         # the fitted head gated / always / random, GSM8K and SVAMP
 # Training pools only for rollouts, probe and validation (GSM8K train); evaluation: GSM8K test rows 0-299 and
 # SVAMP rows 400-699 (training/problems.py refuses them to fit and validation).
+# WORK (default runs/qwen-paper-recipe, committed: DESIGN.md "Run artifacts") holds what resumes a stage: compact
+# rollout records (.jsonl.gz), the fitted head, A/B records, status.log. Score caches are large (hidden states):
+# SCORES (default out/qwen-paper-recipe/scores, not committed) holds them; a fresh clone rescores once.
+# COMMIT_EVERY=SECONDS commits WORK's progress that often while a stage runs, and once when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source docs/measure/common.sh
-WORK=${WORK:-out/paper}
+WORK=${WORK:-runs/qwen-paper-recipe}
+LOGS=${LOGS:-out/qwen-paper-recipe}  # server logs and score caches: not committed
+SCORES=${SCORES:-$LOGS/scores}
 M=qwen2.5-coder-0.5b-instruct
 HEAD=qwen05-gsm8k-paper-head
 TRAIN=../shared/data/gsm8k/train.jsonl
-mkdir -p "$WORK"
+mkdir -p "$WORK" "$LOGS"
 rollouts() {  # $1 offset, $2 limit, $3 samples, $4 out
   .venv-vllm/bin/reasonmaxxer rollouts --model $M --backend vllm --recipe paper --samples "$3" --problems $TRAIN \
     --offset "$1" --limit "$2" --max-new-tokens 512 --concurrency 64 --out "$4"
 }
-case ${1:?stage: rollouts, probe, taxonomy, fit or ab} in
-  rollouts) rollouts 0 150 20 "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl" ;;
+stage=${1:?stage: rollouts, probe, taxonomy, fit or ab}
+track_stage "$WORK" "$stage"
+case $stage in
+  rollouts) rollouts 0 150 20 "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl.gz" ;;
   probe)
-    rollouts 150 150 2 "$WORK/qwen05-gsm8k-train150-299-paper2.jsonl"
-    .venv-vllm/bin/reasonmaxxer probe-branches --model $M --rollouts "$WORK/qwen05-gsm8k-train150-299-paper2.jsonl" \
+    rollouts 150 150 2 "$WORK/qwen05-gsm8k-train150-299-paper2.jsonl.gz"
+    .venv-vllm/bin/reasonmaxxer probe-branches --model $M --rollouts "$WORK/qwen05-gsm8k-train150-299-paper2.jsonl.gz" \
       --wrong 40 --right 40 --per-problem 2 --tau 1.4 --positions "${POSITIONS:-2}" --alternatives 3 \
       --continuations 2 --out "$WORK/probe" ;;
   taxonomy)
-    serve_vllm 8210 "$WORK/serve-base.log" --model $M --no-bundled-adapter
+    serve_vllm 8210 "$LOGS/serve-base.log" --model $M --no-bundled-adapter
     for style in chat paper; do  # PAPER_SAMPLES=2 makes the paper folder the ab stage's base arm
       samples=1; [[ $style == paper ]] && samples=${PAPER_SAMPLES:-2}
       .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8210 --problems ../shared/data/gsm8k/test.jsonl \
@@ -37,12 +45,12 @@ case ${1:?stage: rollouts, probe, taxonomy, fit or ab} in
         --concurrency 32 --out "$WORK/ab-gsm8k-test-$style-x$samples"
     done ;;
   fit)
-    .venv-vllm/bin/reasonmaxxer fit --model $M --rollouts "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl" \
+    .venv-vllm/bin/reasonmaxxer fit --model $M --rollouts "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl.gz" \
       --recipe paper --kind head --name $HEAD --tau-sweep 1.0,1.4,1.8 --val-problems $TRAIN --val-offset 1000 \
       --val-limit 60 --val-samples 1 --val-backend vllm --max-new-tokens 512 --concurrency 64 \
-      --score-cache "$WORK/scores" --out "$WORK/$HEAD" ;;
+      --score-cache "$SCORES" --out "$WORK/$HEAD" ;;
   ab)
-    serve_vllm 8211 "$WORK/serve-head.log" --model $M --adapter "$WORK/$HEAD"
+    serve_vllm 8211 "$LOGS/serve-head.log" --model $M --adapter "$WORK/$HEAD"
     ARMS="base,$HEAD:gated,$HEAD:always,$HEAD:random"
     .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8211 --problems ../shared/data/gsm8k/test.jsonl \
       --preset gsm8k --limit 300 --samples 2 --arms "$ARMS" --prompt-style paper --max-tokens 512 \
