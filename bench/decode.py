@@ -47,6 +47,7 @@ import time
 import torch
 
 from reasonmaxxer.steering.adapters import HeadAdapter
+from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.steering.request import Request, SteeringParams
@@ -263,6 +264,7 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
 
 
 def main() -> None:
+    tune_malloc()  # as the reasonmaxxer command does for its process (allocator.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default=None,
@@ -301,16 +303,12 @@ def main() -> None:
     if args.compile:
         extra["compiled"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, compile=True)
         extra["compiled"].add_adapter(engine.adapters["bench-head"])
-    if args.eager:  # packing belongs to the model object: the eager engine runs on its own copy
-        extra["eager"] = Engine(copy.deepcopy(model), tokenizer, max_batch_size=64, name=args.model, fast=False)
+    if args.eager:  # each engine packs its own view of the model (own.py): they share the weights only
+        extra["eager"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, fast=False)
     if args.module:
         extra["module"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, fused=False)
     if args.float32:
-        from reasonmaxxer.steering.packed import unpack_linears
-
-        fp32 = copy.deepcopy(model)
-        unpack_linears(fp32)  # its bf16 packed copies go; the engine packs the float32 weights anew
-        extra["fp32"] = Engine(fp32.float(), tokenizer, max_batch_size=64, name=args.model)
+        extra["fp32"] = Engine(copy.deepcopy(model).float(), tokenizer, max_batch_size=64, name=args.model)
     llm = (start_vllm(resolve_model(args.model), prefix_cache=args.vllm_prefix_cache, dtype=args.vllm_dtype)
            if args.vllm else None)
     rows = [measure(model, tokenizer, engine, int(s), args, llm, extra) for s in args.streams.split(",")]

@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.training.fit import FitArgs, fit_head, prepare_items
@@ -58,6 +59,7 @@ def stage(results: dict, name: str, **extra):
 
 
 def main() -> None:
+    tune_malloc()  # as the reasonmaxxer command does for its process (allocator.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--problems", default=str(DATA / "svamp" / "test.jsonl"))

@@ -24,6 +24,7 @@ import time
 
 from torch.profiler import ProfilerActivity, profile
 
+from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.steering.request import Request, SteeringParams
@@ -70,6 +71,7 @@ def print_arm(streams: int, arm: str, r: dict) -> None:
 
 
 def main() -> None:
+    tune_malloc()  # as the reasonmaxxer command does for its process (allocator.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default=None, help="default: steering.models.preferred_dtype on this CPU")

@@ -27,6 +27,7 @@ import time
 import torch
 from decode import chat_prompts
 
+from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.steering.request import Request, SteeringParams
@@ -80,6 +81,7 @@ def measure(base: Engine, alone: Engine, streams: int, args) -> dict:
 
 
 def main() -> None:
+    tune_malloc()  # as the reasonmaxxer command does for its process (allocator.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the base model (known name or folder)")
     parser.add_argument("--teacher", default="smollm2-135m-instruct", help="the teacher (same tokenizer)")

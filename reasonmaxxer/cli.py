@@ -12,6 +12,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from reasonmaxxer.steering.allocator import tune_malloc
+
 from . import __version__
 
 
@@ -217,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command or "").parse_args(argv)
     args.argv = argv  # for the "run the same command to resume" lines
+    tune_malloc()  # the process's allocator settings: this command owns the process (allocator.py)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, OSError) as e:

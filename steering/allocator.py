@@ -8,7 +8,9 @@ defaults such blocks are often mmapped and unmapped on every step, and every new
 measured here, 4,500 faults and 6.4 ms for one entropy of a (32, 49152) tensor, 1.1 ms with these
 settings. With them, freed memory stays in the process for the next step (resident memory stays near its
 peak, as with tcmalloc, which vLLM's CPU backend preloads). Idempotent; settings can be inspected in
-`SETTINGS`.
+`SETTINGS`. A process-wide setting is the process owner's call, never an engine's: the `reasonmaxxer` command
+applies it at start (every subcommand) and so do the bench scripts; a program that embeds an `Engine`
+decides for itself.
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ Per row, with h the final hidden state at the current position and `logits = W_U
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections import deque
@@ -40,7 +41,6 @@ import torch
 from torch.profiler import record_function
 
 from .adapters import HeadAdapter, LoraAdapter
-from .allocator import tune_malloc
 from .attention import plain_attention, use_decode_attention
 from .batch import Batch, prefill_groups, step_hidden
 from .compiled import CompiledDecoder
@@ -48,6 +48,7 @@ from .fused import FusedDecoder
 from .gate import entropy, gate_mask, random_fire, topk_candidates
 from .lora import LoraRouter
 from .manifest import base_identity
+from .own import own_view
 from .packed import pack_linears, unpack_linears
 from .prompt_logprobs import PromptLogprobs, score_prompts
 from .request import Completion, Request, SteeringParams, TokenEvent
@@ -67,24 +68,24 @@ class Engine:
                  fast: bool | None = None, compile: bool = False, fused: bool = True):
         """`fast`: the fast paths, the same values up to float rounding (None, the default: wherever they apply;
         False: the reference path, plain F.linear and transformers' sdpa): on the CPU, linears on oneDNN-prepacked
-        weights (packed.py) and glibc malloc kept from unmapping the step's large temporaries (allocator.py,
-        process-wide), for every model, decode attention by grouped matmuls (attention.py), and for Llama-family
-        models, prefills, decode steps and gated-LoRA recomputes through fused.py's FusedDecoder: the same
-        arithmetic without transformers' module machinery, q/k/v and gate/up as one matmul each. The first and
-        the last but one are properties of the model object, shared by engines that share it. `compile`: decode
-        steps through torch.compile (compiled.py; inside the graph the linears are inductor's) instead of the
-        fused step. `fused`: False keeps the other fast paths but runs transformers' forward for every step
-        (the fused step's A/B)."""
+        weights (packed.py); for every model, decode attention by grouped matmuls (attention.py); and for
+        Llama-family models, prefills, decode steps and gated-LoRA recomputes through fused.py's FusedDecoder: the
+        same arithmetic without transformers' module machinery, q/k/v and gate/up as one matmul each. All of them
+        live on the engine's own view of the model (own.py): the caller's model is left as it was. Process-wide
+        settings are the process owner's: the `reasonmaxxer` command tunes glibc malloc at start (allocator.py).
+        `compile`: decode steps through torch.compile (compiled.py; inside the graph the linears are inductor's)
+        instead of the fused step. `fused`: False keeps the other fast paths but runs transformers' forward for
+        every step (the fused step's A/B)."""
         for key in _UNSUPPORTED_CONFIG:
             if getattr(model.config, key, None) not in (None, 1.0):
                 raise ValueError(f"models with {key} are not supported: their logits are not W_U h")
         layer_types = getattr(model.config, "layer_types", None) or ["full_attention"]
         if any(t != "full_attention" for t in layer_types):
             raise ValueError("only full-attention models are supported (no sliding-window layers)")
+        model = own_view(model)  # everything below changes the engine's view, never the caller's model
         self.model, self.tokenizer = model.eval(), tokenizer
         self.fast = fast is not False
         self.packed = pack_linears(model) if self.fast else 0
-        self.malloc_tuned = self.fast and model.device.type == "cpu" and tune_malloc()
         self.grouped_attention = use_decode_attention(model) if self.fast else False
         if not self.fast:
             unpack_linears(model)
@@ -114,7 +115,8 @@ class Engine:
         adapter is registered with its weights on the model's device (moved once, not on every step). A
         `Teacher` registers the same way, by name (its vocabulary must be this model's)."""
         adapter.validate(self.model, self.tokenizer)
-        if isinstance(adapter, Teacher) and self.fast:
+        if isinstance(adapter, Teacher) and self.fast:  # the teacher's fast paths on a view of its own too
+            adapter = dataclasses.replace(adapter, model=own_view(adapter.model))
             pack_linears(adapter.model)
             use_decode_attention(adapter.model)
         if isinstance(adapter, HeadAdapter):

@@ -162,3 +162,28 @@ def stop_server(proc: subprocess.Popen, timeout: float = 60) -> None:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+NEAR_TIE = 0.5  # logits apart by at most this (a few bf16 ulps at SmolLM2's logit scale) count as a tie
+
+
+def assert_greedy_matches(ours: list[int], model, prompt: list[int], max_new_tokens: int) -> int:
+    """Greedy tokens of an engine against `model.generate` on a model no engine touched, as vLLM's tests
+    compare across kernels: equal up to the first position where the reference's top two logits are within
+    NEAR_TIE of each other and ours took the other one; from there on the texts may part. Returns the number
+    of tokens compared equal (all of them where no near-tie was met)."""
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True)
+    ref = out.sequences[0, len(prompt):].tolist()
+    for i, (a, b) in enumerate(zip(ours, ref, strict=False)):
+        if a != b:
+            scores = out.scores[i][0].float()  # (V,) the reference's logits at the first difference
+            gap = float(scores[b] - scores[a])
+            second = int(scores.topk(2).indices[1])
+            assert a == second and gap <= NEAR_TIE, (
+                f"tokens part at {i} where the reference is no near-tie: ours {a} (rank "
+                f"{int((scores > scores[a]).sum())}), reference {b}, logit gap {gap:.3f} > {NEAR_TIE}")
+            return i
+    assert len(ours) == len(ref), f"ours has {len(ours)} tokens, the reference {len(ref)}"
+    return len(ref)

@@ -1,5 +1,6 @@
 """The transformers decode engine: gate identities, adapters against references, batching, control."""
 
+import copy
 import math
 
 import pytest
@@ -266,3 +267,35 @@ def test_random_mode_fires_on_the_seeded_coin_whatever_the_entropy(engine, promp
     assert never.token_ids == base.token_ids and never.report.gate_fired == 0  # rate 0 is the base
     with pytest.raises(ValueError, match="needs a fire rate"):  # this adapter has no measured fire rate
         engine.submit(Request(prompts[0], sampled(5), SteeringParams("head", "random")))
+
+
+def _state(model) -> dict:
+    """What an engine could change on a model: module objects and their own forwards and hooks, the config
+    (attention implementation included), the training flag, and which tensors hold the weights."""
+    return {
+        "modules": [(name, id(m), type(m).__name__, "forward" in vars(m), len(m._forward_hooks),
+                     len(m._forward_pre_hooks), m.training) for name, m in model.named_modules()],
+        "config": model.config.to_dict(), "attn": model.config._attn_implementation,
+        "tensors": [(name, t.data_ptr(), t.dtype) for name, t in model.state_dict(keep_vars=True).items()],
+    }
+
+
+@pytest.mark.parametrize("kind", ["packed", "plain", "module", "compiled"])
+def test_building_an_engine_leaves_the_model_as_it_found_it(tokenizer, lora_setup, kind):
+    """The engine's packed linears, attention implementation, fused groups, LoRA hooks and eval mode live on its
+    own view (own.py). Checked on the state, then on a forward against a copy that never met an engine; the
+    engine still decodes, and shares the model's weights (no copy)."""
+    from conftest import make_model
+
+    model = make_model(tokenizer).train()  # a flag the engine's eval() must not flip on the caller's model
+    twin = copy.deepcopy(model).eval()
+    before = _state(model)
+    engine = Engine(model, tokenizer, fast=kind != "plain", compile=kind == "compiled", fused=kind != "module")
+    engine.add_adapter(load_adapter(lora_setup[0]))
+    engine.generate([Request([1, 2, 3], greedy(), SteeringParams("tiny-lora", "gated", 0.0))])
+    assert _state(model) == before
+    assert engine.model is not model and engine.model.model.embed_tokens.weight is model.model.embed_tokens.weight
+    model.eval()
+    x = torch.tensor([[5, 9, 2, 40, 7]])
+    with torch.inference_mode():
+        assert torch.equal(model(x).logits, twin(x).logits)

@@ -180,7 +180,7 @@ def test_rows_of_far_apart_lengths_prefill_apart_and_decode_as_alone(tiny_model,
     long_prompt = tokenizer("Weng earns $12 an hour for babysitting. " * 5)["input_ids"]
     batch = [prompts[0], long_prompt, prompts[2], long_prompt[:-3]]
     widths = []
-    hook = tiny_model.get_decoder().register_forward_pre_hook(
+    hook = engine.model.get_decoder().register_forward_pre_hook(  # the engine decodes on its own view (own.py)
         lambda _m, _a, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
     try:
         together = engine.generate([Request(p, sp) for p in batch])
