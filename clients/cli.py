@@ -31,7 +31,7 @@ def add_command(sub) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="DIR",
                    help="with --model: adapter directories to serve (repeatable) (default: the model's bundled one)")
     p.add_argument("--device", default=None, help="with --model: the server's torch device (cpu, cuda, ...) "
-                   "(default: the server's, cpu)")
+                   "(default: the server's, auto)")
     p.add_argument("--api-key", default="none", metavar="KEY", help="the server's API key")
     p.add_argument("--served-model", default=None, metavar="ID",
                    help="model id to send (default: the server's base model)")

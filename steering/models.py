@@ -384,6 +384,25 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return dtype if dtype == "auto" else getattr(torch, dtype)
 
 
+DEVICE_HELP = "torch device: auto (a GPU where torch sees one, else the CPU), cpu, cuda, cuda:1, ..."
+
+
+def resolve_device(name: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; anything else is checked and returned
+    (ValueError with the fix)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a torch device ({e}); use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: torch sees no CUDA device here; use --device cpu (or auto)")
+    return name
+
+
 def preferred_dtype(device: str = "cpu") -> str:
     """The dtype a model runs fastest in on `device` without losing range: bfloat16 on a GPU and on a CPU whose
     oneDNN has bf16 kernels (AVX-512 or AVX-NE-CONVERT, AMX); float32 on other CPUs (AVX2 only, such as AMD
@@ -399,13 +418,14 @@ def preferred_dtype(device: str = "cpu") -> str:
 
 
 def load_model(
-    spec: str, dtype: str | torch.dtype | None = None, device: str = "cpu"
+    spec: str, dtype: str | torch.dtype | None = None, device: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Resolve ``spec`` (see resolve_model); return the model (``dtype``, default ``preferred_dtype(device)``;
-    ``device``; eval mode) and tokenizer (pad falls back to eos). The dtype is checked before anything is
-    resolved or downloaded."""
+    ``device``, `resolve_device`'s: auto is a GPU where there is one; eval mode) and tokenizer (pad falls back to
+    eos). The dtype and device are checked before anything is resolved or downloaded."""
     from transformers import AutoModelForCausalLM
 
+    device = resolve_device(device)
     resolved_dtype = torch_dtype(dtype if dtype is not None else preferred_dtype(device))
     check_model_spec(spec)
     path = resolve_model(spec)

@@ -108,7 +108,7 @@ def vocabulary_difference(base: Any, other: Any) -> str | None:
     return None
 
 
-def load_teacher(spec: str, dtype: str | torch.dtype | None = None, device: str = "cpu", name: str | None = None,
+def load_teacher(spec: str, dtype: str | torch.dtype | None = None, device: str = "auto", name: str | None = None,
                  tau: float = PAPER_TAU, rate: float | None = None, top_k: int = DEFAULT_TOP_K) -> Teacher:
     """Load a teacher from a known model name or a model folder; named after it unless `name` is given."""
     from .models import KNOWN_MODELS, load_model

@@ -127,3 +127,14 @@ def test_lora_shape_mismatch_and_unsupported_options(tmp_path, tokenizer, tiny_m
     (tmp_path / "wide" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(AdapterError, match="DoRA"):
         load_adapter(tmp_path / "wide")
+
+
+def test_a_wrong_base_error_names_the_model_not_the_fitting_machines_cache_path():
+    from reasonmaxxer.steering.manifest import BaseIdentity, check_identity
+
+    fitted = BaseIdentity("/home/someone/.cache/reasonmaxxer/models/smollm2-135m-instruct", "LlamaForCausalLM", 576,
+                          49152, "a" * 64)
+    served = BaseIdentity("qwen2.5-coder-0.5b-instruct", "Qwen2ForCausalLM", 896, 151936, "b" * 64)
+    with pytest.raises(AdapterError) as e:
+        check_identity("head", fitted, served)
+    assert "'smollm2-135m-instruct'" in str(e.value) and "/home/someone" not in str(e.value)

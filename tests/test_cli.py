@@ -44,6 +44,15 @@ def test_generate_with_a_gated_adapter_prints_text_and_report(tmp_path):
     assert json.loads(plain.stderr.split("[steering] ")[-1].splitlines()[0])["mode"] == "off"
 
 
+def test_generate_serves_a_bundled_adapter_by_the_name_v1_models_shows():
+    name = "smollm2-135m-instruct-svamp-head"
+    out = run("generate", "What is 2+3?", "--adapter", name, "--max-tokens", "6", "--trace")
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert json.loads(out.stdout.splitlines()[-1])["steering"]["adapter"] == name
+    missing = run("generate", "hi", "--adapter", "no-such-adapter", "--max-tokens", "4")
+    assert missing.returncode == 2 and "no-such-adapter" in missing.stderr
+
+
 def test_generate_refuses_a_bad_adapter(tmp_path):
     (tmp_path / "bad").mkdir()
     out = run("generate", "hi", "--adapter", str(tmp_path / "bad"), "--max-tokens", "4")
@@ -59,9 +68,11 @@ def test_an_abbreviated_flag_is_refused_on_every_subcommand():
     assert not parser.allow_abbrev and commands
     assert all(not p.allow_abbrev for p in commands.values()), [n for n, p in commands.items() if p.allow_abbrev]
     out = run("rollouts", "--problem", "x.jsonl", "--out", "x.jsonl", timeout=60)  # a prefix of --problems
-    assert out.returncode == 2 and "required: --problems" in out.stderr, out.stderr[-500:]  # not taken for it
+    # not taken for it, and named before the missing --problems is
+    assert out.returncode == 2 and "unrecognized argument --problem: did you mean --problems?" in out.stderr, \
+        out.stderr[-500:]
     out = run("ab-report", "--markdow", "x", timeout=60)
-    assert out.returncode == 2 and "unrecognized arguments: --markdow" in out.stderr, out.stderr[-500:]
+    assert out.returncode == 2 and "unrecognized argument --markdow" in out.stderr, out.stderr[-500:]
 
 
 def test_a_fitted_adapter_is_named_after_its_folder_unless_named():

@@ -65,3 +65,20 @@ def test_another_model_or_setting_gets_another_cache_file(tiny_model):
     with torch.no_grad():
         list(tuned.parameters())[-1].view(-1)[7] += 0.5  # one weight changed
     assert model_signature(tuned, 5, True) != signature
+
+
+def test_scoring_stopped_by_ctrl_c_keeps_what_it_scored(tiny_model, rollouts, tmp_path, monkeypatch):
+    calls = []
+
+    def dying(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return score_sequence(*args, **kwargs)
+
+    monkeypatch.setattr(score_cache, "score_sequence", dying)
+    with pytest.raises(KeyboardInterrupt):
+        score_all(tiny_model, rollouts[:5], cache_dir=tmp_path, progress=False)
+    calls = _count_scoring(monkeypatch)
+    score_all(tiny_model, rollouts[:5], cache_dir=tmp_path, progress=False)
+    assert len(calls) == 2  # the 3 scored before the interruption were kept

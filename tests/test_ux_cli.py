@@ -234,3 +234,54 @@ def test_rollouts_take_the_fast_paths_only_when_asked(tiny_model, tokenizer, tmp
     assert code == 0, captured.err[-2000:]
     assert json.loads(captured.out)["rollouts"] == 6
     assert (len(steps) > 0) == fast
+
+
+def test_every_subcommand_defaults_to_device_auto_with_one_help():
+    """A GPU user's first server, generate, rollouts or fit runs on the GPU: --device is auto everywhere (serve's
+    flag falls back to its setting, which is auto), with the same help text."""
+    from reasonmaxxer.cli import COMMANDS, build_parser
+    from reasonmaxxer.server.settings import Settings
+    from reasonmaxxer.steering.models import DEVICE_HELP
+
+    seen = {}
+    for name in COMMANDS:
+        sub = build_parser(name)._subparsers._group_actions[0].choices[name]
+        action = next((a for a in sub._actions if "--device" in a.option_strings), None)
+        if action is not None:
+            seen[name] = action.default
+            # ab passes its flag to the server it starts (clients import nothing of steering: DESIGN.md)
+            assert action.help.startswith(DEVICE_HELP) or (name == "ab" and "auto" in action.help), (name, action.help)
+    assert {"serve", "generate", "rollouts", "fit", "probe-branches", "ab"} <= set(seen)
+    assert all(v == "auto" for k, v in seen.items() if k not in ("serve", "ab")), seen
+    assert seen["serve"] is None and seen["ab"] is None and Settings().device == "auto"  # None: the setting's
+
+
+def test_serve_help_says_plainly_what_each_switch_does_by_default():
+    """`--no-bundled-adapter` and `--closed-metrics` are off unless given: the help said "(default: True)"."""
+    from reasonmaxxer.cli import build_parser
+
+    text = " ".join(build_parser("serve")._subparsers._group_actions[0].choices["serve"].format_help().split())
+    assert "(default: off; env REASONMAXXER_BUNDLED_ADAPTER=false)" in text
+    assert "(default: off; env REASONMAXXER_METRICS_OPEN=false)" in text
+    assert "default: True" not in text and "default: False" not in text
+
+
+def test_ctrl_c_in_fit_says_what_is_kept_and_how_to_resume(tiny_model, tokenizer, tmp_path):
+    """`fit --problems` samples its rollouts first (the README's recipe does): Ctrl-C there says how many are kept
+    and the command that resumes, as `rollouts` does, not a bare "interrupted"."""
+    folder, problems = _tiny_model_and_problems(tiny_model, tokenizer, tmp_path, 40)
+    out = tmp_path / "head"
+    rollouts = tmp_path / "head.rollouts.jsonl"
+    cmd = [*CLI, "fit", "--model", str(folder), "--problems", str(problems), "--samples", "4", "--max-tokens", "64",
+           "--concurrency", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not rollouts.exists() or len(rollouts.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    line = next(x for x in err.splitlines() if x.startswith("interrupted:"))
+    assert re.search(r"interrupted: [\d,]+ of 160 rollouts are kept in .*head\.rollouts\.jsonl", line), line
+    assert "run the same command to resume" in line and "--out" in line and not out.exists()

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from reasonmaxxer.steering.models import resolve_device
 
 from . import preflight
 from .cli_flags import _device_flag, fit_parser, json_object, rollouts_parser
@@ -24,21 +27,6 @@ if TYPE_CHECKING:
     from .fit import FitArgs
 
 __all__ = ["_device_flag", "add_commands", "json_object"]
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; anything else is checked and returned."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a torch device ({e}); use cpu, cuda, cuda:N or auto") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
-    return name
-
 
 def add_commands(sub) -> None:
     """Add `rollouts` and `fit` (only those `sub.wants`, where the top-level CLI builds one command)."""
@@ -226,12 +214,36 @@ def _fit_preflight(args):
 
 
 def run_fit_command(args) -> int:
+    """Check, (sample the rollouts,) score, fit, validate, save. Ctrl-C ends with one line that says what is kept
+    and how to resume (exit 130)."""
+    fit_args, rollouts, val, loaded = _fit_preflight(args)
+    try:
+        return _fit(args, fit_args, rollouts, val, loaded)
+    except KeyboardInterrupt:
+        from .rollouts import load_rollouts, resume_check
+
+        command = ["reasonmaxxer", *getattr(args, "argv", sys.argv[1:])]
+        if loaded is None and args.problems:
+            problems = _load_problems(args)
+            total = len(problems) * args.samples
+            kept = resume_check(rollouts, problems, _rollout_config(args))
+            if kept < total:
+                print("\n" + preflight.interrupted(rollouts, kept, total, command), file=sys.stderr)
+                return 130
+        n = len((loaded or load_rollouts(rollouts))[1])
+        cache = (f"; the scores done so far are cached in {args.score_cache}" if args.score_cache else
+                 " (add --score-cache DIR to keep scores across runs)")
+        print(f"\ninterrupted: the fit was stopped before it saved {args.out}; the {n:,} rollouts in {rollouts} are "
+              f"kept{cache}; run the same command to resume: {shlex.join(command)}", file=sys.stderr)
+        return 130
+
+
+def _fit(args, fit_args, rollouts, val, loaded) -> int:
     from reasonmaxxer.steering.models import load_model, preferred_dtype
 
     from .fit import fit
     from .rollouts import load_rollouts
 
-    fit_args, rollouts, val, loaded = _fit_preflight(args)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
     device = resolve_device(args.device)

@@ -12,6 +12,8 @@ import argparse
 import json
 from dataclasses import fields
 
+from reasonmaxxer.steering.models import DEVICE_HELP
+
 from .recipe import RECIPES, ROLLOUT_DEFAULTS
 
 __all__ = ["FIT_FLAGS", "fit_parser", "json_object", "rollouts_parser"]
@@ -100,8 +102,7 @@ def fast_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _device_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto",
-                   help="torch device of the transformers model (cpu, cuda, cuda:1, ...); auto: cuda if available")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def _model_flags(p: argparse.ArgumentParser, dtype: str | None, dtype_help: str = "model dtype") -> None:

@@ -13,7 +13,9 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from .cli import _device_flag, _fingerprint, _rollout_engine, _verifier, json_object, resolve_device
+from reasonmaxxer.steering.models import resolve_device
+
+from .cli import _device_flag, _fingerprint, _rollout_engine, _verifier, json_object
 from .cli_flags import DTYPE_HELP, fast_flag
 
 __all__ = ["add_command", "run_probe_command"]
