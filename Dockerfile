@@ -1,7 +1,7 @@
 # The default CPU image: the OpenAI-compatible server on SmolLM2-135M-Instruct with its bundled adapter.
 #   docker build -t reasonmaxxer .
 #   docker run -p 8000:8000 reasonmaxxer                  # flags after the image name go to `reasonmaxxer serve`
-# GPU / vLLM variant: see README.md, "Docker".
+# GPU variant: see docs/server.md, "Docker".
 FROM python:3.11-slim
 
 # CPU wheels of torch (PyPI's default torch wheel is the multi-GB CUDA build).

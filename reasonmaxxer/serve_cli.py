@@ -67,7 +67,7 @@ def _flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
                    help="transformers backend: run decode steps through torch.compile (compiled at the first "
                         "steps; eager again, with a warning, if compiling fails); for Llama-family models the "
-                        "default fused step is faster on the CPU (README, Benchmarks)")
+                        "default fused step is faster on the CPU (docs/benchmarks.md)")
     p.add_argument("--max-waiting", dest="max_waiting", type=int, default=None, help="queued sequences before 503")
     p.add_argument("--max-tokens-limit", dest="max_tokens_limit", type=int, default=None,
                    help="largest max_tokens a request may ask for")

@@ -1,7 +1,7 @@
 """Adapter admin: `GET /v1/adapters` lists what is served; `POST /v1/adapters` loads a directory at run
 time, `DELETE /v1/adapters/{name}` unloads one.
 
-Policy (documented in the README): loading and unloading are off unless the server was started with at
+Policy (documented in docs/server.md): loading and unloading are off unless the server was started with at
 least one `--adapter-root DIR`; then only directories under those roots load (after resolving symlinks and
 `..`), and a path outside them is refused with one message that says nothing about what exists on the
 server. A directory with a model's `config.json` and no `adapter.json` loads as a teacher (transformers

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -285,3 +286,27 @@ def test_ctrl_c_in_fit_says_what_is_kept_and_how_to_resume(tiny_model, tokenizer
     line = next(x for x in err.splitlines() if x.startswith("interrupted:"))
     assert re.search(r"interrupted: [\d,]+ of 160 rollouts are kept in .*head\.rollouts\.jsonl", line), line
     assert "run the same command to resume" in line and "--out" in line and not out.exists()
+
+
+def test_the_less_used_fit_flags_reach_what_they_set_and_are_documented(tmp_path):
+    """`--val-question-field`, `--val-answer-field`, `--val-selection-seed`, `--keep-problems`, `--grad-clip`,
+    `--fit-seed` and `--top-k` each set what their help says, and docs/fitting.md explains every one."""
+    from reasonmaxxer.cli import build_parser
+    from reasonmaxxer.training.cli import _fit_args, _load_problems
+
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"q": f"{i} + 1?", "a": str(i + 1)}) + "\n" for i in range(20)))
+    argv = ["fit", "--rollouts", "r.jsonl", "--out", "x", "--val-problems", str(val), "--val-question-field", "q",
+            "--val-answer-field", "a", "--val-selection-seed", "3", "--val-limit", "5", "--keep-problems", "7",
+            "--grad-clip", "0.5", "--fit-seed", "11", "--top-k", "8"]
+    args = build_parser("fit").parse_args(argv)
+    fit_args = _fit_args(args)
+    assert (fit_args.keep_problems, fit_args.grad_clip, fit_args.seed, fit_args.top_k) == (7, 0.5, 11, 8)
+    picked = _load_problems(args, prefix="val_")
+    assert [p.question for p in picked.problems] != [f"{i} + 1?" for i in range(5)]  # shuffled by the seed
+    assert all(p.answer == str(int(p.question.split(" ")[0]) + 1) for p in picked.problems)  # the fields given
+    assert picked.problems == _load_problems(build_parser("fit").parse_args(argv), prefix="val_").problems
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "fitting.md").read_text()
+    for flag in ("--val-question-field", "--val-answer-field", "--val-selection-seed", "--keep-problems",
+                 "--grad-clip", "--fit-seed", "--top-k"):
+        assert f"`{flag}" in docs, flag

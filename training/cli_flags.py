@@ -83,8 +83,8 @@ def _rollout_flags(p: argparse.ArgumentParser) -> None:
                    help="stop string (repeatable) (default: the prompt style's: paper: Human:, Assistant:; chat: none)")
     p.add_argument("--concurrency", type=int, default=32, metavar="N", help="requests decoded together")
     p.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
-                   help="decode engine for the rollouts: transformers (embedded) or vllm (faster; see the README's "
-                        "vLLM section)")
+                   help="decode engine for the rollouts: transformers (embedded) or vllm (faster; see "
+                        "docs/vllm.md)")
     p.add_argument("--vllm-args", type=json_object, default=None, metavar="JSON",
                    help='more vllm engine arguments (--backend vllm), e.g. \'{"enforce_eager": true}\' (default: none)')
     fast_flag(p)
@@ -97,7 +97,7 @@ def fast_flag(p: argparse.ArgumentParser) -> None:
                    help="transformers backend: decode with the engine's fast paths, as the server does (fused "
                         "step, prepacked linears; SmolLM2 rollouts at 32 streams ran 1.3-1.5x faster on a CPU). "
                         "They equal the reference path to rounding, so sampled text can part from it after a few "
-                        "tokens (default: off: the reference path, whose numerics the README's recipe results "
+                        "tokens (default: off: the reference path, whose numerics docs/results.md's recipe results "
                         "were made with)")
 
 

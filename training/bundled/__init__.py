@@ -4,7 +4,7 @@ Contract: `bundled_adapters()` maps a known model name (as `prepare-model` names
 the adapters bundled for it, best first; `default_adapter(model)` is the first of them or None;
 `adapter_dir(value)` is `value` itself when it is a directory, else the bundled adapter of that name (the name
 `/v1/models` shows), else `value` unchanged (loading it then says what is missing). How each
-was made (the exact command) and what it measured are in its `adapter.json` and in the README.
+was made (the exact command) and what it measured are in its `adapter.json` and in docs/fitting.md.
 """
 
 from __future__ import annotations
