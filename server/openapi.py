@@ -4,7 +4,8 @@ and the limits a request must respect are in the request schemas (`maximum`, `ma
 Contract: `install_openapi(app, settings)` replaces `app.openapi` with a function that builds FastAPI's
 schema once, then swaps every operation's 422 for a 400 with the `ErrorResponse` schema, adds the errors
 every route can give (401 with an API key, 413, 500, and 503 on the inference routes), and writes the
-settings' limits into the completion and chat request schemas.
+settings' limits into the completion and chat request schemas, and the vocabulary's range into token ids
+(the served model's, once the app's state is up).
 """
 
 from __future__ import annotations
@@ -65,4 +66,20 @@ def _build(app, settings) -> dict[str, Any]:
         for field, extra in _limits(settings).items():
             if field in props:
                 props[field].update(extra)
+    state = getattr(app.state, "server", None)
+    bounds = {"minimum": 0, **({"maximum": len(state.tokenizer) - 1} if state is not None else {})}
+    for model, field in (("CompletionRequest", "prompt"), ("DetokenizeRequest", "tokens")):
+        _bound_integers(components.get(model, {}).get("properties", {}).get(field, {}), bounds)
     return schema
+
+
+def _bound_integers(node: Any, bounds: dict[str, int]) -> None:
+    """Token ids: every integer in a field's schema gets the vocabulary's range (as check_token_ids refuses)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node.update(bounds)
+        for value in node.values():
+            _bound_integers(value, bounds)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_integers(value, bounds)

@@ -14,9 +14,18 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ChatCompletionRequest",
@@ -66,6 +75,25 @@ class _Request(BaseModel):
         return data
 
 
+def _integral(value: Any) -> Any:
+    """5.0 as 5: JSON Schema's integers include integral floats (so do clients' JSON encoders); 5.5, True and "5"
+    stay what they are, and StrictInt refuses them."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+TokenId = Annotated[StrictInt, BeforeValidator(_integral)]
+
+
+def _schema(**keywords: Any):
+    """JSON-schema keywords for /openapi.json only: the field's validator refuses with its own message (what to
+    fix), the schema says the same bound, so a client generated from the schema never sends what is refused."""
+
+    def update(schema: dict[str, Any]) -> None:
+        schema.update(keywords)
+
+    return update
+
+
 class SteeringOptions(BaseModel):
     """Extension: how to steer this request (reachable from the SDK through `extra_body`)."""
 
@@ -74,7 +102,8 @@ class SteeringOptions(BaseModel):
     adapter: str | None = Field(default=None, description="registered adapter name")
     mode: Literal["off", "gated", "always", "random"] | None = Field(
         default=None, description="default: gated with an adapter; random: the random-position control")
-    threshold: float | None = Field(default=None, description="entropy gate in nats; default: the adapter's tau")
+    threshold: float | None = Field(default=None, description="entropy gate in nats; default: the adapter's tau",
+                                    json_schema_extra=_schema(minimum=0))
     top_k: int | None = Field(default=None, ge=0, le=1000, description="base top-k candidates a correction may "
                               "move (0: a teacher's full distribution)")
     trace: bool = Field(default=False, description="return the per-token trace")
@@ -99,14 +128,15 @@ class _Sampling(_Request):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    frequency_penalty: float = Field(default=0.0, description="only 0", json_schema_extra=_schema(minimum=0, maximum=0))
+    presence_penalty: float = Field(default=0.0, description="only 0", json_schema_extra=_schema(minimum=0, maximum=0))
+    logit_bias: dict[str, float] | None = Field(default=None, description="none or empty: a bias would change what "
+                                                "the gate reads", json_schema_extra=_schema(maxProperties=0))
     n: int = Field(default=1, ge=1)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(default=None, description="only with stream: true")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = None
@@ -132,14 +162,28 @@ class _Sampling(_Request):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+def _only_with(field: str, value: Any) -> dict[str, Any]:
+    """A schema that `field` equals `value` (and is given)."""
+    return {"properties": {field: {"const": value}}, "required": [field]}
+
+
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    best_of: int | None = None
+    # the cross-field rules of the validators, for /openapi.json (JSON Schema 2020-12, as OpenAPI 3.1 uses)
+    model_config = ConfigDict(json_schema_extra=_schema(
+        dependentSchemas={"stream_options": _only_with("stream", True)},
+        **{"if": _only_with("max_tokens", 0), "then": _only_with("echo", True)}))
+
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]] = Field(
+        description="text, texts, token ids or lists of token ids (ids in the model's vocabulary)",
+        json_schema_extra=_schema(minItems=1))
+    best_of: int | None = Field(default=None, description="only 1: use n", json_schema_extra=_schema(minimum=1,
+                                                                                                    maximum=1))
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0)
     max_tokens: int | None = Field(default=None, ge=0, description="default 16 (at most the server's limit); 0 only "
                                    "with echo: score the prompt, generate nothing")
-    suffix: str | None = None
+    suffix: str | None = Field(default=None, description="not supported: none or empty",
+                               json_schema_extra=_schema(maxLength=0))
 
     @model_validator(mode="after")
     def _completion_unsupported(self):
@@ -185,13 +229,18 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage]
+    model_config = ConfigDict(json_schema_extra=_schema(dependentSchemas={
+        "stream_options": _only_with("stream", True), "top_logprobs": _only_with("logprobs", True)}))
+
+    messages: list[ChatMessage] = Field(json_schema_extra=_schema(minItems=1))
     logprobs: bool = False
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    top_logprobs: int | None = Field(default=None, ge=0)
+    response_format: dict[str, Any] | None = Field(default=None, description="only {'type': 'text'}",
+                                                   json_schema_extra=_schema(properties={"type": {"const": "text"}}))
+    tools: list[Any] | None = Field(default=None, description="not supported: none or empty",
+                                    json_schema_extra=_schema(maxItems=0))
+    top_logprobs: int | None = Field(default=None, ge=0, description="only with logprobs: true")
 
     @model_validator(mode="after")
     def _chat_checks(self):
@@ -238,13 +287,15 @@ class TokenizeCompletionRequest(_Request):
 
 
 class TokenizeChatRequest(_Request):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=_schema(
+        **{"if": _only_with("continue_final_message", True), "then": _only_with("add_generation_prompt", False)}))
 
     model: str | None = None
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(json_schema_extra=_schema(minItems=1))
     add_generation_prompt: bool = Field(default=True, description="end with the assistant's turn opening")
     return_token_strs: bool | None = Field(default=False, description="also return the token strings")
-    continue_final_message: bool = Field(default=False, description="leave the last message open-ended")
+    continue_final_message: bool = Field(default=False, description="leave the last message open-ended (with "
+                                         "add_generation_prompt: false)")
     add_special_tokens: bool = Field(default=False, description="special tokens on top of the chat template's")
 
     @model_validator(mode="after")
@@ -261,4 +312,4 @@ class DetokenizeRequest(_Request):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    tokens: list[StrictInt]
+    tokens: list[TokenId]
