@@ -167,8 +167,10 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], bytes]:
     """Records as (line number, dict) plus the raw bytes; blank lines are skipped."""
     if not path.is_file():
         raise ProblemFileNotFound(
-            f"No problem file at {str(path)!r}. Pass a JSON Lines file (one JSON object per line), "
-            "e.g. ../shared/data/gsm8k/train.jsonl, or hf:NAME[:split]."
+            f"No problem file at {str(path)!r} (relative paths start at {str(Path.cwd())!r}). Pass a JSON Lines "
+            "file you have (one object per line with a question and an answer field), or hf:NAME[:split] for a "
+            "Hugging Face dataset where the network allows (its question and answer fields by --preset or "
+            "--question-field and --answer-field)."
         )
     raw = path.read_bytes()
     records: list[tuple[int, dict]] = []
