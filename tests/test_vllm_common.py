@@ -8,8 +8,10 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 
 from reasonmaxxer.steering import vllm as rv
@@ -53,11 +55,15 @@ def test_version_pin(monkeypatch):
             return found
         return version
 
-    monkeypatch.setattr(md, "version", fake("0.32.0+cpu"))
-    assert rv.check_vllm_version() == "0.32.0+cpu"
-    monkeypatch.setattr(md, "version", fake("0.33.0"))
-    with pytest.raises(RuntimeError, match=r"written for vLLM 0\.32\.0"):
-        rv.check_vllm_version()
+    for ok in ("0.32.0+cpu", "0.33.1", "0.34.0"):
+        monkeypatch.setattr(md, "version", fake(ok))
+        assert rv.check_vllm_version() == ok
+    for old in ("0.31.2", "0.35.0", "1.0.0"):
+        monkeypatch.setattr(md, "version", fake(old))
+        with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32 to 0\.34: pip install 'vllm>=0\.32,<0\.35'"):
+            rv.check_vllm_version()
+    extra = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert extra["project"]["optional-dependencies"]["vllm"] == ["vllm>=0.32,<0.35"]  # the same range
     monkeypatch.setattr(md, "version", fake(None))
     with pytest.raises(RuntimeError, match="not installed"):
         rv.check_vllm_version()

