@@ -169,6 +169,11 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
     async def lifespan(app: FastAPI):
         app.state.server = state or build_state(settings)
         try:
+            await app.state.server.engine.ready()  # the vLLM engine checks that its plugin runs in vLLM
+        except BaseException:
+            app.state.server.close()
+            raise
+        try:
             yield
         finally:
             app.state.server.close()

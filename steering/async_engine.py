@@ -71,6 +71,10 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self.engine.num_waiting
 
+    async def ready(self) -> None:
+        """Nothing to check before serving: the gate is this process's own code (the vLLM engine checks that its
+        plugin runs inside vLLM)."""
+
     async def prompt_logprobs(self, prompts: list[list[int]], steering, top_n: int = 0, source: str = "steered",
                               key: int = 0) -> list:
         """`Engine.prompt_logprobs`, run on the engine thread between two steps (ValueError if it cannot run)."""

@@ -69,6 +69,13 @@ def prepare_start(model_path: str, tokenizer, extra_args: dict[str, Any] | None,
     check_vllm_version()
     from transformers import AutoConfig
     from vllm.platforms import current_platform
+    from vllm.plugins import load_general_plugins
+
+    from .plugin import NOT_LOADED, layer_installed
+
+    load_general_plugins()  # what vLLM does in each of its processes: ours must have installed its layer
+    if not layer_installed():
+        raise RuntimeError(NOT_LOADED + ": refusing to start the vLLM backend")
 
     cpu = current_platform.is_cpu()
     if cpu:
@@ -213,6 +220,27 @@ class VllmEngine(VllmSteering):
         max_seqs = int(llm.vllm_config.scheduler_config.max_num_seqs)
         return cls(llm, tokenizer, collector, max_waiting, max_seqs, _lora_slot(lora_rank) if lora_rank else None,
                    identity)
+
+    async def ready(self) -> None:
+        """Check, before serving, that the gate runs inside vLLM's engine: a one-token request whose steering
+        asks for nothing must come back with the processor's record of its token (RuntimeError otherwise)."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        rid = f"ready-{uuid.uuid4().hex}"
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=1, ignore_eos=True,
+                                output_kind=RequestOutputKind.FINAL_ONLY,
+                                extra_args=make_xargs(rid, "off", math.inf, None))
+        prompt = {"prompt_token_ids": [int(self.tokenizer.eos_token_id or 0)]}
+        async for _ in self.llm.generate(prompt, params, rid):
+            pass
+        try:
+            await asyncio.to_thread(self.collector.take, rid, 1, self.report_timeout)
+        except TimeoutError:
+            raise RuntimeError("the reasonmaxxer logits processor did not run in the vLLM engine (no gate record "
+                               f"came back in {self.report_timeout:.0f} s): vLLM was started without "
+                               "logits_processors=[PROCESSOR], or its workers cannot reach the report channel "
+                               "(REASONMAXXER report address in their environment)") from None
 
     # ---- the AsyncEngine interface ---------------------------------------------------------------------
     @property

@@ -51,7 +51,7 @@ from reasonmaxxer.steering.gate import entropy, random_fire, topk_candidates
 from . import XARGS_KEY, check_vllm_version, parse_xargs
 from .reports import ReportSender
 
-__all__ = ["PROCESSOR", "GateLogitsProcessor", "HiddenKeepingLogits", "register"]
+__all__ = ["NOT_LOADED", "PROCESSOR", "GateLogitsProcessor", "HiddenKeepingLogits", "layer_installed", "register"]
 
 PROCESSOR = "reasonmaxxer.steering.vllm.plugin:GateLogitsProcessor"
 
@@ -79,10 +79,20 @@ class HiddenKeepingLogits(VllmLogitsLayer):
 def register() -> None:
     """vLLM general plugin: check the version, install the hidden-keeping logits layer (idempotent)."""
     check_vllm_version()
+    if not layer_installed():
+        VllmLogitsLayer.register_oot(HiddenKeepingLogits, name="LogitsProcessor")
+
+
+def layer_installed() -> bool:
+    """Whether this process's vLLM builds its logits layer as `HiddenKeepingLogits` (register() ran here)."""
     from vllm.model_executor.custom_op import op_registry_oot
 
-    if op_registry_oot.get("LogitsProcessor") is not HiddenKeepingLogits:
-        VllmLogitsLayer.register_oot(HiddenKeepingLogits, name="LogitsProcessor")
+    return op_registry_oot.get("LogitsProcessor") is HiddenKeepingLogits
+
+
+NOT_LOADED = ("reasonmaxxer's vLLM plugin is not loaded in this process, so its logits layer is vLLM's own and "
+              "steering would silently do nothing. vLLM logs why ('Failed to load plugin'); if VLLM_PLUGINS is "
+              "set, it must include 'reasonmaxxer'")
 
 
 @dataclass(frozen=True)
@@ -172,6 +182,8 @@ class _Gate:
                 return
             sel, hit, whole = sel[fired_pos], hit[fired_pos], False
             keep = None if keep is None else keep[fired_pos]
+        if _STASH.hidden is None:  # this worker's logits layer is vLLM's own: fail loudly, never unsteered
+            raise RuntimeError(NOT_LOADED)
         rows = plan.index[sel]  # (n,) batch rows
         sub = base if whole else base[sel]  # (n, V) base logits (untouched by other groups)
         cand = topk_candidates(sub, group.k)  # (n, k)
@@ -210,7 +222,11 @@ class GateLogitsProcessor(*_BASES):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        parse_xargs(sampling_params.extra_args)  # ValueError -> HTTP 400 in vLLM's server
+        """In vLLM's frontend, at admission: ValueError (HTTP 400 in vLLM's server) for bad steering, and for any
+        steering at all where the plugin did not load (it would be served unsteered)."""
+        x = parse_xargs(sampling_params.extra_args)
+        if x is not None and x["mode"] != "off" and not layer_installed():
+            raise ValueError(NOT_LOADED + ": this request asks for steering")
 
     # ---- V1 ------------------------------------------------------------------------------------------
     def is_argmax_invariant(self) -> bool:
