@@ -207,6 +207,10 @@ class GateLogitsProcessor(*_BASES):
     Runner V2's (`__init__(vllm_config, req_states)`, `add_request`, `apply(logits, ctx)`)."""
 
     def __init__(self, vllm_config, *args):
+        if _configured(vllm_config, "enable_batch_sharded_sampling"):
+            raise ValueError("the reasonmaxxer logits processor needs every tensor-parallel rank to sample the whole "
+                             "batch (the head correction gathers W_U rows across ranks): start vLLM without "
+                             "enable_batch_sharded_sampling")
         if len(args) == 1:  # MRV2: (vllm_config, req_states)
             if getattr(vllm_config, "speculative_config", None) is not None:
                 raise ValueError("the reasonmaxxer logits processor does not support speculative decoding (a "
@@ -335,6 +339,14 @@ class _Plan:
         return cls(rs, torch.tensor(order, device=device), torch.tensor(taus, dtype=torch.float32, device=device),
                    heads, any(r.trace for r in rs), order == list(range(len(order))), random,
                    torch.tensor(random, dtype=torch.long, device=device))
+
+
+def _configured(vllm_config, flag: str) -> bool:
+    """Whether `flag` is set on the config or one of its parts (vLLM 0.34's batch-sharded sampling, wherever a
+    release keeps it)."""
+    parts = [vllm_config, *(v for v in vars(vllm_config).values() if hasattr(v, flag))] if hasattr(
+        vllm_config, "__dict__") else [vllm_config]
+    return any(bool(getattr(part, flag, False)) for part in parts)
 
 
 def _unembed_rows(lm_head, cand: torch.Tensor) -> torch.Tensor:

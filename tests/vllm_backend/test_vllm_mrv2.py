@@ -167,3 +167,14 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+def test_batch_sharded_sampling_is_refused_with_the_fix():
+    """vLLM 0.34's opt-in batch-sharded sampling gives each tensor-parallel rank part of the batch: the head
+    correction's all-reduce over vocab shards needs every rank on every row."""
+    from reasonmaxxer.steering.vllm.plugin import GateLogitsProcessor
+
+    sharded = SimpleNamespace(enable_batch_sharded_sampling=True)
+    config = SimpleNamespace(speculative_config=None, parallel_config=sharded)
+    with pytest.raises(ValueError, match="without enable_batch_sharded_sampling"):
+        GateLogitsProcessor(config, SimpleNamespace(device="cpu"))
