@@ -28,10 +28,13 @@ Loaded by vLLM, never imported by code that runs without vLLM:
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from vllm.model_executor.layers.logits_processor import LogitsProcessor as VllmLogitsLayer
@@ -139,10 +142,10 @@ class _Gate:
     `rows` the (logits row, _Row) pairs of the steered requests, in row order, and `positions` the index of the
     output token each row samples now."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, model: str = ""):
         self.device = device
         self.heads = _HeadCache(device)
-        self.sender = ReportSender.from_env() if _is_reporting_rank() else None
+        self.sender = ReportSender.from_env(model) if _is_reporting_rank() else None
         self._plan: _Plan | None = None
         self._plan_key: tuple = ()
 
@@ -164,7 +167,7 @@ class _Gate:
         for group in plan.heads:
             self._head(logits, base, fired, group, plan)
         if self.sender is not None:
-            meta = [(r.rid, t) for r, t in zip(plan.rows, positions, strict=True)]
+            meta = [(r.rid, t, _adapter_name(r.adapter), r.mode) for r, t in zip(plan.rows, positions, strict=True)]
             self.sender.put(meta, ent, fired, base_tok, _event_if_cuda(ent))
         return logits
 
@@ -217,10 +220,10 @@ class GateLogitsProcessor(*_BASES):
                                  "draft row's hidden state is not the verified token's): start vLLM without "
                                  "--speculative-config, or without the processor")
             req_states = args[0]
-            self.gate = _Gate(req_states.device)
+            self.gate = _Gate(req_states.device, _model_name(vllm_config))
             self.prompt_len = req_states.prompt_len.np  # (max_num_reqs,) on the host, per slot
         else:  # V1: (vllm_config, device, is_pin_memory)
-            self.gate = _Gate(args[0])
+            self.gate = _Gate(args[0], _model_name(vllm_config))
         self.rows: dict[int, _Row] = {}  # V1: batch index -> row; MRV2: request slot -> row
         self.outputs: dict[int, list[int]] = {}  # V1 only: vLLM's live output list per batch index
 
@@ -339,6 +342,24 @@ class _Plan:
         return cls(rs, torch.tensor(order, device=device), torch.tensor(taus, dtype=torch.float32, device=device),
                    heads, any(r.trace for r in rs), order == list(range(len(order))), random,
                    torch.tensor(random, dtype=torch.long, device=device))
+
+
+def _model_name(vllm_config) -> str:
+    """The served model's name, as vLLM's server reports it (the metrics' `model` label)."""
+    config = getattr(vllm_config, "model_config", None)
+    name = getattr(config, "served_model_name", None) or getattr(config, "model", "")
+    return str(name[0] if isinstance(name, (list, tuple)) and name else name)
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter_name(path: str | None) -> str:
+    """An adapter directory's registered name (its adapter.json), for the metrics' `adapter` label."""
+    if not path:
+        return "none"
+    try:
+        return str(json.loads((Path(path) / "adapter.json").read_text())["name"])
+    except (OSError, ValueError, KeyError):
+        return Path(path).name
 
 
 def _configured(vllm_config, flag: str) -> bool:

@@ -12,6 +12,14 @@ key instead of adding one: reports stay exact under chunked prefill, preemption 
 is separate from vLLM's output path, so records may land a moment after the final output) and returns
 them in order. `ReportSender` does the worker side on a background thread, so the decode step never
 waits for a device->host copy or a socket.
+
+On vLLM's own OpenAI server (no collector: stock serving stacks run `vllm serve`), the same thread counts
+the gate in Prometheus form instead: `reasonmaxxer_generated_tokens_total` and
+`reasonmaxxer_gate_fired_tokens_total` by model, adapter (its registered name) and mode, the names and
+labels our server exports. vLLM's server keeps its metrics in prometheus_client's multiprocess mode
+(`PROMETHEUS_MULTIPROC_DIR`, which its worker processes inherit), so counters incremented in a worker are
+served on its `/metrics`. A sample vLLM discards (a partial prefill chunk) counts there too: those counters
+are sampled rows, the collector's reports are exact tokens.
 """
 
 from __future__ import annotations
@@ -115,32 +123,53 @@ class GateCollector:
 class ReportSender:
     """Worker side: turns each step's tensors into records off the hot path and pushes them."""
 
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, address: str | None, model: str = "", metrics: bool = False):
+        self.address, self.model, self.metrics = address, model, metrics
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="reasonmaxxer-gate-sender", daemon=True)
         self._thread.start()
 
     @classmethod
-    def from_env(cls) -> ReportSender | None:
+    def from_env(cls, model: str = "") -> ReportSender | None:
+        """To the collector whose address this process inherited; else, under vLLM's own server (multiprocess
+        Prometheus), counting into its /metrics; else None (nothing to do)."""
         address = os.environ.get(ENV_ADDR)
-        return cls(address) if address else None
+        if address:
+            return cls(address, model)
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return cls(None, model, metrics=True)
+        return None
 
-    def put(self, meta: list[tuple[str, int]], entropy, fired, base_token, event=None) -> None:
-        """meta: (request id, position) per row; entropy (n,) fired (n,) base_token (n,) or None, on any
-        device; `event` (a CUDA event recorded after they were computed) is waited on off the hot path."""
+    def put(self, meta: list[tuple[str, int, str, str]], entropy, fired, base_token, event=None) -> None:
+        """meta: (request id, position, adapter name, mode) per row; entropy (n,) fired (n,) base_token (n,) or
+        None, on any device; `event` (a CUDA event recorded after they were computed) is waited on off the hot
+        path."""
         self._queue.put((meta, entropy, fired, base_token, event))
 
     def _run(self) -> None:
-        import zmq
+        sock = counters = None
+        if self.address:
+            import zmq
 
-        sock = zmq.Context.instance().socket(zmq.PUSH)
-        sock.connect(self.address)
+            sock = zmq.Context.instance().socket(zmq.PUSH)
+            sock.connect(self.address)
+        if self.metrics:
+            from prometheus_client import Counter
+
+            labels = ("model", "adapter", "mode")
+            counters = (Counter("reasonmaxxer_generated_tokens", "Tokens generated (sampled rows)", labels),
+                        Counter("reasonmaxxer_gate_fired_tokens", "Tokens where the adapter was applied", labels))
         while True:
             meta, ent, fired, base, event = self._queue.get()
             if event is not None:
                 event.synchronize()
             ents, fires = ent.tolist(), fired.tolist()
             bases = base.tolist() if base is not None else [None] * len(meta)
-            rows = [[rid, pos, e, f, b] for (rid, pos), e, f, b in zip(meta, ents, fires, bases, strict=True)]
-            sock.send(json.dumps(rows).encode())
+            if sock is not None:
+                rows = [[m[0], m[1], e, f, b] for m, e, f, b in zip(meta, ents, fires, bases, strict=True)]
+                sock.send(json.dumps(rows).encode())
+            if counters is not None:
+                for (_, _, adapter, mode), f in zip(meta, fires, strict=True):
+                    counters[0].labels(self.model, adapter, mode).inc()
+                    if f:
+                        counters[1].labels(self.model, adapter, mode).inc()
