@@ -33,7 +33,8 @@ track_stage() {
     COMMITTER=$!
   fi
   TRACKED=1
-  trap 'rc=$?; end_stage "$work" "$stage" $rc' EXIT
+  # shellcheck disable=SC2064  # expand work and stage now: they are this function's locals
+  trap "end_stage '$work' '$stage' \$?" EXIT
 }
 
 end_stage() {
