@@ -53,12 +53,13 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
 def start_engines(path: str):
     from vllm import LLM
 
-    from reasonmaxxer.steering.vllm.plugin import PROCESSOR
+    from reasonmaxxer.steering.vllm.plugin import PROCESSOR, register
 
     common = {"dtype": "bfloat16", "max_model_len": 2048, "seed": 0, "max_num_seqs": 64}
     os.environ["VLLM_PLUGINS"] = "none"  # the plain engine's processes load no general plugin (ours included)
     plain = LLM(path, **common)
     del os.environ["VLLM_PLUGINS"]
+    register()  # vLLM loads general plugins once per process, and the plain engine loaded none: ours, here too
     steered = LLM(path, logits_processors=[PROCESSOR], **common)
     return plain, steered
 
