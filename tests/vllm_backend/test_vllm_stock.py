@@ -34,7 +34,8 @@ def stock(smol):
     port = free_port()
     cores = sorted(os.sched_getaffinity(0))
     env = {k: v for k, v in os.environ.items() if not k.startswith("REASONMAXXER_GATE")}  # no collector here
-    env.update(CPU_ENV, VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)), OMP_NUM_THREADS=str(len(cores)))
+    env.update(CPU_ENV, VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)), OMP_NUM_THREADS=str(len(cores)),
+               VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the entry point makes a fresh one
     env["VLLM_SERVE"] = f"{sys.executable} -m vllm.entrypoints.openai.api_server"  # vllm-cpu's `vllm` is broken
     cmd = [str(ENTRY), "--model", smol[0], "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512",

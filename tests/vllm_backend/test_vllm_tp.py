@@ -71,6 +71,7 @@ def runs(tmp_path_factory):
     got = {}
     for tp in (1, 2):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_CPU_", "OMP_", "REASONMAXXER_GATE"))}
+        env["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB per rank: 512-token requests need little
         argv = [sys.executable, str(folder / "run.py"), str(tp), str(head), MODEL, str(TOKENS)]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=1200, env=env, cwd=folder)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
