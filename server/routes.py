@@ -46,9 +46,13 @@ def _state(request: Request):
 
 @router.head("/health", include_in_schema=False)
 @router.get("/health")
-async def health(request: Request) -> dict[str, Any]:
+async def health(request: Request):
+    """200 while serving; 503 {"status": "draining"} from the first SIGTERM on, so that a load balancer stops
+    sending new requests here while the running ones finish."""
     s = _state(request)
-    return {"status": "ok", "running": s.engine.num_running, "waiting": s.engine.num_waiting}
+    body = {"status": "draining" if s.draining else "ok", "running": s.engine.num_running,
+            "waiting": s.engine.num_waiting}
+    return JSONResponse(body, status_code=503 if s.draining else 200)
 
 
 @router.get("/version")

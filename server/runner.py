@@ -5,8 +5,9 @@ uvicorn's event loop but before uvicorn starts the app, so a configuration error
 model is loaded (an adapter for another base) propagates to the caller as its own exception (the CLI: one
 line, exit 2) instead of a lifespan traceback; then `say`s the start-up banner (`banner`: model, backend,
 dtype, device, each adapter with kind, tau and fire rate, URL, auth) and runs until SIGTERM or SIGINT.
-The first signal starts the drain:
-new requests get 503 (`shutting_down`), running ones go on for up to `settings.drain_timeout_s` seconds;
+The first signal starts the drain (logged at INFO: its start, what it cut, its end):
+new requests get 503 (`shutting_down`) and so does `/health` (`{"status": "draining"}`), running ones go on
+for up to `settings.drain_timeout_s` seconds;
 whatever still runs then ends with a last event that says the server is shutting down (a stream: an error
 event in OpenAI's shape, then `data: [DONE]`; a plain request: a 503), connections close, the engine stops,
 and the process exits 0, within the timeout plus a second or two. A second signal exits at once.
@@ -23,6 +24,9 @@ import uvicorn
 __all__ = ["DrainingServer", "serve"]
 
 log = logging.getLogger("reasonmaxxer.server")
+# The drain's lines go where uvicorn's own go (its configured "uvicorn.error" logger, at --log-level): a logger
+# of our own would have no handler under uvicorn's logging config, and say nothing until the drain was over.
+drain_log = logging.getLogger("uvicorn.error")
 
 
 class DrainingServer(uvicorn.Server):
@@ -50,13 +54,17 @@ class DrainingServer(uvicorn.Server):
         state = self.app.state.server
         state.draining = True
         deadline = time.monotonic() + self.drain_timeout
-        log.info("draining: %d requests running, up to %.0f s", state.busy, self.drain_timeout)
+        started = time.monotonic()
+        drain_log.info("draining: %d requests running, new ones get 503 and /health 503; up to %.0f s",
+                       state.busy, self.drain_timeout)
         while state.busy and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if state.busy:
-            log.info("drain timeout: ending %d requests", state.busy)
+        cut = state.busy
+        if cut:
+            drain_log.info("drain timeout: ending %d requests that still run", cut)
             state.stop.set()
             await asyncio.sleep(0.2)  # let their last events go out
+        drain_log.info("drained in %.1f s (%d requests cut): shutting down", time.monotonic() - started, cut)
         self.should_exit = True
 
 

@@ -41,14 +41,21 @@ def test_sigterm_drains_then_ends_what_still_runs_and_exits_0():
         time.sleep(0.3)
         refused = httpx.post(url + "/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": "x"})
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        health = httpx.get(url + "/health")  # a load balancer takes this instance out of rotation
+        assert health.status_code == 503 and health.json()["status"] == "draining"
         for t in threads:
             t.join(60)
         status = proc.wait(DRAIN + 10)
         took = time.monotonic() - sent
+        log = proc.stdout.read()
     finally:
         if proc.poll() is None:
             proc.kill()
     assert status == 0 and took < DRAIN + 4, (status, took)
+    # the drain says what it does, in the default log, before uvicorn's own shutdown lines
+    start, cut, end = (log.index(x) for x in ("draining: 4 requests running", "drain timeout: ending 3 requests",
+                                               "drained in"))
+    assert start < cut < end < log.index("Shutting down"), log[-3000:]
     assert short[-1] == "data: [DONE]" and json.loads(short[-2][6:])["choices"][0]["finish_reason"] == "length"
     for out in long:
         assert out[-1] == "data: [DONE]", out[-3:]
