@@ -138,11 +138,7 @@ def run_rollouts_command(args) -> int:
         model, tokenizer = _load_for_rollouts(args)
         summary = _do_rollouts(args, model, tokenizer, out, problems)
     except KeyboardInterrupt:
-        from .rollouts import resume_check
-
-        kept = resume_check(out, problems, _rollout_config(args))
-        command = ["reasonmaxxer", *getattr(args, "argv", sys.argv[1:])]
-        print("\n" + preflight.interrupted(out, kept, len(problems) * args.samples, command), file=sys.stderr)
+        print("\n" + _rollouts_interrupted(args, out, problems)[0], file=sys.stderr)
         return 130
     summary["wall_s"] = round(time.perf_counter() - start, 1)
     print(json.dumps(summary, indent=2))
@@ -220,22 +216,32 @@ def run_fit_command(args) -> int:
     try:
         return _fit(args, fit_args, rollouts, val, loaded)
     except KeyboardInterrupt:
-        from .rollouts import load_rollouts, resume_check
+        from .rollouts import load_rollouts
 
-        command = ["reasonmaxxer", *getattr(args, "argv", sys.argv[1:])]
         if loaded is None and args.problems:
-            problems = _load_problems(args)
-            total = len(problems) * args.samples
-            kept = resume_check(rollouts, problems, _rollout_config(args))
-            if kept < total:
-                print("\n" + preflight.interrupted(rollouts, kept, total, command), file=sys.stderr)
+            line, complete = _rollouts_interrupted(args, rollouts, _load_problems(args))
+            if not complete:
+                print("\n" + line, file=sys.stderr)
                 return 130
         n = len((loaded or load_rollouts(rollouts))[1])
         cache = (f"; the scores done so far are cached in {args.score_cache}" if args.score_cache else
                  " (add --score-cache DIR to keep scores across runs)")
         print(f"\ninterrupted: the fit was stopped before it saved {args.out}; the {n:,} rollouts in {rollouts} are "
-              f"kept{cache}; run the same command to resume: {shlex.join(command)}", file=sys.stderr)
+              f"kept{cache}; run the same command to resume: {shlex.join(_command(args))}", file=sys.stderr)
         return 130
+
+
+def _command(args) -> list[str]:
+    """The command as typed, for the "run the same command to resume" lines."""
+    return ["reasonmaxxer", *getattr(args, "argv", sys.argv[1:])]
+
+
+def _rollouts_interrupted(args, out: Path, problems) -> tuple[str, bool]:
+    """The Ctrl-C line of a rollout run (what `out` keeps, the command that resumes), and whether it is complete."""
+    from .rollouts import resume_check
+
+    kept, total = resume_check(out, problems, _rollout_config(args)), len(problems) * args.samples
+    return preflight.interrupted(out, kept, total, _command(args)), kept >= total
 
 
 def _fit(args, fit_args, rollouts, val, loaded) -> int:

@@ -7,7 +7,7 @@ Contract:
   member, as it ignores a torn last line of a plain file; `truncate_torn` cuts it off before appending.
   Compact rollout records leave out what the repository must not hold or can rebuild: the question text
   (the problem is named by its file's sha256 and its row, DESIGN.md "Run artifacts") and the decoded text
-  (the token ids are kept; `decoded` rebuilds it with the model's tokenizer).
+  (the token ids are kept: the model's tokenizer rebuilds it).
 - Any other path is plain JSON Lines, as before.
 - `read_lines(path)` returns the complete lines, in order; `append(path, obj)` writes one.
 """
@@ -20,7 +20,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-__all__ = ["COMPACT_DROPS", "append", "compact", "decoded", "is_compact", "read_lines", "truncate_torn"]
+__all__ = ["COMPACT_DROPS", "append", "compact", "is_compact", "read_lines", "truncate_torn"]
 
 COMPACT_DROPS = ("question", "text")  # rebuilt from the problem file (sha256 + row) and from the token ids
 
@@ -32,13 +32,6 @@ def is_compact(path: str | Path) -> bool:
 def compact(record: dict[str, Any]) -> dict[str, Any]:
     """The record as a compact file stores it."""
     return {k: v for k, v in record.items() if k not in COMPACT_DROPS}
-
-
-def decoded(record: dict[str, Any], tokenizer) -> str:
-    """The completion text of a rollout record, stored or rebuilt from its ids."""
-    if "text" in record:
-        return record["text"]
-    return tokenizer.decode(record["completion_ids"], skip_special_tokens=True)
 
 
 def _members(data: bytes) -> tuple[list[bytes], int]:

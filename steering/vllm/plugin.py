@@ -111,11 +111,12 @@ class _Row:
     trace: bool
     rate: float | None  # mode random: the coin's probability
     key: int  # mode random: the coin's key
+    label: str  # the adapter's registered name (the metrics' label), read once per request, not per step
 
     @classmethod
     def of(cls, sampling_params) -> _Row | None:
         x = parse_xargs(sampling_params.extra_args) if sampling_params is not None else None
-        return None if x is None else cls(**x)
+        return None if x is None else cls(**x, label=_adapter_name(x["adapter"]))
 
 
 class _HeadCache:
@@ -167,7 +168,7 @@ class _Gate:
         for group in plan.heads:
             self._head(logits, base, fired, group, plan)
         if self.sender is not None:
-            meta = [(r.rid, t, _adapter_name(r.adapter), r.mode) for r, t in zip(plan.rows, positions, strict=True)]
+            meta = [(r.rid, t, r.label, r.mode) for r, t in zip(plan.rows, positions, strict=True)]
             self.sender.put(meta, ent, fired, base_tok, _event_if_cuda(ent))
         return logits
 
