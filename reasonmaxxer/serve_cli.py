@@ -1,10 +1,11 @@
 """`reasonmaxxer serve`: its flags, and the checks and preparation that run before the server starts.
 
 Contract: `add_serve_command(sub)` registers the subcommand (every flag is a `Settings` field, its help ends
-with the field's default and names its `REASONMAXXER_*` variable); `run_serve(args)` builds `Settings`,
-checks what is cheap (model name, adapter directories against the model's config.json, the vLLM install),
-prepares a known model with progress on stderr, then hands over to `server.runner.serve`. A configuration
-error raises ValueError / RuntimeError (the CLI prints one line and exits 2), never a traceback.
+with the field's default and names its `REASONMAXXER_*` variable); `run_serve(args)` builds `Settings`, takes
+the port (a busy one: ValueError before anything loads), checks what is cheap (model name, adapter directories
+against the model's config.json, the vLLM install), prepares a known model with progress on stderr, then hands
+over to `server.runner.serve`. A configuration error raises ValueError / RuntimeError (the CLI prints one line
+and exits 2), never a traceback.
 """
 
 from __future__ import annotations
@@ -103,13 +104,18 @@ def add_serve_command(sub) -> argparse.ArgumentParser:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from reasonmaxxer.server.runner import serve
+    from reasonmaxxer.server.runner import bind, serve
     from reasonmaxxer.server.settings import Settings
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v not in (None, [])}
     settings = Settings(**given)
-    check_config(settings, say)
-    return serve(settings, args.log_level, say)
+    sock = bind(settings.host, settings.port)  # a busy port: one line, exit 2, before any model is prepared
+    try:
+        check_config(settings, say)
+    except BaseException:
+        sock.close()
+        raise
+    return serve(settings, args.log_level, say, sock)
 
 
 def say(message: str) -> None:

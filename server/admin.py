@@ -3,27 +3,33 @@ time, `DELETE /v1/adapters/{name}` unloads one.
 
 Policy (documented in docs/server.md): loading and unloading are off unless the server was started with at
 least one `--adapter-root DIR`; then only directories under those roots load (after resolving symlinks and
-`..`), and a path outside them is refused with one message that says nothing about what exists on the
-server. A directory with a model's `config.json` and no `adapter.json` loads as a teacher (transformers
-backend only; on vLLM a 400 says what to use instead). Behind `--api-key` like every route. Adapter names
-(from adapter.json) use a safe character set (steering/manifest.py) and may never be the served model's
-id: `check_name`, also applied at start-up.
+`..`), whose every file is a regular file that resolves under a root too (a symlinked `adapter.json` or tensor
+file pointing elsewhere is refused before anything is opened), and a path outside them is refused with one
+message that says nothing about what exists on the server. A directory that fails to load gets a 400 saying
+which check failed, with every quoted value from its files left out (the full message goes to the log). A
+directory with a model's `config.json` and no `adapter.json` loads as a teacher (transformers backend only; on
+vLLM a 400 says what to use instead). Behind `--api-key` like every route. Adapter names (from adapter.json)
+use a safe character set (steering/manifest.py) and may never be the served model's id: `check_name`, also
+applied at start-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, StrictStr
 
-from .serving import ApiError
+from .serving import ApiError, json_number
 
 __all__ = ["check_name", "router"]
 
 router = APIRouter()
+log = logging.getLogger("uvicorn.error")  # where the server's own lines go (runner.py)
 
 
 class AdapterLoad(BaseModel):
@@ -55,11 +61,26 @@ def _allowed(s, raw: str) -> Path:
                        "/v1/adapters shows what is served)", "permission_error", param="path", code="outside_roots")
     try:
         path = Path(raw).resolve()
+        if not _under(path, roots) or not all(_inside(f, roots) for f in path.rglob("*")):
+            raise outside
     except (OSError, RuntimeError, ValueError) as e:
         raise outside from e
-    if not any(path == root or path.is_relative_to(root) for root in roots):
-        raise outside
     return path
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _inside(entry: Path, roots: list[Path]) -> bool:
+    """A directory's entry may be opened: it resolves under a root, to a directory or a regular file."""
+    target = entry.resolve()
+    return _under(target, roots) and (target.is_dir() or target.is_file())
+
+
+def _public(message: str) -> str:
+    """An error for the client: the values quoted from the adapter's files left out."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", message)
 
 
 @router.get("/v1/adapters")
@@ -69,7 +90,7 @@ async def list_adapters(request: Request) -> dict[str, Any]:
     for name, adapter in sorted(s.engine.adapters.items()):
         m = adapter.manifest
         data.append({"id": name, "object": "adapter", "kind": m.kind, "path": s.adapter_paths.get(name),
-                     "tau": m.gate.tau, "top_k": m.top_k, "measured_fire_rate": m.gate.measured_fire_rate,
+                     "tau": json_number(m.gate.tau), "top_k": m.top_k, "measured_fire_rate": m.gate.measured_fire_rate,
                      "base_model": s.served_name if m.kind == "teacher" else m.base_model.name})
     return {"object": "list", "data": data}
 
@@ -79,13 +100,14 @@ async def load_adapter_route(body: AdapterLoad, request: Request) -> dict[str, A
     from reasonmaxxer.steering.adapters import AdapterError
 
     s = request.app.state.server
-    path = _allowed(s, body.path)
+    path = await asyncio.to_thread(_allowed, s, body.path)
     try:
         adapter = await asyncio.to_thread(_load, s, path)
         check_name(adapter.name, s.served_name)
         await asyncio.to_thread(s.engine.add_adapter, adapter)
     except (AdapterError, ValueError) as e:
-        raise ApiError(400, str(e), param="path") from e
+        log.warning("POST /v1/adapters %s: %s", path, e)
+        raise ApiError(400, _public(str(e)), param="path", code="invalid_adapter") from e
     except OSError as e:  # under a root: say what went wrong, without a traceback
         raise ApiError(400, f"the adapter could not be read: {e.strerror or e}", param="path") from e
     s.adapter_paths[adapter.name] = str(path)

@@ -30,6 +30,10 @@ from .settings import Settings
 
 __all__ = ["ServerState", "build_state", "create_app", "error_response"]
 
+# A 503's Retry-After (seconds): a full queue frees within a few decode steps; a draining server is gone for
+# good (a client that cannot pick another replica waits for the restart).
+RETRY_AFTER_S = {"overloaded": 1, "shutting_down": 10}
+
 
 @dataclass
 class ServerState:
@@ -53,8 +57,10 @@ class ServerState:
     def adapters(self) -> list[str]:
         return sorted(self.engine.adapters)
 
-    def close(self) -> None:
-        self.engine.close(drain=True, timeout=self.settings.drain_timeout_s)
+    async def aclose(self) -> None:
+        """Stop the engine: whatever still runs is cancelled (the drain is over). The event loop never waits on
+        the engine's thread (it ends after its step or scoring piece in progress)."""
+        await self.engine.aclose()
 
 
 def build_state(settings: Settings) -> ServerState:
@@ -130,12 +136,16 @@ class AuthMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.key or self._open(scope.get("path", "")):
             return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"").decode("latin-1")
-        if hmac.compare_digest(given.encode(), f"Bearer {self.key}".encode()):
+        given = [v for k, v in scope.get("headers") or [] if k == b"authorization"]
+        if len(given) > 1:  # which one counts would be up to each proxy on the way: refuse to guess
+            response = error_response(400, "the request has more than one Authorization header: send one",
+                                      code="invalid_authorization")
+            return await response(scope, receive, send)
+        if given and hmac.compare_digest(given[0], f"Bearer {self.key}".encode()):
             return await self.app(scope, receive, send)
         response = error_response(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                                  "authentication_error", code="invalid_api_key")
+                                  "authentication_error", code="invalid_api_key",
+                                  headers={"WWW-Authenticate": 'Bearer realm="reasonmaxxer"'})
         return await response(scope, receive, send)
 
     def _open(self, path: str) -> bool:
@@ -145,7 +155,9 @@ class AuthMiddleware:
 def _install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_req: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+        retry = RETRY_AFTER_S.get(exc.code) if exc.status == 503 else None
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code,
+                              headers={"Retry-After": str(retry)} if retry else None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_req: Request, exc: RequestValidationError):
@@ -170,13 +182,9 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
         app.state.server = state or build_state(settings)
         try:
             await app.state.server.engine.ready()  # the vLLM engine checks that its plugin runs in vLLM
-        except BaseException:
-            app.state.server.close()
-            raise
-        try:
             yield
         finally:
-            app.state.server.close()
+            await app.state.server.aclose()
 
     app = FastAPI(title="ReasonMaxxer", version=_version(), lifespan=lifespan)
     _install_handlers(app)

@@ -103,13 +103,16 @@ async def completions(body: CompletionRequest, request: Request):
     check_token_ids(prompts, len(s.tokenizer))
     default = min(16, s.settings.max_tokens_limit)  # OpenAI's default, within this server's limit
     choices = _prepare(request, body, prompts, default if body.max_tokens is None else body.max_tokens)
-    if body.echo:
+    if body.echo:  # prompt scoring is engine work: admitted first, a place per prompt while it runs
+        _refuse_if_draining(s)
         try:
             scores = await attach_echo(s.engine, s.tokenizer, body, choices, prompts)
         except ValueError as e:
             raise ApiError(400, str(e), param="echo") from e
         except EngineFull as e:
-            raise ApiError(503, str(e), "server_error", code="overloaded") from e
+            reason = "shutting_down" if s.draining else "overloaded"
+            s.metrics.rejected.labels(reason).inc()
+            raise ApiError(503, str(e), "server_error", code=reason) from e
         for sc in scores:
             s.metrics.observe_echo(s.served_name, choices[0].request.steering, sc)
     return await _respond(request, body, choices, chat=False)
@@ -130,12 +133,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await _respond(request, body, choices, chat=True)
 
 
-def _admit(s, choices) -> None:
-    """Admission, before any response: 503 while draining or with the queue full (counted as rejections)."""
+def _refuse_if_draining(s) -> None:
     if s.draining:
         s.metrics.rejected.labels("shutting_down").inc()
         raise ApiError(503, "the server is shutting down: retry on another replica or later", "server_error",
                        code="shutting_down")
+
+
+def _admit(s, choices) -> None:
+    """Admission, before any response: 503 while draining or with the queue full (counted as rejections)."""
+    _refuse_if_draining(s)
     try:
         admit(s.engine, choices)
     except ApiError as e:

@@ -1,6 +1,7 @@
 """Running the app under uvicorn with the drain users of a load balancer expect.
 
-Contract: `serve(settings, log_level, say)` builds the server's state (model, engine, adapters) inside
+Contract: `bind(host, port)` takes the port first (ValueError if it cannot: exit 2 before any model loads);
+`serve(settings, log_level, say, sock)` builds the server's state (model, engine, adapters) inside
 uvicorn's event loop but before uvicorn starts the app, so a configuration error that only shows once the
 model is loaded (an adapter for another base) propagates to the caller as its own exception (the CLI: one
 line, exit 2) instead of a lifespan traceback; then `say`s the start-up banner (`banner`: model, backend,
@@ -10,13 +11,17 @@ new requests get 503 (`shutting_down`) and so does `/health` (`{"status": "drain
 for up to `settings.drain_timeout_s` seconds;
 whatever still runs then ends with a last event that says the server is shutting down (a stream: an error
 event in OpenAI's shape, then `data: [DONE]`; a plain request: a 503), connections close, the engine stops,
-and the process exits 0, within the timeout plus a second or two. A second signal exits at once.
+and the process exits 0, within the timeout plus a second or two. A second signal (during the drain) ends
+every request at once the same way (each stream: the error event, then `data: [DONE]`), stops the engine
+after its step in progress, and exits within 2 s with the signal's status (130 for SIGINT, 143 for SIGTERM).
+The event loop never waits on the engine thread: the engine is closed from a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 import uvicorn
@@ -45,10 +50,21 @@ class DrainingServer(uvicorn.Server):
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self._draining or self._loop is None or not self.started:
-            return super().handle_exit(sig, frame)  # a second signal (or one before start-up): uvicorn's exit
+        if self._loop is None or not self.started:
+            return super().handle_exit(sig, frame)  # before start-up: uvicorn's exit
+        if self._draining:  # the second signal: end everything now; uvicorn re-raises it at exit (130 / 143)
+            drain_log.info("second signal: ending every request now and exiting")
+            self._loop.call_soon_threadsafe(self._end_now)
+            return super().handle_exit(sig, frame)
         self._draining = True  # not recorded as captured: uvicorn would re-raise it at exit (status 143)
         self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self.drain()))
+
+    def _end_now(self) -> None:
+        """On the event loop: every request ends with its shutting-down event, the engine stops taking work."""
+        state = self.app.state.server
+        state.draining = True
+        state.stop.set()
+        state.engine.stop(drain=False)
 
     async def drain(self) -> None:
         state = self.app.state.server
@@ -68,9 +84,22 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings, log_level: str = "info", say=log.info) -> int:
-    """Build the state, say the banner, serve; see the module docstring."""
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before any model loads: a port in use (or not ours to take) is a
+    configuration error (ValueError: the CLI prints one line, exit 2) that costs no model load."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}; stop what holds the port or choose "
+                         "another with --port") from e
+
+
+def serve(settings, log_level: str = "info", say=log.info, sock: socket.socket | None = None) -> int:
+    """Build the state, say the banner, serve on `sock` (bound here when not given); see the module docstring."""
     from .app import build_state, create_app
+
+    sock = sock or bind(settings.host, settings.port)
 
     def make_app():
         state = build_state(settings)
@@ -80,7 +109,7 @@ def serve(settings, log_level: str = "info", say=log.info) -> int:
 
     config = uvicorn.Config(None, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=2)
-    DrainingServer(config, None, settings.drain_timeout_s, make_app).run()
+    DrainingServer(config, None, settings.drain_timeout_s, make_app).run(sockets=[sock])
     return 0
 
 
@@ -110,6 +139,12 @@ def banner(state, settings) -> list[str]:
         lines.append("  no adapters: every request runs the base model (load one with --adapter DIR)")
     lines.append(f"  listening on http://{settings.host}:{settings.port}/v1 (API key {auth}; metrics "
                  f"{'open' if settings.metrics_open or not settings.api_key else 'behind the key'} at /metrics)")
+    if settings.adapter_roots:
+        lines.append(f"  adapter admin on: POST/DELETE /v1/adapters load and unload adapters under "
+                     f"{', '.join(settings.adapter_roots)}")
+        if not settings.api_key:
+            lines.append("  WARNING: adapter admin is on without an API key: anyone who reaches this port can load "
+                         "and unload adapters; set --api-key")
     return lines
 
 

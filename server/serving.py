@@ -21,8 +21,7 @@ from reasonmaxxer.steering.request import GateReport, Request, SteeringParams, T
 from reasonmaxxer.steering.sampling import SamplingParams
 
 __all__ = ["ApiError", "Choice", "Echo", "RequestFailed", "ShuttingDown", "admit", "attach_echo", "check_model",
-           "check_token_ids",
-           "encode", "plan", "release", "stream_all", "usage"]
+           "check_token_ids", "encode", "json_number", "plan", "release", "stream_all", "usage"]
 
 
 class ApiError(Exception):
@@ -250,8 +249,15 @@ async def stream_all(engine, choices: list[Choice], on_cancel=None,
 
 
 def usage(choices: list[Choice], prompt_counts: dict[int, int]) -> dict[str, Any]:
-    completion = sum(c.report.tokens for c in choices if c.report)
-    fired = sum(c.report.gate_fired for c in choices if c.report)
+    """OpenAI's usage with `steering` totals: a finished choice by its gate report, one cut short (the drain
+    ended it) by the tokens it delivered, as /metrics counts them."""
+    completion = fired = 0
+    for c in choices:
+        if c.report is not None:
+            completion, fired = completion + c.report.tokens, fired + c.report.gate_fired
+        else:
+            tokens = [e for e in c.events if e.token_id is not None]
+            completion, fired = completion + len(tokens), fired + sum(1 for e in tokens if e.fired)
     prompt = sum(prompt_counts.values())
     return {
         "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
@@ -272,6 +278,12 @@ def steering_report(report: GateReport | None, echo: Echo | None = None) -> dict
     out = report.to_dict()
     if echo is not None and echo.scores is not None:
         out["prompt_tokens_scored"], out["prompt_gate_fired"] = echo.scores.scored, echo.scores.fired
-    if out.get("threshold") is not None and math.isinf(out["threshold"]):
-        out["threshold"] = "inf"
+    if out.get("threshold") is not None:
+        out["threshold"] = json_number(out["threshold"])
     return out
+
+
+def json_number(x: float | None) -> float | str | None:
+    """A number for a JSON body: an infinite one (a gate that never fires) as the string "inf", as everywhere in
+    this API (JSON has no infinity)."""
+    return "inf" if x is not None and math.isinf(x) else x

@@ -1,8 +1,8 @@
-"""Server-sent events for `stream: true`: chunks as tokens arrive, the gate report in each choice's last
-chunk, an optional usage chunk, then `data: [DONE]`. A stream that cannot go on after its 200 (the engine
-could not run it, the drain ended, an internal error) sends one last event in OpenAI's error shape
-(`{"error": {...}}`), then `data: [DONE]`. If the client goes away, Starlette cancels this
-generator and `stream_all` cancels the generations (their slots free within one decode step)."""
+"""Server-sent events for `stream: true`: chunks as tokens arrive, the gate report in each choice's last chunk,
+an optional usage chunk, then `data: [DONE]`. A stream that cannot go on after its 200 (the engine could not
+run it, the drain ended, an internal error) ends with its usage chunk if asked (the tokens it delivered), one
+event in OpenAI's error shape (`{"error": {...}}`), then `data: [DONE]`. If the client goes away, Starlette
+cancels this generator and `stream_all` cancels the generations (their slots free within one decode step)."""
 
 from __future__ import annotations
 
@@ -40,10 +40,11 @@ async def sse(request, body, choices, chat: bool) -> AsyncIterator[str]:
             yield _event({**head, "choices": [_echo_piece(s, c)]})
     cancelled = functools.partial(s.metrics.observe_cancelled, s.served_name)
     events = stream_all(s.engine, [c for c in choices if c.generate], cancelled, s.stop)
+    failure = None
     try:
         async for choice, event in _until_failure(events):
-            if isinstance(event, dict):  # the stream cannot go on: a last event in OpenAI's error shape
-                yield _event(event)
+            if isinstance(event, dict):  # the stream cannot go on: its last event, in OpenAI's error shape
+                failure = event
                 break
             if first and event.token_id is not None:
                 first = False
@@ -64,9 +65,11 @@ async def sse(request, body, choices, chat: bool) -> AsyncIterator[str]:
     finally:
         await events.aclose()  # a client that left: cancel its generations now
     s.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-    if body.stream_options is not None and body.stream_options.include_usage:
+    if body.stream_options is not None and body.stream_options.include_usage:  # the tokens delivered, cut or not
         prompts = {c.index // body.n: c.prompt_tokens for c in choices}
         yield _event({**head, "choices": [], "usage": usage(choices, prompts)})
+    if failure is not None:
+        yield _event(failure)
     yield "data: [DONE]\n\n"
 
 

@@ -5,9 +5,14 @@ sleeps on a condition otherwise. `stream(request)` submits the request and yield
 thread produces them (delivered to the caller's event loop with `call_soon_threadsafe`); if the consumer
 stops early (client disconnect, `aclose`, task cancellation) the request is cancelled in the engine at
 the next step boundary, so its slot frees within one decode step. `submit` raises `EngineFull` when
-`max_waiting` requests are already queued. `close()` stops the thread after the running requests finish
-(or at once with `drain=False`). `call(fn, ...)` runs other work that uses the model (prompt logprobs) on
-the same thread between two steps, so it never races a step for the model's LoRA routes.
+`max_waiting` sequences are already queued. `close()` stops the thread after the running requests finish
+(or, with `drain=False`, after the step or job piece in progress, cancelling the rest).
+`call(fn, ...)` runs other work that uses the model (prompt logprobs) on the same thread, so it never races
+a step for the model's LoRA routes. Such a job is admitted like a request: it holds `weight` places of the
+`max_waiting` queue (counted in `num_waiting`) until it ends, and `call` raises `EngineFull` when they are
+not free. A job that is a generator runs one piece (one `next`) per turn of the thread, with a decode step
+between two pieces, so other work delays a running stream by at most one piece per token (a piece of prompt
+scoring: `prompt_logprobs.CHUNK` positions prefilled and scored).
 """
 
 from __future__ import annotations
@@ -15,13 +20,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from .engine import Engine
 from .request import Request, TokenEvent
 
 __all__ = ["AsyncEngine", "EngineFull"]
+
+CLOSE_TIMEOUT_S = 5.0  # the thread's step or scoring piece in progress; a daemon thread past this
 
 
 class EngineFull(RuntimeError):
@@ -36,7 +45,7 @@ class AsyncEngine:
         self._wake = threading.Condition()
         self._stopping = False
         self._error: BaseException | None = None
-        self._jobs: list[tuple[Any, tuple, asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._jobs: deque[_Job] = deque()  # FIFO; the head runs a piece per turn of the thread
         self._thread = threading.Thread(target=self._run, name="reasonmaxxer-engine", daemon=True)
         self._thread.start()
 
@@ -69,7 +78,8 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self.engine.num_waiting
+        """Queued sequences, and the places held by jobs (prompt scoring) not yet finished."""
+        return self.engine.num_waiting + sum(job.weight for job in list(self._jobs))
 
     async def ready(self) -> None:
         """Nothing to check before serving: the gate is this process's own code (the vLLM engine checks that its
@@ -77,19 +87,28 @@ class AsyncEngine:
 
     async def prompt_logprobs(self, prompts: list[list[int]], steering, top_n: int = 0, source: str = "steered",
                               key: int = 0) -> list:
-        """`Engine.prompt_logprobs`, run on the engine thread between two steps (ValueError if it cannot run)."""
-        return await self.call(self.engine.prompt_logprobs, prompts, steering, top_n, source, key)
+        """`Engine.prompt_logprobs` as a job of one place per prompt, run on the engine thread in pieces between
+        decode steps (ValueError if it cannot run, EngineFull if the queue has no room)."""
+        return await self.call(self.engine.prompt_logprobs_pieces, prompts, steering, top_n, source, key,
+                               weight=len(prompts))
 
-    async def call(self, fn, *args) -> Any:
-        """Run `fn(*args)` on the engine thread between two steps and return its result (or raise its error)."""
-        if self._stopping:
-            raise EngineFull("the server is shutting down")
+    async def call(self, fn, *args, weight: int = 1) -> Any:
+        """Run `fn(*args)` on the engine thread and return its result (or raise its error); a generator runs a
+        piece per turn, between decode steps, and its return value is the result. The job holds `weight`
+        places of the queue until it ends; EngineFull at once if they are not free or the engine is stopping."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        job = _Job(fn, args, weight, loop, loop.create_future())
         with self._wake:
-            self._jobs.append((fn, args, loop, future))
+            if self._stopping:
+                raise EngineFull("the server is shutting down")
+            if self.num_waiting + weight > self.max_waiting:
+                raise EngineFull(f"{self.num_waiting} requests are already waiting: retry later")
+            self._jobs.append(job)
             self._wake.notify()
-        return await future
+        try:
+            return await job.future
+        finally:
+            job.abandoned = True  # a caller gone (cancelled): the thread drops the job at its next piece
 
     def _run(self) -> None:
         while True:
@@ -98,9 +117,10 @@ class AsyncEngine:
                     self._wake.wait()
                 if self._stopping and not self.engine.has_work and not self._jobs:
                     return
-                jobs, self._jobs = self._jobs, []
-            for job in jobs:
-                _run_job(*job)
+                job = self._jobs[0] if self._jobs else None
+            if job is not None and job.advance():
+                with self._wake:
+                    self._jobs.remove(job)
             if not self.engine.has_work:
                 continue
             try:
@@ -174,28 +194,80 @@ class AsyncEngine:
                     self._wake.notify()
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        if not drain:
-            for rid in list(self._queues):
-                self.engine.cancel(rid)
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
+        """Stop the thread: with `drain`, after the running requests and jobs finish; without, after the step or
+        job piece in progress (every request cancelled, every job refused with EngineFull). Waits up to
+        `timeout` seconds for the thread; call it off the event loop (`asyncio.to_thread`), it blocks."""
+        self.stop(drain)
         self._thread.join(timeout)
 
+    async def aclose(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """`close(drain=False)` for an event loop: the wait for the thread runs in a worker thread."""
+        await asyncio.to_thread(self.close, False, timeout)
 
-def _run_job(fn, args: tuple, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
-    try:
-        result, error = fn(*args), None
-    except Exception as e:  # handed to the caller
-        result, error = None, e
+    def stop(self, drain: bool = True) -> None:
+        """`close` without the wait: safe on the event loop and from a signal handler."""
+        with self._wake:
+            self._stopping = True
+            if not drain:
+                for rid in list(self._queues):
+                    self.engine.cancel(rid)
+                for job in self._jobs:  # each ends at its next turn (the one in progress after its piece)
+                    job.abandoned = True
+            self._wake.notify()
 
-    def settle() -> None:
-        if future.done():  # the caller went away
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+    @property
+    def stopped(self) -> bool:
+        return not self._thread.is_alive()
 
-    with contextlib.suppress(RuntimeError):  # the caller's loop has closed
-        loop.call_soon_threadsafe(settle)
+
+@dataclass(eq=False)
+class _Job:
+    """Work for the engine thread: `fn(*args)`, run whole, or a piece per turn if it returns a generator."""
+
+    fn: Any
+    args: tuple
+    weight: int
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    gen: Iterator | None = None
+    abandoned: bool = False
+
+    def advance(self) -> bool:
+        """Run one piece; True when the job has ended (its result or error handed to the caller)."""
+        if self.abandoned:
+            if self.gen is not None:
+                self.gen.close()
+            self.settle(None, EngineFull("the server is shutting down"))
+            return True
+        try:
+            if self.gen is None:
+                out = self.fn(*self.args)
+                if not _is_generator(out):
+                    self.settle(out, None)
+                    return True
+                self.gen = out
+            next(self.gen)
+            return False
+        except StopIteration as done:
+            self.settle(done.value, None)
+        except Exception as e:  # handed to the caller
+            self.settle(None, e)
+        return True
+
+    def settle(self, result: Any, error: BaseException | None) -> None:
+        future = self.future
+
+        def settle() -> None:
+            if future.done():  # the caller went away
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the caller's loop has closed
+            self.loop.call_soon_threadsafe(settle)
+
+
+def _is_generator(obj: Any) -> bool:
+    return hasattr(obj, "__next__") and hasattr(obj, "send")

@@ -34,7 +34,7 @@ import dataclasses
 import math
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -50,7 +50,7 @@ from .lora import LoraRouter
 from .manifest import base_identity
 from .own import own_view
 from .packed import pack_linears, unpack_linears
-from .prompt_logprobs import PromptLogprobs, score_prompts
+from .prompt_logprobs import PromptLogprobs, score_pieces, score_prompts
 from .request import Completion, Request, SteeringParams, TokenEvent
 from .rows import Row
 from .sampling import sample
@@ -381,12 +381,22 @@ class Engine:
                         source: str = "steered", key: int = 0) -> list[PromptLogprobs]:
         """Logprobs of every prompt token under `steering`, from one prefill per prompt (prompt_logprobs.py).
         Call it from the thread that steps the engine (the LoRA router is shared); ValueError if it cannot run."""
+        self._check_scoring(prompts)
+        return score_prompts(self, prompts, self._adapter_for(steering), steering, top_n, source, key)
+
+    def prompt_logprobs_pieces(self, prompts: list[list[int]], steering: SteeringParams, top_n: int = 0,
+                               source: str = "steered", key: int = 0) -> Generator[None, None, list[PromptLogprobs]]:
+        """`prompt_logprobs` as a generator of pieces (CHUNK prompt positions prefilled and scored per `next`) that
+        returns the list: the arguments are checked before the first piece (ValueError)."""
+        self._check_scoring(prompts)
+        return score_pieces(self, prompts, self._adapter_for(steering), steering, top_n, source, key)
+
+    def _check_scoring(self, prompts: list[list[int]]) -> None:
         for ids in prompts:
             self._check_prompt(ids)
             if len(ids) > self.max_model_len:
                 raise ValueError(f"the prompt ({len(ids)} tokens) exceeds the model's context of "
                                  f"{self.max_model_len} tokens: shorten it")
-        return score_prompts(self, prompts, self._adapter_for(steering), steering, top_n, source, key)
 
     # ---- conveniences ----------------------------------------------------------------------------------
     def iter_events(self, requests: Iterable[Request]) -> Iterator[TokenEvent]:

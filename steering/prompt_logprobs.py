@@ -2,10 +2,12 @@
 request is served as, from one prefill. This is what a loglikelihood task (lm-eval's multiple choice)
 measures, so for a steered model it must be the steered model's, by the same gate as generation.
 
-Contract: `score_prompts(engine, prompts, adapter, steering, top_n, source, key)` returns one `PromptLogprobs` per
-prompt. Token 0 has no logprob (None: nothing predicts it). Token j >= 1 is scored by the distribution
-computed from the hidden state at token j - 1, exactly as a generated token is scored from the position
-before it:
+Contract: `score_prompts(engine, prompts, adapter, steering, top_n, source, key)` returns one `PromptLogprobs`
+per prompt; `score_pieces(...)` is the same work as a generator that yields after every CHUNK positions
+(their prefill over the cache of the positions before, and their scores) and returns that list (a server runs
+it a piece at a time between decode steps). Token 0 has no logprob (None: nothing predicts it). Token j >= 1
+is scored by the distribution computed from the hidden state at token j - 1, exactly as a generated token is
+scored from the position before it:
 - mode `off`: the base distribution.
 - `head` adapter: where the gate fires on the base entropy at j - 1 (`gated`: H > tau; `always`: every
   position; `random`: the coin `random_fire(key, -j, rate)`, prompt tokens keyed by negative positions so
@@ -17,12 +19,14 @@ before it:
 - a `Teacher`: at a fired position, the teacher's logits restricted to the base top-k candidates (k = 0:
   all), from one teacher forward over the prompt (run only if some position fires).
 `source` "base" reports the base distribution whatever the steering (`steering.logprobs: "base"`).
-`fired` counts the scored positions where the correction applied. Logits are taken in chunks of CHUNK
-positions, so a long prompt never holds (n, V) float32 logits at once.
+`fired` counts the scored positions where the correction applied. A prompt is prefilled and scored in chunks
+of CHUNK positions (over the cache of the positions before), so a long prompt never holds (n, V) float32
+logits at once, and a server can run other work between two chunks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +39,7 @@ from .rows import GateSettings
 from .sampling import top_logprobs
 from .teacher import Teacher, restrict
 
-__all__ = ["CHUNK", "PromptLogprobs", "score_prompts"]
+__all__ = ["CHUNK", "PromptLogprobs", "score_pieces", "score_prompts"]
 
 CHUNK = 256
 
@@ -56,38 +60,65 @@ def score_prompts(engine, prompts: list[list[int]], adapter: HeadAdapter | LoraA
                   steering: SteeringParams, top_n: int, source: str = "steered", key: int = 0) -> list[PromptLogprobs]:
     """Prompt logprobs of each prompt under `steering` with its resolved `adapter` (see the module docstring).
     Runs on the engine's thread (the LoRA router is shared state); `engine` is an `Engine`."""
+    pieces = score_pieces(engine, prompts, adapter, steering, top_n, source, key)
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as done:
+            return done.value
+
+
+def score_pieces(engine, prompts: list[list[int]], adapter: HeadAdapter | LoraAdapter | None,
+                 steering: SteeringParams, top_n: int, source: str = "steered",
+                 key: int = 0) -> Generator[None, None, list[PromptLogprobs]]:
+    """`score_prompts` a piece at a time: yields after every CHUNK positions of a prompt; returns the list."""
     gate = GateSettings.of(steering, adapter)
-    with torch.inference_mode():
-        return [_score_one(engine, ids, adapter, gate, top_n, source, key) for ids in prompts]
+    out = []
+    for ids in prompts:
+        out.append((yield from _score_one(engine, ids, adapter, gate, top_n, source, key)))
+    return out
 
 
 def _score_one(engine, ids: list[int], adapter, gate: GateSettings, top_n: int, source: str,
-               key: int) -> PromptLogprobs:
-    device = engine.model.device
-    x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, n)
-    routes = {adapter.name: torch.zeros(1, dtype=torch.long, device=device)} if gate.lora_always else {}
-    if engine.fused is not None and not routes:  # the fused prefill (fused.py), every position's hidden state
-        cache, hidden = engine.fused.prefill([list(ids)], every=True)  # (n, d)
-    else:
-        decoder = engine.model.get_decoder()
-        cache = new_cache()
-        with engine.lora.route(routes):
-            positions = torch.arange(len(ids), device=device)[None]  # (1, n)
-            out = decoder(input_ids=x, attention_mask=torch.ones_like(x), position_ids=positions, use_cache=True,
-                          **{cache_kwarg(decoder): cache})
-        hidden = out.last_hidden_state[0]
-    hidden = hidden[:-1]  # (n-1, d): row j-1 predicts token j
-    targets = x[0, 1:]  # (n-1,)
+               key: int) -> Generator[None, None, PromptLogprobs]:
+    """One prompt, CHUNK positions per piece: their prefill (over the cache of the positions before) and their
+    scores. A prompt of one chunk is prefilled whole (the fused prefill where it applies)."""
+    n, device = len(ids), engine.model.device
+    with torch.inference_mode():
+        x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, n)
     result = PromptLogprobs(list(ids), [None], [None])
     teacher = _TeacherPrompt(adapter, x) if isinstance(adapter, Teacher) else None
-    for start in range(0, hidden.shape[0], CHUNK):
-        end = min(start + CHUNK, hidden.shape[0])
-        lp, top, fired = _score_chunk(engine, x, cache, hidden[start:end], targets[start:end], start, adapter, gate,
-                                      top_n, source, key, teacher)
-        result.logprobs += lp
-        result.top += top
-        result.fired += fired
+    cache = None
+    for start in range(0, n, CHUNK):
+        end = min(start + CHUNK, n)
+        with torch.inference_mode():  # not across a yield: the caller's code between pieces is its own
+            cache, hidden = _prefill(engine, x, start, end, cache, adapter, gate)  # hidden: (end - start, d)
+            rows = min(end, n - 1) - start  # hidden row j predicts token j + 1; the last token predicts nothing
+            if rows > 0:
+                lp, top, fired = _score_chunk(engine, x, cache, hidden[:rows], x[0, start + 1:start + 1 + rows],
+                                              start, adapter, gate, top_n, source, key, teacher)
+                result.logprobs += lp
+                result.top += top
+                result.fired += fired
+        if end < n:
+            yield
     return result
+
+
+def _prefill(engine, x: torch.Tensor, start: int, end: int, cache, adapter, gate: GateSettings):
+    """Prefill prompt columns start..end-1 of x (1, n) over `cache` (the columns before; None at 0). Returns the
+    cache and their hidden states (end - start, d), adapted for lora-always."""
+    device = x.device
+    routes = {adapter.name: torch.zeros(1, dtype=torch.long, device=device)} if gate.lora_always else {}
+    if engine.fused is not None and not routes and start == 0 and end == x.shape[1]:  # the fused prefill (fused.py)
+        return engine.fused.prefill([x[0].tolist()], every=True)  # every position's hidden state (n, d)
+    decoder = engine.model.get_decoder()
+    cache = new_cache() if cache is None else cache
+    with engine.lora.route(routes):
+        positions = torch.arange(start, end, device=device)[None]  # (1, c)
+        out = decoder(input_ids=x[:, start:end], attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
+                      position_ids=positions, use_cache=True, **{cache_kwarg(decoder): cache})
+    return cache, out.last_hidden_state[0]
 
 
 def _score_chunk(engine, x, cache, hidden, targets, start: int, adapter, gate: GateSettings, top_n: int,

@@ -137,6 +137,35 @@ def test_a_one_token_prompt_and_long_prompts_in_chunks(setup, tiny_model, monkey
                                rtol=0)
 
 
+@pytest.mark.parametrize("steering", [{}, {"adapter": "head", "mode": "gated", "threshold": 0.0},
+                                      {"adapter": "lora", "mode": "always"}, {"adapter": "lora", "mode": "gated",
+                                                                              "threshold": 0.0},
+                                      {"adapter": "head", "mode": "random", "rate": 0.5}])
+def test_prefilled_in_chunks_the_scores_are_the_whole_prompts(setup, monkeypatch, steering):
+    """A server scores a long prompt a chunk at a time (prefill over the cache of the chunks before, then the
+    chunk's scores): the same numbers as one prefill, for every kind of steering."""
+    engine, _, _, ids = setup
+    if steering.get("adapter") == "lora":
+        steering = {**steering, "adapter": next(n for n, a in engine.adapters.items() if a.manifest.kind == "lora")}
+    from reasonmaxxer.steering import prompt_logprobs
+
+    whole = _scores(engine, ids, **steering)
+    monkeypatch.setattr(prompt_logprobs, "CHUNK", 4)
+    pieces = engine.prompt_logprobs_pieces([ids], SteeringParams(**steering), 3, "steered", 0)
+    turns = 0
+    try:
+        while True:
+            next(pieces)
+            turns += 1
+    except StopIteration as done:
+        chunked = done.value[0]
+    assert turns == (len(ids) - 1) // 4  # a piece per chunk of 4 positions, the last one returns
+    torch.testing.assert_close(torch.tensor(chunked.logprobs[1:]), torch.tensor(whole.logprobs[1:]), atol=ATOL,
+                               rtol=0)
+    assert chunked.fired == whole.fired and [[t for t, _ in top] for top in chunked.top[1:]] == \
+        [[t for t, _ in top] for top in whole.top[1:]]
+
+
 def test_unknown_adapter_and_empty_prompt_are_refused(setup):
     engine, _, _, ids = setup
     with pytest.raises(ValueError, match="unknown adapter"):

@@ -114,7 +114,7 @@ def test_an_unexpected_error_is_a_counted_500_in_openais_shape(tiny_model, token
     def broken(*_a, **_k):
         raise RuntimeError("boom")
 
-    state.engine.engine.prompt_logprobs = broken
+    state.engine.engine.prompt_logprobs_pieces = broken
     server, thread, url = _serve(create_app(settings, state))
     try:
         r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "echo": True, "max_tokens": 0,

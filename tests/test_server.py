@@ -246,6 +246,34 @@ def test_admin_never_tells_what_exists_outside_its_roots(admin, tmp_path):
     assert httpx.post(admin.url + "/v1/adapters", json={"path": 5}).status_code == 400
 
 
+def test_admin_opens_no_file_that_escapes_its_root_and_echoes_no_value_from_a_file(admin, tiny_model, tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"format_version": "SECRET-123"}')
+    folder = admin.root / "sneaky"
+    HeadAdapter.create(tiny_model, admin.state.tokenizer, "sneaky", b_std=0.5).save(folder)
+    (folder / "adapter.json").unlink()
+    (folder / "adapter.json").symlink_to(secret)  # a file symlink out of the root: refused before it is opened
+    outside = httpx.post(admin.url + "/v1/adapters", json={"path": str(folder)}).json()["error"]
+    assert outside["code"] == "outside_roots" and "SECRET" not in outside["message"]
+    (folder / "adapter.json").unlink()
+    (folder / "adapter.json").write_text(secret.read_text())  # inside the root, a bad value: named, not echoed
+    r = httpx.post(admin.url + "/v1/adapters", json={"path": str(folder)})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_adapter", r.text
+    assert "format_version" in r.json()["error"]["message"] and "SECRET" not in r.text
+
+
+def test_an_infinite_tau_reads_inf_everywhere(admin, tiny_model):
+    folder = admin.root / "never"
+    HeadAdapter.create(tiny_model, admin.state.tokenizer, "never", tau=float("inf"), b_std=0.5).save(folder)
+    assert httpx.post(admin.url + "/v1/adapters", json={"path": str(folder)}).status_code == 201
+    try:
+        listed = {a["id"]: a for a in httpx.get(admin.url + "/v1/adapters").json()["data"]}
+        r = httpx.post(admin.url + "/v1/completions", json={"model": "never", "prompt": "x", "max_tokens": 2})
+        assert listed["never"]["tau"] == "inf" == r.json()["choices"][0]["steering"]["threshold"]
+    finally:
+        httpx.delete(admin.url + "/v1/adapters/never")
+
+
 @pytest.mark.parametrize("name, message", [("a/b", "not allowed"), ("tiny", "served model's id"),
                                            (17, "not allowed"), ("", "not allowed")])
 def test_admin_refuses_unsafe_adapter_names(admin, tiny_model, name, message):
@@ -265,6 +293,10 @@ def test_auth(tiny_model, tokenizer, metrics_open):
         assert httpx.get(url + "/health").status_code == 200
         r = httpx.get(url + "/v1/models")
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        two = httpx.get(url + "/v1/models", headers=[("Authorization", "Bearer wrong"),
+                                                     ("Authorization", "Bearer sekret")])
+        assert two.status_code == 400 and "more than one Authorization header" in two.json()["error"]["message"]
         assert httpx.get(url + "/v1/models", headers={"Host": "localhost"}).status_code == 401
         assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
@@ -306,6 +338,7 @@ def test_full_queue_answers_503_before_any_stream_starts_and_a_request_larger_th
         for stream in (False, True):
             r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "stream": stream})
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
+            assert r.headers["Retry-After"] == "1"
         big = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "n": 2})
         assert big.status_code == 400 and "queues at most 1" in big.json()["error"]["message"]
         assert httpx.get(url + "/health").status_code == 200

@@ -76,7 +76,7 @@ def test_admin_loads_a_teacher_folder_and_refuses_another_vocabulary(server):
     r = httpx.post(server.url + "/v1/adapters", json={"path": str(server.root / "stranger")})
     assert r.status_code == 400, r.text
     message = r.json()["error"]["message"]
-    assert "teacher 'stranger' cannot steer this model" in message and "vocabularies differ" in message
+    assert "cannot steer this model" in message and "vocabularies differ" in message
     assert httpx.post(server.url + "/v1/completions", json={"model": "teach", "prompt": "x",
                                                             "max_tokens": 2}).status_code == 200
     r = httpx.post(server.url + "/v1/adapters", json={"path": str(server.root / "big")})

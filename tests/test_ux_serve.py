@@ -11,6 +11,8 @@ from reasonmaxxer.serve_cli import check_config
 from reasonmaxxer.server.runner import banner
 from reasonmaxxer.server.settings import Settings
 
+from conftest import free_port
+
 
 def test_the_banner_names_model_backend_dtype_device_adapters_url_and_auth(tiny_model, tokenizer):
     state, settings = _state(tiny_model, tokenizer, port=8123)
@@ -25,6 +27,13 @@ def test_the_banner_names_model_backend_dtype_device_adapters_url_and_auth(tiny_
         assert part in text, (part, text)
     state, settings = _state(tiny_model, tokenizer, api_key="k", metrics_open=False)
     assert "API key on" in "\n".join(banner(state, settings)) and "behind the key" in "\n".join(banner(state, settings))
+    assert "admin" not in "\n".join(banner(state, settings))
+    state, settings = _state(tiny_model, tokenizer, adapter_roots=["/srv/adapters"])
+    text = "\n".join(banner(state, settings))
+    assert "adapter admin on" in text and "/srv/adapters" in text
+    assert "WARNING: adapter admin is on without an API key" in text
+    state, settings = _state(tiny_model, tokenizer, adapter_roots=["/srv/adapters"], api_key="k")
+    assert "WARNING" not in "\n".join(banner(state, settings))
 
 
 def test_first_run_model_preparation_is_said_in_the_server_log(monkeypatch):
@@ -57,9 +66,24 @@ def test_an_adapter_for_another_base_of_the_same_shape_is_one_line_and_exit_2(tm
     manifest["name"] = "other-base"
     manifest["base_model"]["fingerprint"] = "sha256:" + "0" * 64
     (forged / "adapter.json").write_text(json.dumps(manifest))
-    out = subprocess.run([sys.executable, "-m", "reasonmaxxer.cli", "serve", "--adapter", str(forged), "--port", "1"],
+    out = subprocess.run([sys.executable, "-m", "reasonmaxxer.cli", "serve", "--adapter", str(forged), "--port",
+                          str(free_port())],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "was fitted on a different base" in errors[0], out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "Application startup failed" not in out.stderr
+
+
+def test_a_busy_port_is_one_line_and_exit_2_before_any_model_loads():
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "reasonmaxxer.cli", "serve", "--host", "127.0.0.1", "--port",
+                              str(port), "--model", "qwen2.5-coder-0.5b-instruct"], capture_output=True, text=True,
+                             timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "--port" in lines[0], out.stderr
+    assert "Traceback" not in out.stderr

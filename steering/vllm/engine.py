@@ -208,6 +208,7 @@ class VllmEngine(VllmSteering):
         self.llm, self.max_waiting, self.max_num_seqs = llm, max_waiting, max_num_seqs
         self._inflight = 0
         self._held: set[str] = set()  # admitted by open(), not yet iterated
+        self._stopping = False
 
     @classmethod
     def start(cls, model_path: str, tokenizer, max_waiting: int = 256, lora_rank: int | None = None,
@@ -255,6 +256,8 @@ class VllmEngine(VllmSteering):
         """Admit `request` now (ValueError / EngineFull here, before a response is sent): its place is held
         until its events are consumed or `release(request)` gives it back."""
         self.check(request)
+        if self._stopping:
+            raise EngineFull("the server is shutting down")
         if self.num_waiting >= self.max_waiting:
             raise EngineFull(f"{self.num_waiting} requests are already waiting: retry later")
         self._inflight += 1
@@ -300,7 +303,13 @@ class VllmEngine(VllmSteering):
                 "on the vLLM backend prompt logprobs (echo) come from the base model: vLLM computes them before "
                 "logits processors, so a steered model's cannot be exact. Set steering.logprobs to 'base', or "
                 "serve with --backend transformers for the steered model's prompt logprobs")
-        return list(await asyncio.gather(*(self._prompt_logprobs(ids, top_n) for ids in prompts)))
+        if self.num_waiting + len(prompts) > self.max_waiting:  # admitted like generation: a place per prompt
+            raise EngineFull(f"{self.num_waiting} requests are already waiting: retry later")
+        self._inflight += len(prompts)
+        try:
+            return list(await asyncio.gather(*(self._prompt_logprobs(ids, top_n) for ids in prompts)))
+        finally:
+            self._inflight -= len(prompts)
 
     async def _prompt_logprobs(self, ids: list[int], top_n: int) -> PromptLogprobs:
         from vllm import SamplingParams
@@ -328,9 +337,19 @@ class VllmEngine(VllmSteering):
             result.top.append(top)
         return result
 
+    def stop(self, drain: bool = True) -> None:
+        """Take no new work (EngineFull); the server's stop event ends what runs, each stream aborting its
+        request in vLLM as it closes."""
+        self._stopping = True
+
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        self._stopping = True
         self.llm.shutdown()
         self._release()
+
+    async def aclose(self) -> None:
+        """`close`, on the event loop that runs vLLM's output handler (its shutdown cancels that task)."""
+        self.close()
 
 
 def events_of(rid: str, out, report: GateReport, n_logprobs: int | None) -> list[TokenEvent]:
