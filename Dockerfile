@@ -11,7 +11,10 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     REASONMAXXER_CACHE=/home/app/.cache/reasonmaxxer \
     REASONMAXXER_HOST=0.0.0.0 \
-    REASONMAXXER_PORT=8000
+    REASONMAXXER_PORT=8000 \
+    REASONMAXXER_DRAIN_TIMEOUT_S=8
+# The drain fits `docker stop`'s default 10 s grace period; to give running requests longer, raise both
+# together: `docker run --stop-timeout 40 -e REASONMAXXER_DRAIN_TIMEOUT_S=30 ...` (compose.yaml does).
 
 RUN useradd --create-home --uid 1000 app
 WORKDIR /app

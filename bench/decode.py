@@ -45,6 +45,7 @@ import sys
 import time
 
 import torch
+from machine import describe, header
 
 from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.allocator import tune_malloc
@@ -311,10 +312,13 @@ def main() -> None:
         extra["fp32"] = Engine(copy.deepcopy(model).float(), tokenizer, max_batch_size=64, name=args.model)
     llm = (start_vllm(resolve_model(args.model), prefix_cache=args.vllm_prefix_cache, dtype=args.vllm_dtype)
            if args.vllm else None)
+    machine = describe()
+    print(header(machine), flush=True)
     rows = [measure(model, tokenizer, engine, int(s), args, llm, extra) for s in args.streams.split(",")]
-    print_table(args, rows)
+    print_table(args, rows, machine)
     if args.json:
-        payload = {"model": args.model, "dtype": args.dtype, "device": args.device, "fire_target": args.fire_rate,
+        payload = {"machine": machine, "model": args.model, "dtype": args.dtype, "device": args.device,
+                   "fire_target": args.fire_rate,
                    "new_tokens": args.new_tokens, "repeats": args.repeats,
                    "vllm_prefix_cache": args.vllm_prefix_cache if args.vllm else None,
                    "vllm_dtype": args.vllm_dtype if args.vllm else None, "results": rows}
@@ -323,9 +327,10 @@ def main() -> None:
         print(f"wrote {args.json}")
 
 
-def print_table(args, rows: list[dict]) -> None:
+def print_table(args, rows: list[dict], machine: dict) -> None:
     vllm = f", vLLM in {args.vllm_dtype}" if args.vllm else ""
-    print(f"\nmodel {args.model} ({args.dtype}{vllm}, {args.device}, {torch.get_num_threads()} threads), "
+    print(f"\n{header(machine)}")
+    print(f"model {args.model} ({args.dtype}{vllm}, {args.device}, {torch.get_num_threads()} threads), "
           f"{args.new_tokens} new tokens/stream, median of {args.repeats}; tau calibrated per row for "
           f"{args.fire_rate:.0%} of base tokens")
     arms = list(rows[0]["tokens_per_s"])

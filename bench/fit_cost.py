@@ -21,6 +21,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from machine import describe, header
+
 from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.models import load_model
@@ -95,7 +97,9 @@ def main() -> None:
         _, history, _ = fit_lora(model32, tok, lora_items, tau, lora_args, None)
         info.update(steps=len(history), sequences=len(lora_items))
 
-    print(f"\n{args.model} on this machine: {len(problems)} problems x {args.samples} samples, "
+    machine = describe()
+    print(f"\n{header(machine)}")
+    print(f"{args.model} on this machine: {len(problems)} problems x {args.samples} samples, "
           f"max {args.max_new_tokens} new tokens ({summary['rollouts']} rollouts, pass@1 {summary['pass@1']:.3f}, "
           f"{summary['mixed_problems']} mixed problems)")
     print(f"{'stage':32} {'wall s':>8} {'peak RSS GB':>12} {'delta GB':>9}  detail")
@@ -103,7 +107,8 @@ def main() -> None:
         detail = {k: v for k, v in r.items() if k not in ("wall_s", "peak_rss_gb", "delta_gb")}
         print(f"{name:32} {r['wall_s']:>8.1f} {r['peak_rss_gb']:>12.2f} {r['delta_gb']:>9.2f}  {detail}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "summary": summary, "stages": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"machine": machine, "args": vars(args), "summary": summary,
+                                               "stages": results}, indent=2))
         print(f"wrote {args.json}")
 
 

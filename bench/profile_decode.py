@@ -22,6 +22,7 @@ import argparse
 import json
 import time
 
+from machine import describe, header
 from torch.profiler import ProfilerActivity, profile
 
 from reasonmaxxer.steering.allocator import tune_malloc
@@ -86,6 +87,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     model, tokenizer = load_model(args.model, dtype=args.dtype)
+    machine = describe()
+    print(header(machine))
     print(f"model {args.model} in {str(model.dtype).removeprefix('torch.')}, {args.new_tokens} tokens per stream")
     arms = args.arms.split(",")
     engine = bench_engine(model, tokenizer, args.model, lora=any(a.startswith("lora") for a in arms),
@@ -103,7 +106,8 @@ def main() -> None:
         for arm in arms:
             r = profile_arm(engine, prompts, args.new_tokens, steering[arm], args.top)
             print_arm(streams, arm, r)
-            results.append({"streams": streams, "arm": arm, "hidden": d, "dtype": str(model.dtype), **r})
+            results.append({"streams": streams, "arm": arm, "hidden": d, "dtype": str(model.dtype), "machine": machine,
+                            **r})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -3,6 +3,7 @@ the clients' own tallies against the server's /metrics.
 
     python bench/soak.py --url http://127.0.0.1:8000 [--streams 32] [--duration 120] [--bad-fraction 0.1]
                          [--max-tokens 32] [--api-key KEY] [--seed 0] [--json]
+                         [--pid SERVER_PID [--rss-every 60] [--plot rss.svg]]
 
 `--streams` client loops run for `--duration` seconds (a request under way when time is up is finished, not
 cut). Each request is a streaming chat or text completion (`stream: true`, `stream_options.include_usage`)
@@ -14,6 +15,10 @@ The clients record the status codes, and for every good request whether its stre
 `reasonmaxxer_gate_fired_tokens_total` and `reasonmaxxer_responses_total{status}` are compared with the
 clients' sums (the first scrape's own 200 is counted by the server after it answers, so one 200 is added).
 The server must have no other clients meanwhile. A progress line goes to stderr every 10 s.
+With `--pid` (the server's process, on this machine) its resident memory is sampled every `--rss-every`
+seconds from /proc (at the start, then each interval, then at the end): the series, its start / peak / end,
+and the growth over the second half of the run in MB per hour (a plateau reads near 0) go into the report;
+`--plot FILE` draws the curve as an SVG. Memory is reported, not asserted.
 
 Contract: it prints a summary table (or, with `--json`, one JSON object of every figure) and exits 1 if any
 response was a 5xx, any good request's stream lacked `data: [DONE]` or its usage chunk, any request failed
@@ -34,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import httpx
+from machine import describe, header
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then half as many in May. How many in total?",
@@ -215,10 +221,68 @@ async def progress(tally: Tally, start: float, every: float, log) -> None:
               f"({tally.completion_tokens / t:.0f}/s), gate fired {tally.gate_fired}", file=log, flush=True)
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of process `pid` in MB (VmRSS from /proc)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise ValueError(f"/proc/{pid}/status has no VmRSS line")
+
+
+async def sample_rss(pid: int, every: float, start: float, series: list[tuple[float, float]], log) -> None:
+    """Append (seconds since start, MB) every `every` seconds until cancelled."""
+    while True:
+        series.append((round(time.monotonic() - start, 1), round(rss_mb(pid), 1)))
+        print(f"[{series[-1][0]:5.0f}s] server RSS {series[-1][1]:.0f} MB", file=log, flush=True)
+        await asyncio.sleep(every)
+
+
+def rss_summary(series: list[tuple[float, float]]) -> dict[str, Any]:
+    """Start, peak and end of the series, and the least-squares slope over its second half in MB per hour."""
+    if not series:
+        return {}
+    half = [p for p in series if p[0] >= series[-1][0] / 2]
+    slope = None
+    if len(half) >= 2:
+        mt, mr = statistics.fmean(t for t, _ in half), statistics.fmean(r for _, r in half)
+        var = sum((t - mt) ** 2 for t, _ in half)
+        slope = round(sum((t - mt) * (r - mr) for t, r in half) / var * 3600, 1) if var else None
+    return {"rss_mb": [list(p) for p in series], "rss_start_mb": series[0][1],
+            "rss_peak_mb": max(r for _, r in series), "rss_end_mb": series[-1][1],
+            "rss_second_half_mb_per_hour": slope}
+
+
+def plot_rss(series: list[tuple[float, float]], path: str, title: str) -> None:
+    """The RSS curve as a small SVG (no plotting library needed): minutes across, MB up."""
+    w, h, pad = 640, 320, 48
+    t_max = max(t for t, _ in series) or 1.0
+    r_max = max(r for _, r in series) * 1.1 or 1.0
+    x = lambda t: pad + (w - 2 * pad) * t / t_max  # noqa: E731
+    y = lambda r: h - pad - (h - 2 * pad) * r / r_max  # noqa: E731
+    points = " ".join(f"{x(t):.1f},{y(r):.1f}" for t, r in series)
+    ticks = []
+    for i in range(5):
+        r = r_max * i / 4
+        ticks.append(f'<line x1="{pad}" x2="{w - pad}" y1="{y(r):.1f}" y2="{y(r):.1f}" stroke="#ddd"/>'
+                     f'<text x="{pad - 6}" y="{y(r) + 4:.1f}" text-anchor="end">{r:.0f}</text>')
+        t = t_max * i / 4
+        ticks.append(f'<text x="{x(t):.1f}" y="{h - pad + 16}" text-anchor="middle">{t / 60:.0f}</text>')
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" '
+           f'font-size="11">\n<rect width="{w}" height="{h}" fill="white"/>\n{"".join(ticks)}\n'
+           f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{points}"/>\n'
+           f'<text x="{w / 2}" y="18" text-anchor="middle" font-size="13">{title}</text>\n'
+           f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">minutes</text>\n'
+           f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">RSS (MB)</text>\n'
+           "</svg>\n")
+    with open(path, "w") as f:
+        f.write(svg)
+
+
 async def soak(url: str, streams: int = 32, duration: float = 120.0, bad_fraction: float = 0.1,
                max_tokens: int = 32, api_key: str | None = None, seed: int = 0, progress_every: float = 10.0,
-               log=sys.stderr) -> dict[str, Any]:
-    """Run the soak against `url` and return every figure (see `report`)."""
+               log=sys.stderr, pid: int | None = None, rss_every: float = 60.0) -> dict[str, Any]:
+    """Run the soak against `url` and return every figure (see `report`); with `pid`, the server's RSS too."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=streams + 2, max_keepalive_connections=streams + 2)
     timeout = httpx.Timeout(300.0, connect=10.0)
@@ -226,16 +290,23 @@ async def soak(url: str, streams: int = 32, duration: float = 120.0, bad_fractio
         models = await discover(client)
         before = await scrape(client)
         tally, start = Tally(), time.monotonic()
-        ticker = asyncio.create_task(progress(tally, start, progress_every, log))
+        series: list[tuple[float, float]] = []
+        tickers = [asyncio.create_task(progress(tally, start, progress_every, log))]
+        if pid is not None:
+            tickers.append(asyncio.create_task(sample_rss(pid, rss_every, start, series, log)))
         loops = [client_loop(client, random.Random(seed * 1_000_003 + i), start + duration, models, bad_fraction,
                              max_tokens, tally) for i in range(streams)]
         try:
             await asyncio.gather(*loops)
         finally:
-            ticker.cancel()
+            for t in tickers:
+                t.cancel()
         wall = time.monotonic() - start
+        if pid is not None:
+            series.append((round(wall, 1), round(rss_mb(pid), 1)))
         after = await scrape(client)
-    return report(tally, compare(before, after, tally), wall, streams, models)
+    return {**report(tally, compare(before, after, tally), wall, streams, models), **rss_summary(series),
+            "client_machine": describe()}
 
 
 def report(tally: Tally, metrics: dict[str, Any], wall: float, streams: int, models) -> dict[str, Any]:
@@ -266,6 +337,7 @@ def report(tally: Tally, metrics: dict[str, Any], wall: float, streams: int, mod
 def print_summary(f: dict[str, Any], out=sys.stdout) -> None:
     m = f["metrics"]
     rows = [
+        ("client machine", header(f["client_machine"]).removeprefix("machine: ")),
         ("model (adapters)", f"{f['model']} ({', '.join(f['adapters']) or 'none'})"),
         ("streams, wall", f"{f['streams']}, {f['wall_s']} s"),
         ("requests (good / bad)", f"{f['requests']} ({f['good']} / {f['bad']}; bad fraction {f['bad_fraction']})"),
@@ -280,8 +352,11 @@ def print_summary(f: dict[str, Any], out=sys.stdout) -> None:
                                        f"(fire rate {f['fire_rate']})"),
         ("responses server", json.dumps(m["server_responses"])),
         ("responses client (+1 scrape)", json.dumps(m["client_responses"])),
-        ("result", "OK" if not f["failures"] else "FAIL: " + "; ".join(f["failures"])),
     ]
+    if "rss_start_mb" in f:
+        rows.append(("server RSS start / peak / end", f"{f['rss_start_mb']:.0f} / {f['rss_peak_mb']:.0f} / "
+                     f"{f['rss_end_mb']:.0f} MB; second half {f['rss_second_half_mb_per_hour']} MB/h"))
+    rows.append(("result", "OK" if not f["failures"] else "FAIL: " + "; ".join(f["failures"])))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}", file=out)
@@ -297,9 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object of every figure")
+    p.add_argument("--pid", type=int, default=None, help="the server's process id: sample its resident memory")
+    p.add_argument("--rss-every", type=float, default=60.0, help="seconds between RSS samples (with --pid)")
+    p.add_argument("--plot", default=None, metavar="FILE", help="draw the RSS curve into FILE (SVG; with --pid)")
     a = p.parse_args(argv)
+    if a.plot and a.pid is None:
+        p.error("--plot draws the server's RSS: give the server's process id with --pid")
     figures = asyncio.run(soak(a.url.rstrip("/"), a.streams, a.duration, a.bad_fraction, a.max_tokens, a.api_key,
-                               a.seed))
+                               a.seed, pid=a.pid, rss_every=a.rss_every))
+    if a.plot:
+        plot_rss([tuple(p) for p in figures["rss_mb"]], a.plot,
+                 f"server RSS, {a.streams} clients, {a.bad_fraction:.0%} bad, {figures['wall_s'] / 60:.0f} min")
     if a.json:
         print(json.dumps(figures, indent=2))
     else:

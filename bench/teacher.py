@@ -9,6 +9,8 @@ EOS ignored) with:
 - `gated`: the same engine with `--teacher` registered as a teacher, gated at the base-entropy quantile
   that fires on about `--fire-rate` of a base run's tokens (the measured rate is printed: firing changes
   the text, so it drifts);
+- `per-row`: `gated` with each fired row's teacher prefill in its own forward (the path before
+  `teacher.next_logits` batched a step's fired rows): `gated/per-row` is what the batching buys;
 - `teacher`: our engine on the teacher model alone (what a cascade saves against).
 The arms run interleaved `--repeats` times, their order rotating; tokens/s comes from the median wall time
 and each ratio is the median of the per-repeat ratios (pairing cancels this VM's drift). Also printed: the
@@ -26,7 +28,9 @@ import time
 
 import torch
 from decode import chat_prompts
+from machine import describe, header
 
+from reasonmaxxer.steering import rows
 from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.models import load_model
@@ -35,7 +39,21 @@ from reasonmaxxer.steering.sampling import SamplingParams
 from reasonmaxxer.steering.teacher import Teacher
 
 
-def run(engine: Engine, prompts, new_tokens: int, steering: SteeringParams) -> tuple[float, list]:
+def per_row(cursors, texts):
+    """The teacher prefills one forward per fired row (what `teacher.next_logits` batches)."""
+    return [c.logits(t) for c, t in zip(cursors, texts, strict=True)]
+
+
+def run(engine: Engine, prompts, new_tokens: int, steering: SteeringParams, one_by_one: bool = False) -> tuple:
+    batched = rows.next_logits
+    rows.next_logits = per_row if one_by_one else batched
+    try:
+        return _run(engine, prompts, new_tokens, steering)
+    finally:
+        rows.next_logits = batched
+
+
+def _run(engine: Engine, prompts, new_tokens: int, steering: SteeringParams) -> tuple[float, list]:
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     done = engine.generate([Request(p, sp, steering) for p in prompts])
@@ -46,7 +64,7 @@ def run(engine: Engine, prompts, new_tokens: int, steering: SteeringParams) -> t
 
 def quantile_tau(engine: Engine, prompts, new_tokens: int, fire_rate: float) -> float:
     """The base-entropy quantile that a base run exceeds on `fire_rate` of its tokens."""
-    _, reports = run(engine, prompts, new_tokens, SteeringParams("bench-teacher", "gated", float("inf"), trace=True))
+    _, reports = _run(engine, prompts, new_tokens, SteeringParams("bench-teacher", "gated", float("inf"), trace=True))
     h = torch.tensor([t.entropy for r in reports for t in r.trace])
     return float(h.quantile(1.0 - fire_rate))
 
@@ -58,6 +76,7 @@ def measure(base: Engine, alone: Engine, streams: int, args) -> dict:
     gated = SteeringParams("bench-teacher", "gated", tau)
     arms = {"base": lambda: run(base, prompts, args.new_tokens, SteeringParams()),
             "gated": lambda: run(base, prompts, args.new_tokens, gated),
+            "per-row": lambda: run(base, prompts, args.new_tokens, gated, one_by_one=True),
             "teacher": lambda: run(alone, prompts, args.new_tokens, SteeringParams())}
     for arm in arms.values():  # warm-up
         arm()
@@ -65,7 +84,7 @@ def measure(base: Engine, alone: Engine, streams: int, args) -> dict:
     fired, teacher_tokens = [], []
     names = list(arms)
     for i in range(args.repeats):
-        for name in names[i % 3:] + names[: i % 3]:
+        for name in names[i % len(names):] + names[: i % len(names)]:
             t, reports = arms[name]()
             times[name].append(t)
             if name == "gated":
@@ -77,7 +96,8 @@ def measure(base: Engine, alone: Engine, streams: int, args) -> dict:
     return {"streams": streams, "tau": tau, "tokens_per_s": tps, "fire_rate": statistics.mean(fired),
             "teacher_tokens_per_token": statistics.mean(teacher_tokens),
             "gated_over_base": paired("gated", "base"), "teacher_over_base": paired("teacher", "base"),
-            "gated_over_teacher": paired("gated", "teacher"), "wall_s": times}
+            "gated_over_teacher": paired("gated", "teacher"), "gated_over_per_row": paired("gated", "per-row"),
+            "wall_s": times}
 
 
 def main() -> None:
@@ -99,21 +119,24 @@ def main() -> None:
     base = Engine(model, tokenizer, max_batch_size=64, name=args.model)
     base.add_adapter(Teacher.create(t_model, t_tokenizer, "bench-teacher"))
     alone = Engine(t_model, t_tokenizer, max_batch_size=64, name=args.teacher)
-    rows = [measure(base, alone, int(s), args) for s in args.streams.split(",")]
+    machine = describe()
+    print(header(machine), flush=True)
+    results = [measure(base, alone, int(s), args) for s in args.streams.split(",")]
 
-    print(f"\nbase {args.model}, teacher {args.teacher} ({args.dtype}, {args.device}, {torch.get_num_threads()} "
-          f"threads), {args.new_tokens} new tokens/stream, median of {args.repeats}")
-    print(f"{'streams':>7} {'base':>8} {'gated':>8} {'teacher':>8} {'fire':>6} {'t-tok/tok':>9} "
-          f"{'gated/base':>10} {'teacher/base':>12} {'gated/teacher':>13}")
-    for r in rows:
+    print(f"\n{header(machine)}")
+    print(f"base {args.model}, teacher {args.teacher} ({args.dtype}, {args.device}), {args.new_tokens} new "
+          f"tokens/stream, median of {args.repeats}")
+    print(f"{'streams':>7} {'base':>8} {'gated':>8} {'per-row':>8} {'teacher':>8} {'fire':>6} {'t-tok/tok':>9} "
+          f"{'gated/base':>10} {'teacher/base':>12} {'gated/teacher':>13} {'gated/per-row':>13}")
+    for r in results:
         t = r["tokens_per_s"]
-        print(f"{r['streams']:>7} {t['base']:>8.1f} {t['gated']:>8.1f} {t['teacher']:>8.1f} {r['fire_rate']:>6.3f} "
-              f"{r['teacher_tokens_per_token']:>9.2f} {r['gated_over_base']:>10.3f} {r['teacher_over_base']:>12.3f} "
-              f"{r['gated_over_teacher']:>13.3f}")
+        print(f"{r['streams']:>7} {t['base']:>8.1f} {t['gated']:>8.1f} {t['per-row']:>8.1f} {t['teacher']:>8.1f} "
+              f"{r['fire_rate']:>6.3f} {r['teacher_tokens_per_token']:>9.2f} {r['gated_over_base']:>10.3f} "
+              f"{r['teacher_over_base']:>12.3f} {r['gated_over_teacher']:>13.3f} {r['gated_over_per_row']:>13.3f}")
     if args.json:
-        payload = {"model": args.model, "teacher": args.teacher, "dtype": args.dtype, "device": args.device,
-                   "fire_target": args.fire_rate, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                   "results": rows}
+        payload = {"machine": machine, "model": args.model, "teacher": args.teacher, "dtype": args.dtype,
+                   "device": args.device, "fire_target": args.fire_rate, "new_tokens": args.new_tokens,
+                   "repeats": args.repeats, "results": results}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
         print(f"wrote {args.json}")

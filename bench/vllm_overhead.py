@@ -30,6 +30,8 @@ import subprocess
 import sys
 import time
 
+from machine import describe, header
+
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
     "How many clips did Natalia sell altogether in April and May?",
@@ -247,8 +249,8 @@ def main() -> None:
     adapter = str(default_adapter(args.model))
     cs = [int(c) for c in args.concurrency.split(",")]
     ids_by_c = {c: prompts(tokenizer, c) for c in cs}
-    report: dict = {"model": args.model, "new_tokens": args.new_tokens, "repeats": args.repeats, "engines": {},
-                    "servers": {}}
+    report: dict = {"machine": describe(), "model": args.model, "new_tokens": args.new_tokens,
+                    "repeats": args.repeats, "engines": {}, "servers": {}}
 
     plain, steered = start_engines(path)
     for c in cs:
@@ -284,7 +286,8 @@ def main() -> None:
 
 
 def print_table(report: dict) -> None:
-    print(f"\nengines, tokens/s ({report['new_tokens']} tokens per request, greedy; ratio vs plain vLLM)")
+    print(f"\n{header(report['machine'])}")
+    print(f"engines, tokens/s ({report['new_tokens']} tokens per request, greedy; ratio vs plain vLLM)")
     print(f"{'conc':>5} {'plain':>8} {'plugin-off':>11} {'gated':>8} {'always':>8}  {'fire':>5}  "
           f"{'off/plain':>9} {'gated/plain':>11} {'always/plain':>12}")
     for c, r in report["engines"].items():

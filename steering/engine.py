@@ -52,7 +52,7 @@ from .own import own_view
 from .packed import pack_linears, unpack_linears
 from .prompt_logprobs import PromptLogprobs, score_pieces, score_prompts
 from .request import Completion, Request, SteeringParams, TokenEvent
-from .rows import Row
+from .rows import Row, teacher_logits
 from .sampling import sample
 from .teacher import Teacher, restrict
 
@@ -280,7 +280,8 @@ class Engine:
         Head adapters are applied on the device to every row that uses one, where fired (no host sync); on the
         CPU, where reading the fired mask is free, to the fired rows only (and not at all in a step with none).
         Gated LoRA and teacher rows need to know which fired first: one transfer of the fired mask, then one
-        recompute forward for every fired LoRA row (whatever its adapter) and a teacher forward per fired row."""
+        recompute forward for every fired LoRA row (whatever its adapter) and, per teacher, batched forwards for
+        its fired rows (teacher.next_logits)."""
         heads: dict[tuple[str, int], list[int]] = {}
         second: list[int] = []  # rows whose correction runs a model: gated LoRA, teachers
         for i, row in enumerate(rows):
@@ -308,9 +309,9 @@ class Engine:
         loras = [i for i in fired_second if isinstance(rows[i].adapter, LoraAdapter)]
         if loras:
             out[loras] = self._recompute_current(batch, loras, [rows[i].adapter.name for i in loras])
-        for i in fired_second:
-            if isinstance(rows[i].adapter, Teacher):  # over what its lazy cache has not seen
-                out[i] = restrict(rows[i].teacher_logits().to(logits.device), logits[i], rows[i].cand_k)
+        teach = [i for i in fired_second if isinstance(rows[i].adapter, Teacher)]
+        for i, t in zip(teach, teacher_logits([rows[i] for i in teach]), strict=True):  # batched per teacher
+            out[i] = restrict(t.to(logits.device), logits[i], rows[i].cand_k)
         return out
 
     def _head_delta(self, adapter: HeadAdapter, k: int, hidden, logits, fired) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,9 +19,9 @@ from .adapters import HeadAdapter, LoraAdapter
 from .detok import TextStream
 from .request import GateReport, Request, TokenEvent, TraceEntry, random_rate
 from .sampling import row_seed, top_logprobs, uniform
-from .teacher import Teacher, TeacherCursor
+from .teacher import Teacher, TeacherCursor, next_logits
 
-__all__ = ["GateSettings", "Row"]
+__all__ = ["GateSettings", "Row", "teacher_logits"]
 
 DEFAULT_TOP_K = 5
 
@@ -77,10 +77,7 @@ class Row:
 
     def teacher_logits(self) -> torch.Tensor:
         """The teacher's next-token logits after this row's text so far (prefilling what it has not seen)."""
-        before = self.cursor.tokens
-        logits = self.cursor.logits(self.request.prompt_ids + self.token_ids)
-        self.report.teacher_tokens += self.cursor.tokens - before
-        return logits
+        return teacher_logits([self])[0]
 
     @property
     def request_id(self) -> str:
@@ -141,3 +138,20 @@ class Row:
         logits = base if self.params.logprobs_source == "base" else steered
         chosen, values, indices = top_logprobs(logits[None], torch.tensor([token], device=logits.device), n)
         return float(chosen[0]), list(zip(indices[0].tolist(), values[0].tolist(), strict=True))
+
+
+def teacher_logits(rows: list[Row]) -> list[torch.Tensor]:
+    """Each teacher row's next-token logits after its text so far: the rows of one teacher in batched forwards
+    (`teacher.next_logits`); each row's report counts the tokens its teacher processed."""
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    by_teacher: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_teacher.setdefault(id(row.cursor.teacher), []).append(i)
+    for idx in by_teacher.values():
+        before = [rows[i].cursor.tokens for i in idx]
+        logits = next_logits([rows[i].cursor for i in idx], [rows[i].request.prompt_ids + rows[i].token_ids
+                                                             for i in idx])
+        for i, was, lg in zip(idx, before, logits, strict=True):
+            rows[i].report.teacher_tokens += rows[i].cursor.tokens - was
+            out[i] = lg
+    return out

@@ -14,6 +14,11 @@ Contract (DESIGN.md, "Teachers"):
   request's text (prompt + generated). At a fired position it prefills every token since its last fire
   in one forward (`logits`), so a teacher costs one forward per fire plus the prefill of the text it has
   not yet seen; `tokens` counts what it processed.
+- `next_logits(cursors, texts)` does the same for the rows of one decode step that fired on one teacher, in
+  one forward per group of similar new lengths (`batch.prefill_groups`) instead of one per row: each row's
+  cache is left-padded to the group's longest, its new tokens left-padded to the group's most, a mask
+  hides both paddings and positions continue each row's own; the rows' caches are cut back out after. The
+  logits equal the per-row path's to float rounding (tests: the same tokens, greedy and seeded).
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from typing import Any
 
 import torch
 
-from .batch import forward_hidden, new_cache
+from .batch import forward_hidden, new_cache, prefill_groups
 from .manifest import NAME, AdapterError, GateSpec, Manifest, base_identity
 
-__all__ = ["PAPER_TAU", "Teacher", "TeacherCursor", "check_vocabulary", "load_teacher", "restrict",
+__all__ = ["PAPER_TAU", "Teacher", "TeacherCursor", "check_vocabulary", "load_teacher", "next_logits", "restrict",
            "vocabulary_difference"]
 
 PAPER_TAU = 1.4  # the released recipe's fixed entropy threshold (nats): a teacher's default gate
@@ -152,3 +157,62 @@ class TeacherCursor:
         hidden = forward_hidden(self.teacher.model, inputs, mask, positions, self.cache)  # (1, d)
         self.seen, self.tokens = len(ids), self.tokens + len(new)
         return self.teacher.lm_head(hidden).float()[0]
+
+
+def next_logits(cursors: list[TeacherCursor], texts: list[list[int]]) -> list[torch.Tensor]:
+    """`cursor.logits(text)` for every pair (cursors of one teacher), batched: one forward per group of rows
+    whose new token counts are alike. -> float32 (V_teacher,) per row, in order."""
+    if len(cursors) == 1:
+        return [cursors[0].logits(texts[0])]
+    out: list[torch.Tensor | None] = [None] * len(cursors)
+    news = [len(t) - c.seen for c, t in zip(cursors, texts, strict=True)]
+    if min(news) < 1:
+        raise ValueError("the teacher has already seen every token of a row: it needs at least one new token")
+    for group in prefill_groups(news):
+        logits = _prefill_group([cursors[i] for i in group], [texts[i] for i in group])  # (b, V_t)
+        for j, i in enumerate(group):
+            out[i] = logits[j]
+    return out
+
+
+def _prefill_group(cursors: list[TeacherCursor], texts: list[list[int]]) -> torch.Tensor:
+    """One forward for these rows: [left pad | row cache | left pad | new tokens] per row, S + N columns.
+    Returns the next-token logits (b, V_t) and leaves each cursor holding its own cache of the whole text."""
+    teacher = cursors[0].teacher
+    device = teacher.model.device
+    seen = [c.seen for c in cursors]
+    news = [t[c.seen:] for c, t in zip(cursors, texts, strict=True)]
+    b, s, n = len(cursors), max(seen), max(len(x) for x in news)
+    ids = torch.zeros((b, n), dtype=torch.long, device=device)  # (b, N), left-padded with token 0 (masked)
+    mask = torch.zeros((b, s + n), dtype=torch.long, device=device)  # (b, S + N)
+    positions = torch.zeros((b, n), dtype=torch.long, device=device)  # (b, N)
+    for r, (k, new) in enumerate(zip(seen, news, strict=True)):
+        ids[r, n - len(new):] = torch.tensor(new, device=device)
+        mask[r, s - k:s] = 1
+        mask[r, s + n - len(new):] = 1
+        positions[r, n - len(new):] = torch.arange(k, k + len(new), device=device)
+    cache = new_cache(_padded_layers(cursors, s) if s else None)
+    hidden = forward_hidden(teacher.model, ids, mask, positions, cache)  # (b, d): every row's last column is real
+    for r, (c, k, new) in enumerate(zip(cursors, seen, news, strict=True)):
+        layers = []
+        for layer in cache.layers:
+            keys, values = layer.keys[r:r + 1], layer.values[r:r + 1]  # (1, H, S + N, D)
+            layers.append((torch.cat([keys[:, :, s - k:s], keys[:, :, s + n - len(new):]], dim=2),
+                           torch.cat([values[:, :, s - k:s], values[:, :, s + n - len(new):]], dim=2)))
+        c.cache, c.seen, c.tokens = new_cache(layers), k + len(new), c.tokens + len(new)
+    return teacher.lm_head(hidden).float()
+
+
+def _padded_layers(cursors: list[TeacherCursor], s: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The rows' caches stacked per layer, each left-padded with zeros to S columns: (b, H, S, D) pairs."""
+    template = next(c.cache for c in cursors if c.seen)
+    out = []
+    for li, layer in enumerate(template.layers):
+        shape = (len(cursors), layer.keys.shape[1], s, layer.keys.shape[3])
+        keys, values = layer.keys.new_zeros(shape), layer.values.new_zeros(shape)
+        for r, c in enumerate(cursors):
+            if c.seen:
+                keys[r, :, s - c.seen:] = c.cache.layers[li].keys[0]
+                values[r, :, s - c.seen:] = c.cache.layers[li].values[0]
+        out.append((keys, values))
+    return out

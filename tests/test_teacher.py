@@ -184,3 +184,60 @@ def test_mixed_batch_teacher_adapter_and_plain_rows_match_alone(engine, prompts,
     reqs = [Request(p, sp, st) for p, sp, st in specs]
     results = drain(engine, [reqs[:3], [], reqs[3:]])  # two rows join a running mixed batch, two steps in
     assert [results[r.request_id].token_ids for r in reqs] == alone
+
+
+def test_batched_prefills_equal_each_rows_own(other_model, tokenizer, prompts):
+    """Rows at different points (a fresh one, ones that saw part of their text), different new-token counts:
+    one batched call gives every row the logits of its own lazy prefill, and leaves caches that continue alike."""
+    from reasonmaxxer.steering.teacher import next_logits
+
+    teacher = Teacher.create(other_model, tokenizer, "t")
+    texts = [[*list(p), 5, 17, 40, 41, 9, 100, 3][: len(p) + extra] for p, extra in zip(prompts, (7, 1, 3, 5),
+                                                                                         strict=True)]
+    head = [0, len(prompts[1]), len(prompts[2]) - 2, len(prompts[3]) + 2]  # what each row's cursor has seen
+    alone, together = [TeacherCursor(teacher) for _ in texts], [TeacherCursor(teacher) for _ in texts]
+    for cursors in (alone, together):
+        for c, t, k in zip(cursors, texts, head, strict=True):
+            if k:
+                c.logits(t[:k])
+    want = [c.logits(t) for c, t in zip(alone, texts, strict=True)]
+    got = next_logits(together, texts)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-4, rtol=1e-4)
+    assert [c.seen for c in together] == [len(t) for t in texts] and \
+        [c.tokens for c in together] == [c.tokens for c in alone]
+    more = [[*t, 11, 12] for t in texts]  # the caches the batch left behind carry on like the rows' own
+    for c_a, c_t, t in zip(alone, together, more, strict=True):
+        torch.testing.assert_close(c_t.logits(t), c_a.logits(t), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_batched_teacher_steps_equal_the_per_row_path_token_for_token(engine, prompts, tokenizer, monkeypatch,
+                                                                     sampling):
+    """Eight streams on two teachers, gated and random, rows joining late: the same tokens and teacher counts
+    whether a step's fired rows share one teacher forward or run one each."""
+    from reasonmaxxer.steering import rows
+
+    def requests():
+        texts = [*prompts, *(tokenizer(f"Question {i}: how many apples?")["input_ids"] for i in range(4))]
+        out = []
+        for i, p in enumerate(texts):
+            sp = greedy(seed=100 + i) if sampling == "greedy" else sampled(100 + i)  # the seed keys random's coins
+            steering = SteeringParams("other" if i % 3 else "self", "random" if i % 2 else "gated", threshold=2.0,
+                                      rate=0.5)
+            out.append(Request(p, sp, steering))
+        return out
+
+    def finish(reqs):
+        results = drain(engine, [reqs[:5], reqs[5:]])
+        return [(results[r.request_id].token_ids, results[r.request_id].report.teacher_tokens) for r in reqs]
+
+    calls = []
+    batched = rows.next_logits
+    monkeypatch.setattr(rows, "next_logits", lambda cs, ts: (calls.append(len(cs)), batched(cs, ts))[1])
+    together = finish(requests())
+    assert max(calls) >= 3  # several rows of one teacher fired in one step
+    monkeypatch.setattr(rows, "next_logits", lambda cs, ts: [c.logits(t) for c, t in zip(cs, ts, strict=True)])
+    alone = finish(requests())
+    assert together == alone
+    assert all(n > 0 for _, n in together)
