@@ -26,6 +26,8 @@ import time
 
 import uvicorn
 
+from reasonmaxxer.steering.cpu import describe
+
 __all__ = ["DrainingServer", "serve"]
 
 log = logging.getLogger("reasonmaxxer.server")
@@ -128,10 +130,17 @@ def _dtype(state, settings) -> str:
 def banner(state, settings) -> list[str]:
     """The start-up lines: what is served, how, and where."""
     auth = "on (Authorization: Bearer KEY)" if settings.api_key else "off"
-    model = getattr(getattr(state.engine, "engine", None), "model", None)
+    engine = getattr(state.engine, "engine", None)
+    model = getattr(engine, "model", None)
     device = str(model.device) if model is not None else "vLLM" if settings.backend == "vllm" else settings.device
     lines = [f"ReasonMaxxer serving {state.served_name!r} (model {settings.model}) on the {settings.backend} backend, "
              f"dtype {_dtype(state, settings)}, device {device}"]
+    if device == "cpu":  # which kernels this CPU class got: bf16 speed differs by ISA (steering/cpu.py)
+        cpu = describe()
+        packed = getattr(engine, "packed", 0)
+        kernels = (f"{packed} linears on oneDNN-packed weights" if packed else
+                   "linears on F.linear (oneDNN cannot pack this dtype here)")
+        lines.append(f"  CPU {cpu['cpu']} ({cpu['isa']}), {cpu['threads']} threads: {kernels}")
     adapters = state.engine.adapters
     for name in sorted(adapters):
         lines.append("  adapter " + _describe(name, adapters[name]))

@@ -1,5 +1,5 @@
-"""Every benchmark names the machine its figures came from (bench/machine.py): the CPU's model name, its ISA
-class, the cores and threads, in the printed header and in the JSON."""
+"""Every benchmark names the machine its figures came from (bench/machine.py over steering/cpu.py): the CPU's
+model name, its ISA class, the cores and threads, in the printed header and in the JSON."""
 
 from __future__ import annotations
 

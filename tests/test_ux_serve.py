@@ -25,6 +25,12 @@ def test_the_banner_names_model_backend_dtype_device_adapters_url_and_auth(tiny_
     for part in ("'tiny'", "transformers backend", "dtype bfloat16", "device cpu", "adapter tiny-head: head",
                  "tau 3 nats", "http://127.0.0.1:8123/v1", "API key off"):
         assert part in text, (part, text)
+    from reasonmaxxer.steering.cpu import describe
+
+    cpu = describe()  # the CPU class and the kernel choice it got
+    assert f"CPU {cpu['cpu']} ({cpu['isa']})" in text, text
+    packed = state.engine.engine.packed
+    assert (f"{packed} linears on oneDNN-packed weights" if packed else "linears on F.linear") in text, text
     state, settings = _state(tiny_model, tokenizer, api_key="k", metrics_open=False)
     assert "API key on" in "\n".join(banner(state, settings)) and "behind the key" in "\n".join(banner(state, settings))
     assert "admin" not in "\n".join(banner(state, settings))
