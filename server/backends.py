@@ -44,8 +44,11 @@ def start_engine(settings: Settings, adapters: list) -> tuple[Any, Any, str]:
 
 
 def vllm_engine_args(settings: Settings) -> dict[str, Any]:
-    """Settings -> vLLM engine arguments (explicit `vllm_args` win)."""
-    args: dict[str, Any] = {"dtype": settings.dtype or "bfloat16",
+    """Settings -> vLLM engine arguments (explicit `vllm_args` win); the dtype, unless set, as the transformers
+    backend's (`preferred_dtype`: float32 on an AVX2-only CPU, where vLLM's bf16 runs on a slow path)."""
+    from reasonmaxxer.steering.models import preferred_dtype_here
+
+    args: dict[str, Any] = {"dtype": settings.dtype or preferred_dtype_here(),
                             "tensor_parallel_size": settings.tensor_parallel_size,
                             "max_num_seqs": settings.max_batch_size, "enforce_eager": settings.enforce_eager}
     if settings.served_name:

@@ -417,6 +417,13 @@ def preferred_dtype(device: str = "cpu") -> str:
     return "bfloat16" if available(torch.bfloat16) else "float32"
 
 
+def preferred_dtype_here() -> str:
+    """`preferred_dtype` of the device a backend that picks its own (vLLM) runs on: the GPU if there is one."""
+    import torch
+
+    return preferred_dtype("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_model(
     spec: str, dtype: str | torch.dtype | None = None, device: str = "auto"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

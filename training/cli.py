@@ -114,10 +114,11 @@ def _rollouts_preflight(args, out: Path):
 
 def _rollout_engine(args, model, tokenizer):
     if args.backend == "vllm":
-        from reasonmaxxer.steering.models import resolve_model
+        from reasonmaxxer.steering.models import preferred_dtype_here, resolve_model
         from reasonmaxxer.steering.vllm.offline import VllmOfflineEngine
 
-        engine_args = {"dtype": args.dtype or "bfloat16", "max_num_seqs": args.concurrency, **(args.vllm_args or {})}
+        engine_args = {"dtype": args.dtype or preferred_dtype_here(), "max_num_seqs": args.concurrency,
+                       **(args.vllm_args or {})}
         return VllmOfflineEngine.start(str(resolve_model(args.model)), tokenizer, engine_args, name=args.model)
     from reasonmaxxer.steering.engine import Engine
 
@@ -303,13 +304,13 @@ def _val_engine(args, model, tokenizer, fit_args: FitArgs):
     """The engine that scores checkpoints: the embedded one (a separate bf16 copy of the model for LoRA, which
     PEFT wraps while training), or vLLM (`--val-backend vllm`: head adapters gated or always, LoRA always)."""
     if args.val_backend == "vllm":
-        from reasonmaxxer.steering.models import resolve_model
+        from reasonmaxxer.steering.models import preferred_dtype_here, resolve_model
         from reasonmaxxer.steering.vllm.offline import VllmOfflineEngine
 
         if fit_args.kind == "lora" and args.val_mode != "always":
             raise ValueError("vLLM serves LoRA adapters always-on only: use --val-mode always or --val-backend "
                              "transformers")
-        extra = {"dtype": "bfloat16", "max_num_seqs": args.concurrency, **(args.vllm_args or {})}
+        extra = {"dtype": preferred_dtype_here(), "max_num_seqs": args.concurrency, **(args.vllm_args or {})}
         return VllmOfflineEngine.start(str(resolve_model(args.model)), tokenizer, extra, name=args.model,
                                        lora_rank=fit_args.rank if fit_args.kind == "lora" else None)
     from reasonmaxxer.steering.engine import Engine
