@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
 import sys
 import threading
 import time
 import tracemalloc
 
+from soak import rss_mb
+
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
 
 
 def watch(out, every: float, trace: bool) -> None:
@@ -40,7 +38,7 @@ def watch(out, every: float, trace: bool) -> None:
     while True:
         m = libc.mallinfo2()
         python = tracemalloc.get_traced_memory()[0] / mb if trace else float("nan")
-        print(f"{time.monotonic() - start:.0f}\t{rss_mb():.0f}\t{m.arena / mb:.0f}\t{m.uordblks / mb:.0f}\t"
+        print(f"{time.monotonic() - start:.0f}\t{rss_mb(os.getpid()):.0f}\t{m.arena / mb:.0f}\t{m.uordblks / mb:.0f}\t"
               f"{m.fordblks / mb:.0f}\t{m.hblkhd / mb:.0f}\t{threading.active_count()}\t{python:.0f}", file=out,
               flush=True)
         if trace and time.monotonic() - start > 60:

@@ -60,9 +60,9 @@ class Metrics:
         self.cancelled.inc(len(choices))
         for c in choices:
             labels = (model, c.request.steering.adapter or "", c.request.steering.mode)
-            tokens = [e for e in c.events if e.token_id is not None]
-            self.generated.labels(*labels).inc(len(tokens))
-            self.gate_fired.labels(*labels).inc(sum(1 for e in tokens if e.fired))
+            tokens, fired = c.delivered
+            self.generated.labels(*labels).inc(tokens)
+            self.gate_fired.labels(*labels).inc(fired)
 
     def observe_echo(self, model: str, steering, scores) -> None:
         """Count one prompt scored for echo logprobs (once per prompt, not per choice)."""

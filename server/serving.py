@@ -64,6 +64,12 @@ class Choice:
     def report(self) -> GateReport | None:
         return self.events[-1].report if self.events else self.idle_report
 
+    @property
+    def delivered(self) -> tuple[int, int]:
+        """(tokens, gate fired) of the events received so far: what a choice cut short has delivered."""
+        tokens = [e for e in self.events if e.token_id is not None]
+        return len(tokens), sum(1 for e in tokens if e.fired)
+
 
 def check_model(model: str, served_name: str, adapters: Sequence[str]) -> None:
     """A model id must be the served model's or an adapter's (404 naming the ones there are)."""
@@ -256,8 +262,8 @@ def usage(choices: list[Choice], prompt_counts: dict[int, int]) -> dict[str, Any
         if c.report is not None:
             completion, fired = completion + c.report.tokens, fired + c.report.gate_fired
         else:
-            tokens = [e for e in c.events if e.token_id is not None]
-            completion, fired = completion + len(tokens), fired + sum(1 for e in tokens if e.fired)
+            n, f = c.delivered
+            completion, fired = completion + n, fired + f
     prompt = sum(prompt_counts.values())
     return {
         "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,

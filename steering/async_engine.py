@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -215,10 +216,6 @@ class AsyncEngine:
                     job.abandoned = True
             self._wake.notify()
 
-    @property
-    def stopped(self) -> bool:
-        return not self._thread.is_alive()
-
 
 @dataclass(eq=False)
 class _Job:
@@ -242,7 +239,7 @@ class _Job:
         try:
             if self.gen is None:
                 out = self.fn(*self.args)
-                if not _is_generator(out):
+                if not inspect.isgenerator(out):
                     self.settle(out, None)
                     return True
                 self.gen = out
@@ -268,6 +265,3 @@ class _Job:
         with contextlib.suppress(RuntimeError):  # the caller's loop has closed
             self.loop.call_soon_threadsafe(settle)
 
-
-def _is_generator(obj: Any) -> bool:
-    return hasattr(obj, "__next__") and hasattr(obj, "send")

@@ -75,10 +75,6 @@ class Row:
         self.report = gate.report(steering.trace, teacher=is_teacher)
         self.cursor = TeacherCursor(adapter) if is_teacher else None  # the teacher's lazy KV cache
 
-    def teacher_logits(self) -> torch.Tensor:
-        """The teacher's next-token logits after this row's text so far (prefilling what it has not seen)."""
-        return teacher_logits([self])[0]
-
     @property
     def request_id(self) -> str:
         return self.request.request_id

@@ -343,7 +343,7 @@ class VllmEngine(VllmSteering):
         self._stopping = True
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        self._stopping = True
+        self.stop(drain)
         self.llm.shutdown()
         self._release()
 
