@@ -47,10 +47,10 @@ import time
 import torch
 from machine import describe, header
 
+from reasonmaxxer.models import load_model
 from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.engine import Engine
-from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.steering.request import Request, SteeringParams
 from reasonmaxxer.steering.sampling import SamplingParams
 
@@ -269,7 +269,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default=None,
-                        help="the engine's dtype (default: steering.models.preferred_dtype, bfloat16 where this "
+                        help="the engine's dtype (default: models.preferred_dtype, bfloat16 where this "
                              "CPU packs it, else float32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--streams", default="1,8,32")
@@ -294,7 +294,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
 
-    from reasonmaxxer.steering.models import resolve_model
+    from reasonmaxxer.models import resolve_model
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     args.dtype = str(model.dtype).removeprefix("torch.")
@@ -302,12 +302,12 @@ def main() -> None:
     engine = bench_engine(model, tokenizer, args.model, lora=args.lora, lora_alpha=args.lora_alpha)
     extra = {}
     if args.compile:
-        extra["compiled"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, compile=True)
+        extra["compiled"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, step="compiled")
         extra["compiled"].add_adapter(engine.adapters["bench-head"])
     if args.eager:  # each engine packs its own view of the model (own.py): they share the weights only
-        extra["eager"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, fast=False)
+        extra["eager"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, step="reference")
     if args.module:
-        extra["module"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, fused=False)
+        extra["module"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, step="module")
     if args.float32:
         extra["fp32"] = Engine(copy.deepcopy(model).float(), tokenizer, max_batch_size=64, name=args.model)
     llm = (start_vllm(resolve_model(args.model), prefix_cache=args.vllm_prefix_cache, dtype=args.vllm_dtype)

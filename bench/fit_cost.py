@@ -23,9 +23,9 @@ from pathlib import Path
 
 from machine import describe, header
 
+from reasonmaxxer.models import load_model
 from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.engine import Engine
-from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.training.fit import FitArgs, fit_head, prepare_items
 from reasonmaxxer.training.fit_lora import fit_lora
 from reasonmaxxer.training.problems import load_problems

@@ -25,9 +25,9 @@ import time
 from machine import describe, header
 from torch.profiler import ProfilerActivity, profile
 
+from reasonmaxxer.models import load_model
 from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.engine import Engine
-from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.steering.request import Request, SteeringParams
 from reasonmaxxer.steering.sampling import SamplingParams
 
@@ -75,13 +75,13 @@ def main() -> None:
     tune_malloc()  # as the reasonmaxxer command does for its process (allocator.py)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--dtype", default=None, help="default: steering.models.preferred_dtype on this CPU")
+    parser.add_argument("--dtype", default=None, help="default: models.preferred_dtype on this CPU")
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--arms", default="base,gated,lora-gated")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--top", type=int, default=8, help="how many ops to list per arm")
     parser.add_argument("--compile", action="store_true", help="decode steps through torch.compile")
-    parser.add_argument("--reference", action="store_true", help="the engine's reference path (fast=False)")
+    parser.add_argument("--reference", action="store_true", help="the engine's reference step")
     parser.add_argument("--module", action="store_true",
                         help="every fast path but the fused step: transformers' forward for prefill and decode")
     parser.add_argument("--json", default=None)
@@ -91,8 +91,8 @@ def main() -> None:
     print(header(machine))
     print(f"model {args.model} in {str(model.dtype).removeprefix('torch.')}, {args.new_tokens} tokens per stream")
     arms = args.arms.split(",")
-    engine = bench_engine(model, tokenizer, args.model, lora=any(a.startswith("lora") for a in arms),
-                          compile=args.compile, fast=not args.reference, fused=not args.module)
+    step = "compiled" if args.compile else "reference" if args.reference else "module" if args.module else "fused"
+    engine = bench_engine(model, tokenizer, args.model, lora=any(a.startswith("lora") for a in arms), step=step)
     d = model.config.hidden_size
     results = []
     for streams in [int(s) for s in args.streams.split(",")]:

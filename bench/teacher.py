@@ -30,10 +30,10 @@ import torch
 from decode import chat_prompts
 from machine import describe, header
 
-from reasonmaxxer.steering import rows
+from reasonmaxxer.models import load_model
+from reasonmaxxer.steering import corrections
 from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.engine import Engine
-from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.steering.request import Request, SteeringParams
 from reasonmaxxer.steering.sampling import SamplingParams
 from reasonmaxxer.steering.teacher import Teacher
@@ -45,12 +45,12 @@ def per_row(cursors, texts):
 
 
 def run(engine: Engine, prompts, new_tokens: int, steering: SteeringParams, one_by_one: bool = False) -> tuple:
-    batched = rows.next_logits
-    rows.next_logits = per_row if one_by_one else batched
+    batched = corrections.next_logits
+    corrections.next_logits = per_row if one_by_one else batched
     try:
         return _run(engine, prompts, new_tokens, steering)
     finally:
-        rows.next_logits = batched
+        corrections.next_logits = batched
 
 
 def _run(engine: Engine, prompts, new_tokens: int, steering: SteeringParams) -> tuple[float, list]:

@@ -69,12 +69,13 @@ def start_engines(path: str):
 def engine_arms(plain, steered, collector, adapter: str, tau: float, ids, new_tokens: int):
     from vllm import SamplingParams
 
+    from reasonmaxxer.steering.request import SteeringParams
     from reasonmaxxer.steering.vllm import make_xargs
 
     def run(llm, mode=None):
         tag = f"{mode}-{time.monotonic_ns()}"
-        xs = [make_xargs(f"{tag}-{i}", mode, tau if mode == "gated" else 0.0, adapter) if mode else None
-              for i in range(len(ids))]
+        wire = SteeringParams(adapter, mode, tau if mode == "gated" else 0.0) if mode else None
+        xs = [make_xargs(f"{tag}-{i}", wire) if mode else None for i in range(len(ids))]
         params = [SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, extra_args=x) for x in xs]
         start = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": p} for p in ids], params, use_tqdm=False)
@@ -92,9 +93,10 @@ def engine_arms(plain, steered, collector, adapter: str, tau: float, ids, new_to
 def calibrate_tau(steered, collector, adapter: str, ids, new_tokens: int, fire_rate: float) -> float:
     from vllm import SamplingParams
 
+    from reasonmaxxer.steering.request import SteeringParams
     from reasonmaxxer.steering.vllm import make_xargs
 
-    xs = [make_xargs(f"cal-{i}", "gated", float("inf"), adapter) for i in range(len(ids))]
+    xs = [make_xargs(f"cal-{i}", SteeringParams(adapter, "gated", float("inf"))) for i in range(len(ids))]
     steered.generate([{"prompt_token_ids": p} for p in ids],
                      [SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, extra_args=x) for x in xs],
                      use_tqdm=False)
@@ -134,6 +136,7 @@ def processor_cost(path: str, adapter: str, fire_rate: float, batch_sizes: list[
     from vllm.v1.sample.logits_processor import BatchUpdate
 
     from reasonmaxxer.steering.gate import entropy
+    from reasonmaxxer.steering.request import SteeringParams
     from reasonmaxxer.steering.vllm import make_xargs, plugin
 
     cfg = AutoConfig.from_pretrained(path)
@@ -147,8 +150,8 @@ def processor_cost(path: str, adapter: str, fire_rate: float, batch_sizes: list[
         for mode in ("off", "gated", "always"):
             proc = plugin.GateLogitsProcessor(None, torch.device("cpu"), False)
             proc.sender = None  # compute only
-            added = [(i, SamplingParams(extra_args=make_xargs(f"p{i}", mode, tau, adapter)), None, [0] * 10)
-                     for i in range(b)]
+            wire = SteeringParams(adapter, mode, tau)
+            added = [(i, SamplingParams(extra_args=make_xargs(f"p{i}", wire)), None, [0] * 10) for i in range(b)]
             proc.update_state(BatchUpdate(batch_size=b, removed=[], added=added, moved=[]))
             procs[mode] = proc
         plugin._STASH.hidden = torch.randn(b, cfg.hidden_size).to(torch.bfloat16)
@@ -235,10 +238,10 @@ def main() -> None:
     ap.add_argument("--skip-servers", action="store_true")
     args = ap.parse_args()
 
-    from reasonmaxxer.steering.models import load_tokenizer, resolve_model
+    from reasonmaxxer.bundled import default_adapter
+    from reasonmaxxer.models import load_tokenizer, resolve_model
     from reasonmaxxer.steering.vllm import apply_cpu_env, check_vllm_version
     from reasonmaxxer.steering.vllm.reports import GateCollector
-    from reasonmaxxer.training.bundled import default_adapter
 
     check_vllm_version()
     apply_cpu_env()

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from reasonmaxxer.training.prompts import PAPER_STOP, paper_prompt
 from reasonmaxxer.training.verifier import last_boxed
 
+from .report import plots, render, standalone
 from .stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, percentiles
 
 __all__ = ["FAILURES", "AbConfig", "Arm", "aggregate", "failure_kind", "failure_shares", "fire_rate_histogram",
@@ -295,8 +296,6 @@ def _examples(out: dict[str, Any], arm: str, keys, base, rows, limit: int) -> No
 
 
 def write_outputs(summary: dict[str, Any], out_dir: str | Path, title: str = "ReasonMaxxer A/B") -> None:
-    from .report import plots, render, standalone
-
     out_dir = Path(out_dir)
     (out_dir / "ab.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "report.html").write_text(render(summary, title))

@@ -1,25 +1,30 @@
 """`reasonmaxxer serve`: its flags, and the checks and preparation that run before the server starts.
 
-Contract: `add_serve_command(sub)` registers the subcommand (every flag is a `Settings` field, its help ends
-with the field's default and names its `REASONMAXXER_*` variable); `run_serve(args)` builds `Settings`, takes
-the port (a busy one: ValueError before anything loads), checks what is cheap (model name, adapter directories
-against the model's config.json, the vLLM install), prepares a known model with progress on stderr, then hands
-over to `server.runner.serve`. A configuration error raises ValueError / RuntimeError (the CLI prints one line
-and exits 2), never a traceback.
+Contract: `add_arguments(parser)` adds the flags (every one is a `Settings` field, its help ends with the
+field's default and names its `REASONMAXXER_*` variable); `main(args)` builds `Settings`, takes the port (a busy
+one: ValueError before anything loads), checks what is cheap (model name, adapter directories against the
+model's config.json, the vLLM install), prepares a known model with progress on stderr, then hands over to
+`server.runner.serve`. A configuration error raises ValueError / RuntimeError (the CLI prints one line and
+exits 2), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-__all__ = ["add_serve_command", "run_serve"]
+from reasonmaxxer import models
+from reasonmaxxer.server.settings import Settings
+from reasonmaxxer.steering.manifest import BaseIdentity, Manifest, check_identity
+from reasonmaxxer.training.cli_flags import MODEL_HELP, json_object
+
+__all__ = ["add_arguments", "check_adapter_dirs", "check_config", "check_teachers", "check_vllm_install", "main",
+           "model_config", "say"]
 
 
 def _flags(p: argparse.ArgumentParser) -> None:
-    from reasonmaxxer.steering.models import DEVICE_HELP
-    from reasonmaxxer.training.cli_flags import MODEL_HELP, json_object
-
     p.add_argument("--model", default=None, metavar="NAME", help=MODEL_HELP)
     p.add_argument("--served-name", dest="served_name", default=None, metavar="ID",
                    help="model id clients use (default: the --model value)")
@@ -48,7 +53,7 @@ def _flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--closed-metrics", dest="metrics_open", action="store_false", default=None,
                    help="/metrics needs the API key too")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32", "auto"], help="model dtype")
-    p.add_argument("--device", default=None, help=DEVICE_HELP + "; the transformers backend's")
+    p.add_argument("--device", default=None, help=models.DEVICE_HELP + "; the transformers backend's")
     p.add_argument("--backend", default=None, choices=["transformers", "vllm"],
                    help="transformers (embedded) or vllm (GPUs: the vllm extra; CPUs: deploy/install-vllm-cpu.sh)")
     v = p.add_argument_group("vLLM engine arguments (--backend vllm)")
@@ -78,13 +83,11 @@ def _flags(p: argparse.ArgumentParser) -> None:
                    help="uvicorn's log level")
 
 
-def add_serve_command(sub) -> argparse.ArgumentParser:
-    """The serve subcommand; each Settings flag's help gets the field's default and environment variable."""
-    from reasonmaxxer.server.settings import Settings
-
-    p = sub.add_parser("serve", help="serve the OpenAI-compatible API (default: the default model and its adapter)",
-                       description="Serve the OpenAI-compatible API. Every flag can also be set with a "
-                       "REASONMAXXER_<NAME> environment variable; a flag wins.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The serve flags; each Settings flag's help gets the field's default and environment variable."""
+    p = parser
+    p.description = ("Serve the OpenAI-compatible API. Every flag can also be set with a REASONMAXXER_<NAME> "
+                     "environment variable; a flag wins.")
     _flags(p)
     for action in p._actions:
         field = Settings.model_fields.get(action.dest)
@@ -100,12 +103,10 @@ def add_serve_command(sub) -> argparse.ArgumentParser:
             action.help += f" (default: {'none' if value in (None, [], {}) else value}; env {env})"
         else:
             action.help += f" (env {env})"
-    return p
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from reasonmaxxer.server.runner import bind, serve
-    from reasonmaxxer.server.settings import Settings
+def main(args: argparse.Namespace) -> int:
+    from reasonmaxxer.server.runner import bind, serve  # the server: fastapi, the engines
 
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v not in (None, [])}
     settings = Settings(**given)
@@ -127,18 +128,17 @@ def check_config(settings, progress=say) -> None:
     """Before any model loads: the model can be had, the vLLM install works (--backend vllm), and every adapter
     directory holds an adapter for this model (by its config.json). A known model is prepared here, each step
     reported through `progress`."""
-    from reasonmaxxer.server.backends import adapter_paths
-    from reasonmaxxer.steering.models import KNOWN_MODELS, check_model_spec, prepare_model
+    from reasonmaxxer.server.backends import adapter_paths  # the server's engines
 
-    check_model_spec(settings.model)
+    models.check_model_spec(settings.model)
     if settings.teachers:  # before the vLLM install: the more useful message
-        from reasonmaxxer.server.app import check_teacher_backend
+        from reasonmaxxer.server.backends import check_teacher_backend
 
         check_teacher_backend(settings, settings.teachers[0])
     if settings.backend == "vllm":
         check_vllm_install()
-    if settings.model in KNOWN_MODELS:
-        prepare_model(settings.model, progress=lambda m: progress(f"preparing {settings.model}: {m}"))
+    if settings.model in models.KNOWN_MODELS:
+        models.prepare_model(settings.model, progress=lambda m: progress(f"preparing {settings.model}: {m}"))
     check_adapter_dirs(settings.model, adapter_paths(settings))
     check_teachers(settings, progress)
 
@@ -146,35 +146,30 @@ def check_config(settings, progress=say) -> None:
 def check_teachers(settings, progress=say) -> None:
     """Every teacher runs on this backend, can be had, and has the model's tokenizer (AdapterError saying what
     differs); a known teacher is prepared here. Tokenizers only: no model loads."""
-    from reasonmaxxer.server.app import check_teacher_backend
-    from reasonmaxxer.steering.models import KNOWN_MODELS, check_model_spec, load_tokenizer, prepare_model
-    from reasonmaxxer.steering.teacher import check_vocabulary
+    from reasonmaxxer.server.backends import check_teacher_backend  # the server: fastapi, the engines
+    from reasonmaxxer.steering.teacher import check_vocabulary  # torch
 
     if not settings.teachers:
         return
-    base = load_tokenizer(settings.model)
+    base = models.load_tokenizer(settings.model)
     for spec in settings.teachers:
         check_teacher_backend(settings, spec)
-        check_model_spec(spec)
-        if spec in KNOWN_MODELS:
-            prepare_model(spec, progress=lambda m, spec=spec: progress(f"preparing teacher {spec}: {m}"))
-        check_vocabulary(base, load_tokenizer(spec), f"teacher {spec!r} cannot steer {settings.model!r}")
+        models.check_model_spec(spec)
+        if spec in models.KNOWN_MODELS:
+            models.prepare_model(spec, progress=lambda m, spec=spec: progress(f"preparing teacher {spec}: {m}"))
+        check_vocabulary(base, models.load_tokenizer(spec), f"teacher {spec!r} cannot steer {settings.model!r}")
 
 
 def model_config(spec: str) -> dict | None:
     """The config.json of a model spec where it is on this machine (a prepared known model, a folder, the hub
     cache), without loading or downloading anything; None otherwise."""
-    import json
-    from pathlib import Path
-
-    from reasonmaxxer.steering.models import KNOWN_MODELS, MARKER, cache_dir
-
-    folder = cache_dir() / "models" / spec if spec in KNOWN_MODELS else Path(spec).expanduser()
+    known = spec in models.KNOWN_MODELS
+    folder = models.cache_dir() / "models" / spec if known else Path(spec).expanduser()
     path: Path | str | None = folder / "config.json"
-    if spec in KNOWN_MODELS and not (folder / MARKER).exists():
+    if known and not (folder / models.MARKER).exists():
         path = None
     elif not folder.is_dir():
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import try_to_load_from_cache  # only for a hub id
 
         try:
             path = try_to_load_from_cache(spec, "config.json")
@@ -189,8 +184,6 @@ def check_adapter_dirs(model: str, directories) -> None:
     """AdapterError (a ValueError) for an adapter directory whose adapter.json is missing or bad, or which was
     fitted on another architecture, hidden size or vocabulary than `model`'s config.json says (when that file
     is on this machine); the message says what to serve or refit."""
-    from reasonmaxxer.steering.manifest import BaseIdentity, Manifest, check_identity
-
     config = model_config(model)
     for directory in directories:
         manifest = Manifest.load(directory)

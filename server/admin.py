@@ -24,6 +24,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, StrictStr
 
+from reasonmaxxer.steering.adapters import AdapterError, load_adapter
+
+from .backends import load_teacher_for
 from .serving import ApiError, json_number
 
 __all__ = ["check_name", "router"]
@@ -38,11 +41,7 @@ class AdapterLoad(BaseModel):
 
 def _load(s, path: Path):
     """An adapter directory, or a model folder (config.json, no adapter.json) as a teacher."""
-    from reasonmaxxer.steering.adapters import load_adapter
-
     if not (path / "adapter.json").is_file() and (path / "config.json").is_file():
-        from .app import load_teacher_for
-
         return load_teacher_for(s.settings, str(path))
     return load_adapter(path)
 
@@ -97,8 +96,6 @@ async def list_adapters(request: Request) -> dict[str, Any]:
 
 @router.post("/v1/adapters", status_code=201)
 async def load_adapter_route(body: AdapterLoad, request: Request) -> dict[str, Any]:
-    from reasonmaxxer.steering.adapters import AdapterError
-
     s = request.app.state.server
     path = await asyncio.to_thread(_allowed, s, body.path)
     try:

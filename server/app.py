@@ -23,10 +23,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from reasonmaxxer import __version__
+from reasonmaxxer.steering.adapters import load_adapter
+from reasonmaxxer.steering.interfaces import ServingEngine
+
+from .admin import check_name
+from .admin import router as admin_router
+from .backends import adapter_paths, check_teacher_backend, load_teacher_for, start_engine
 from .metrics import Metrics
+from .openapi import install_openapi
 from .protocol import error_body
+from .routes import router
 from .serving import ApiError
 from .settings import Settings
+from .tokenize import router as tokenizer_router
 
 __all__ = ["ServerState", "build_state", "create_app", "error_response"]
 
@@ -38,7 +48,7 @@ RETRY_AFTER_S = {"overloaded": 1, "shutting_down": 10}
 @dataclass
 class ServerState:
     settings: Settings
-    engine: Any  # AsyncEngine (transformers) or VllmEngine: same interface
+    engine: ServingEngine  # AsyncEngine (transformers) or VllmEngine
     tokenizer: Any
     served_name: str
     metrics: Metrics = field(init=False)
@@ -65,9 +75,6 @@ class ServerState:
 
 def build_state(settings: Settings) -> ServerState:
     """Start the backend's engine and load the adapters (the bundled one when none is given)."""
-    from reasonmaxxer.steering.adapters import load_adapter
-
-    from .backends import adapter_paths, start_engine
 
     if settings.teachers:  # before any model loads
         check_teacher_backend(settings, settings.teachers[0])
@@ -75,8 +82,6 @@ def build_state(settings: Settings) -> ServerState:
     adapters = [load_adapter(p) for p in paths]
     engine, tokenizer, name = start_engine(settings, adapters)
     state = ServerState(settings, engine, tokenizer, name)
-    from .admin import check_name
-
     for path, adapter in zip(paths, adapters, strict=True):
         check_name(adapter.name, name)
         engine.add_adapter(adapter)
@@ -87,26 +92,6 @@ def build_state(settings: Settings) -> ServerState:
         engine.add_adapter(teacher)
         state.adapter_paths[teacher.name] = spec
     return state
-
-
-def check_teacher_backend(settings: Settings, spec: str) -> None:
-    """AdapterError, saying what to use instead, unless this server's backend can run a teacher."""
-    from reasonmaxxer.steering.adapters import AdapterError
-
-    if settings.backend != "transformers":
-        raise AdapterError(f"teacher {spec!r}: teachers run on the transformers backend only (vLLM applies "
-                           "corrections in a logits processor, which cannot run a second model); serve with "
-                           "--backend transformers, or use a head/LoRA adapter (e.g. one distilled from the "
-                           "teacher with `reasonmaxxer fit --teacher`)")
-
-
-def load_teacher_for(settings: Settings, spec: str):
-    """A teacher for this server (its dtype, device and default gate); AdapterError on the vLLM backend."""
-    from reasonmaxxer.steering.teacher import load_teacher
-
-    check_teacher_backend(settings, spec)
-    return load_teacher(spec, dtype=settings.dtype, device=settings.device, tau=settings.teacher_tau,
-                        rate=settings.teacher_rate)
 
 
 def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -188,11 +173,6 @@ def create_app(settings: Settings | None = None, state: ServerState | None = Non
 
     app = FastAPI(title="ReasonMaxxer", version=_version(), lifespan=lifespan)
     _install_handlers(app)
-
-    from .admin import router as admin_router
-    from .openapi import install_openapi
-    from .routes import router
-    from .tokenize import router as tokenizer_router
 
     app.include_router(router)
     app.include_router(tokenizer_router)
@@ -289,6 +269,4 @@ class StatusCounter:
 
 
 def _version() -> str:
-    from reasonmaxxer import __version__
-
     return __version__

@@ -11,7 +11,6 @@ the request is served as (steered for an adapter's model id; see steering/prompt
 
 from __future__ import annotations
 
-import math
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -23,9 +22,10 @@ from pydantic import (
     Field,
     StrictInt,
     StrictStr,
-    field_validator,
     model_validator,
 )
+
+from reasonmaxxer.steering.modes import LOGPROBS_SOURCES, MAX_TOP_K, MODES, check_steering
 
 __all__ = [
     "ChatCompletionRequest",
@@ -95,27 +95,29 @@ def _schema(**keywords: Any):
 
 
 class SteeringOptions(BaseModel):
-    """Extension: how to steer this request (reachable from the SDK through `extra_body`)."""
+    """Extension: how to steer this request (reachable from the SDK through `extra_body`). The fields are the
+    steering value's (`SteeringParams`), checked by its own rules (`check_steering`: one message per field
+    everywhere); `mode` may be left out (gated with an adapter, else off)."""
 
     model_config = ConfigDict(extra="forbid")
 
     adapter: str | None = Field(default=None, description="registered adapter name")
-    mode: Literal["off", "gated", "always", "random"] | None = Field(
-        default=None, description="default: gated with an adapter; random: the random-position control")
+    mode: str | None = Field(default=None, description="default: gated with an adapter; random: the random-position "
+                             "control", json_schema_extra=_schema(enum=[*MODES, None]))
     threshold: float | None = Field(default=None, description="entropy gate in nats; default: the adapter's tau",
                                     json_schema_extra=_schema(minimum=0))
-    top_k: int | None = Field(default=None, ge=0, le=1000, description="base top-k candidates a correction may "
-                              "move (0: a teacher's full distribution)")
+    top_k: int | None = Field(default=None, description="base top-k candidates a correction may move (0: a "
+                              "teacher's full distribution)", json_schema_extra=_schema(minimum=0, maximum=MAX_TOP_K))
     trace: bool = Field(default=False, description="return the per-token trace")
-    rate: float | None = Field(default=None, ge=0, le=1, description="mode random: fire probability per token")
-    logprobs: Literal["steered", "base"] = Field(default="steered", description="distribution logprobs report")
+    rate: float | None = Field(default=None, description="mode random: fire probability per token",
+                               json_schema_extra=_schema(minimum=0, maximum=1))
+    logprobs: str = Field(default="steered", description="distribution logprobs report",
+                          json_schema_extra=_schema(enum=list(LOGPROBS_SOURCES)))
 
-    @field_validator("threshold")
-    @classmethod
-    def _threshold(cls, v: float | None) -> float | None:
-        if v is not None and (math.isnan(v) or v < 0):
-            raise ValueError("threshold must be a number >= 0 (nats); use a large value to disable the gate")
-        return v
+    @model_validator(mode="after")
+    def _rules(self):
+        check_steering(self.mode, self.threshold, self.top_k, self.rate, self.logprobs, self.trace)
+        return self
 
 
 class StreamOptions(BaseModel):

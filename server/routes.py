@@ -18,8 +18,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from reasonmaxxer import __version__
 from reasonmaxxer.steering.async_engine import EngineFull
 
+from .formatting import chat_choice, completion_choice
 from .protocol import ChatCompletionRequest, CompletionRequest, make_id, now
 from .serving import (
     ApiError,
@@ -36,6 +38,7 @@ from .serving import (
     stream_all,
     usage,
 )
+from .streaming import EngineStream, sse
 
 router = APIRouter()
 
@@ -57,8 +60,6 @@ async def health(request: Request):
 
 @router.get("/version")
 async def version() -> dict[str, str]:
-    from reasonmaxxer import __version__
-
     return {"version": __version__}
 
 
@@ -155,8 +156,6 @@ async def _respond(request: Request, body, choices, chat: bool):
     s = _state(request)
     _admit(s, choices)
     if body.stream:
-        from .streaming import EngineStream, sse
-
         return EngineStream(sse(request, body, choices, chat), lambda: release(s.engine, choices),
                             media_type="text/event-stream")
     start, endpoint = time.perf_counter(), "chat" if chat else "completions"
@@ -208,8 +207,6 @@ async def _watch_disconnect(request: Request, events):
 
 
 def _body(s, body, choices, chat: bool) -> dict[str, Any]:
-    from .formatting import chat_choice, completion_choice
-
     prompts = {c.index // body.n: c.prompt_tokens for c in choices}
     fmt = chat_choice if chat else completion_choice
     return {

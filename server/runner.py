@@ -28,6 +28,9 @@ import uvicorn
 
 from reasonmaxxer.steering.cpu import describe
 
+from .app import build_state, create_app
+from .backends import vllm_engine_args
+
 __all__ = ["DrainingServer", "serve"]
 
 log = logging.getLogger("reasonmaxxer.server")
@@ -99,8 +102,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(settings, log_level: str = "info", say=log.info, sock: socket.socket | None = None) -> int:
     """Build the state, say the banner, serve on `sock` (bound here when not given); see the module docstring."""
-    from .app import build_state, create_app
-
     sock = sock or bind(settings.host, settings.port)
 
     def make_app():
@@ -120,27 +121,20 @@ def _dtype(state, settings) -> str:
     if settings.dtype:
         return settings.dtype
     if settings.backend == "vllm":
-        from .backends import vllm_engine_args
-
         return vllm_engine_args(settings)["dtype"]
-    model = getattr(getattr(state.engine, "engine", None), "model", None)
-    return str(model.dtype).removeprefix("torch.") if model is not None else "default"
+    return state.engine.describe().get("dtype") or "default"
 
 
 def banner(state, settings) -> list[str]:
     """The start-up lines: what is served, how, and where."""
     auth = "on (Authorization: Bearer KEY)" if settings.api_key else "off"
-    engine = getattr(state.engine, "engine", None)
-    model = getattr(engine, "model", None)
-    device = str(model.device) if model is not None else "vLLM" if settings.backend == "vllm" else settings.device
+    info = state.engine.describe()
+    device = info.get("device") or settings.device
     lines = [f"ReasonMaxxer serving {state.served_name!r} (model {settings.model}) on the {settings.backend} backend, "
              f"dtype {_dtype(state, settings)}, device {device}"]
     if device == "cpu":  # which kernels this CPU class got: bf16 speed differs by ISA (steering/cpu.py)
         cpu = describe()
-        packed = getattr(engine, "packed", 0)
-        kernels = (f"{packed} linears on oneDNN-packed weights" if packed else
-                   "linears on F.linear (oneDNN cannot pack this dtype here)")
-        lines.append(f"  CPU {cpu['cpu']} ({cpu['isa']}), {cpu['threads']} threads: {kernels}")
+        lines.append(f"  CPU {cpu['cpu']} ({cpu['isa']}), {cpu['threads']} threads: {info.get('kernels')}")
     adapters = state.engine.adapters
     for name in sorted(adapters):
         lines.append("  adapter " + _describe(name, adapters[name]))

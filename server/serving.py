@@ -17,7 +17,7 @@ from typing import Any
 
 from reasonmaxxer.steering.async_engine import EngineFull
 from reasonmaxxer.steering.prompt_logprobs import PromptLogprobs
-from reasonmaxxer.steering.request import GateReport, Request, SteeringParams, TokenEvent
+from reasonmaxxer.steering.request import GateReport, Request, SteeringParams, TokenEvent, UnknownAdapter
 from reasonmaxxer.steering.sampling import SamplingParams
 
 __all__ = ["ApiError", "Choice", "Echo", "RequestFailed", "ShuttingDown", "admit", "attach_echo", "check_model",
@@ -80,20 +80,19 @@ def check_model(model: str, served_name: str, adapters: Sequence[str]) -> None:
 
 
 def resolve_steering(model: str, served_name: str, adapters: Sequence[str], opts) -> SteeringParams:
-    """The steering of a request: by model id (base or adapter name), overridden by `steering`."""
+    """The steering of a request: by model id (base or adapter name), overridden by `steering` (the HTTP object,
+    whose fields `SteeringParams` validates)."""
     check_model(model, served_name, adapters)
     adapter, mode = (None, "off") if model == served_name else (model, "gated")
-    if opts is not None:
-        if opts.adapter is not None:
-            if opts.adapter not in adapters:
-                loaded = ", ".join(adapters) or "none"
-                raise ApiError(400, f"unknown adapter '{opts.adapter}'; loaded adapters: {loaded}", param="steering")
-            adapter, mode = opts.adapter, "gated"
-        mode = opts.mode or mode
+    if opts is None:
+        return SteeringParams(adapter=adapter, mode=mode)
+    if opts.adapter is not None:
+        if opts.adapter not in adapters:
+            raise ApiError(400, str(UnknownAdapter(opts.adapter, adapters)), param="steering")
+        adapter, mode = opts.adapter, "gated"
     try:
-        return SteeringParams(adapter=adapter, mode=mode, threshold=None if opts is None else opts.threshold,
-                              top_k=None if opts is None else opts.top_k, trace=bool(opts and opts.trace),
-                              rate=None if opts is None else opts.rate)
+        return SteeringParams(adapter=adapter, mode=opts.mode or mode, threshold=opts.threshold, top_k=opts.top_k,
+                              trace=opts.trace, rate=opts.rate, logprobs=opts.logprobs)
     except ValueError as e:
         raise ApiError(400, str(e), param="steering") from e
 
@@ -129,7 +128,6 @@ def check_limits(settings, n: int, max_tokens: int, stop: list[str], top_logprob
 
 def plan(body, prompts: list[list[int]], max_tokens: int, logprobs: int | None, steering: SteeringParams,
          context: int) -> list[Choice]:
-    source = body.steering.logprobs if body.steering is not None else "steered"
     choices = []
     for p, ids in enumerate(prompts):
         if not ids:
@@ -143,7 +141,7 @@ def plan(body, prompts: list[list[int]], max_tokens: int, logprobs: int | None, 
             sp = SamplingParams(
                 max_tokens=max(1, max_tokens), temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                 min_p=body.min_p, seed=None if body.seed is None else body.seed + i, stop=body.stop_list,
-                ignore_eos=body.ignore_eos, logprobs=logprobs, logprobs_source=source,
+                ignore_eos=body.ignore_eos, logprobs=logprobs,
             )
             choices.append(Choice(i, len(ids), Request(list(ids), sp, steering), [], generate=max_tokens > 0))
     return choices
@@ -158,8 +156,8 @@ async def attach_echo(engine, tokenizer, body, choices: list[Choice],
              for p, ids in zip(body.prompts, prompts, strict=True)]  # once per prompt, not per choice
     scores: list[PromptLogprobs | None] = [None] * len(prompts)
     if body.logprobs is not None:
-        st, source = choices[0].request.steering, choices[0].request.sampling.logprobs_source
-        scores = await engine.prompt_logprobs(prompts, st, body.logprobs, source, choices[0].request.gate_key)
+        request = choices[0].request
+        scores = await engine.prompt_logprobs(prompts, request.steering, body.logprobs, request.gate_key)
     for c in choices:
         p = c.index // body.n
         if not c.generate:
@@ -272,9 +270,9 @@ def usage(choices: list[Choice], prompt_counts: dict[int, int]) -> dict[str, Any
 
 
 def _idle_report(engine, st: SteeringParams) -> GateReport:
-    from reasonmaxxer.steering.rows import GateSettings
-
-    return GateSettings.of(st, engine.adapters.get(st.adapter) if st.adapter else None).report()
+    """The gate report of a choice that generates nothing: its steering resolved against its adapter."""
+    adapter = engine.adapters.get(st.adapter) if st.adapter else None
+    return st.resolved(adapter.manifest if adapter is not None else None).report()
 
 
 def steering_report(report: GateReport | None, echo: Echo | None = None) -> dict[str, Any] | None:

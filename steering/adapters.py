@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .manifest import AdapterError, GateSpec, Manifest, base_identity, check_identity
 
-__all__ = ["AdapterError", "HeadAdapter", "LoraAdapter", "load_adapter"]
+__all__ = ["ARTIFACTS", "AdapterError", "HeadAdapter", "LoraAdapter", "load_adapter"]
 
 HEAD_FILE = "adapter.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -254,10 +254,17 @@ def _pair_lora_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str,
     return out
 
 
+ARTIFACTS: dict[str, type] = {"head": HeadAdapter, "lora": LoraAdapter}  # kind -> class with .load(directory)
+
+
 def load_adapter(directory: str | Path) -> HeadAdapter | LoraAdapter:
-    """Load an adapter directory of either kind (validated on its own; call `.validate(model, tok)` next)."""
+    """Load an adapter directory of any registered kind (ARTIFACTS; corrections.register adds a new source's),
+    validated on its own; call `.validate(model, tok)` next."""
     manifest = Manifest.load(directory)
     if manifest.kind == "teacher":
         raise AdapterError(f"{directory} declares kind 'teacher', which is not an adapter: a teacher is a model "
                            "folder, loaded with `serve --teacher DIR` or `load_teacher`")
-    return (HeadAdapter if manifest.kind == "head" else LoraAdapter).load(directory)
+    if manifest.kind not in ARTIFACTS:
+        raise AdapterError(f"{directory} declares kind {manifest.kind!r}, which this installation cannot load: the "
+                           f"adapter kinds are {', '.join(ARTIFACTS)}")
+    return ARTIFACTS[manifest.kind].load(directory)

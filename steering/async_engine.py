@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import Engine
-from .request import Request, TokenEvent
+from .prompt_logprobs import PromptLogprobs
+from .request import Request, SteeringParams, TokenEvent
 
 __all__ = ["AsyncEngine", "EngineFull"]
 
@@ -67,11 +68,9 @@ class AsyncEngine:
 
     def check(self, request: Request) -> None:
         """Raise ValueError if this engine cannot run `request` as asked (`Engine.submit` checks the rest)."""
-        from .rows import GateSettings
-
         st = request.steering
         if st.adapter in self.engine.adapters:  # random's rate, top_k 0 for teachers only
-            GateSettings.of(st, self.engine.adapters[st.adapter])
+            st.resolved(self.engine.adapters[st.adapter].manifest)
 
     @property
     def num_running(self) -> int:
@@ -82,15 +81,18 @@ class AsyncEngine:
         """Queued sequences, and the places held by jobs (prompt scoring) not yet finished."""
         return self.engine.num_waiting + sum(job.weight for job in list(self._jobs))
 
+    def describe(self) -> dict[str, Any]:
+        return self.engine.describe()
+
     async def ready(self) -> None:
         """Nothing to check before serving: the gate is this process's own code (the vLLM engine checks that its
         plugin runs inside vLLM)."""
 
-    async def prompt_logprobs(self, prompts: list[list[int]], steering, top_n: int = 0, source: str = "steered",
-                              key: int = 0) -> list:
+    async def prompt_logprobs(self, prompts: list[list[int]], steering: SteeringParams, top_n: int = 0,
+                              key: int = 0) -> list[PromptLogprobs]:
         """`Engine.prompt_logprobs` as a job of one place per prompt, run on the engine thread in pieces between
         decode steps (ValueError if it cannot run, EngineFull if the queue has no room)."""
-        return await self.call(self.engine.prompt_logprobs_pieces, prompts, steering, top_n, source, key,
+        return await self.call(self.engine.prompt_logprobs_pieces, prompts, steering, top_n, key,
                                weight=len(prompts))
 
     async def call(self, fn, *args, weight: int = 1) -> Any:

@@ -30,7 +30,6 @@ Per row, with h the final hidden state at the current position and `logits = W_U
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import threading
 from collections import deque
@@ -42,21 +41,24 @@ from torch.profiler import record_function
 
 from .adapters import HeadAdapter, LoraAdapter
 from .attention import plain_attention, use_decode_attention
-from .batch import Batch, prefill_groups, step_hidden
+from .batch import Batch, prefill_groups
 from .compiled import CompiledDecoder
+from .corrections import Correction, correction_of
 from .fused import FusedDecoder
-from .gate import entropy, gate_mask, random_fire, topk_candidates
+from .gate import entropy, gate_mask, random_fire
 from .lora import LoraRouter
 from .manifest import base_identity
 from .own import own_view
 from .packed import pack_linears, unpack_linears
 from .prompt_logprobs import PromptLogprobs, score_pieces, score_prompts
-from .request import Completion, Request, SteeringParams, TokenEvent
-from .rows import Row, teacher_logits
+from .request import Completion, Request, SteeringParams, TokenEvent, UnknownAdapter
+from .rows import Row
 from .sampling import sample
-from .teacher import Teacher, restrict
+from .teacher import Teacher
 
-__all__ = ["Engine"]
+__all__ = ["STEPS", "Engine"]
+
+STEPS = ("reference", "module", "fused", "compiled")  # the decode paths (Engine.__init__)
 
 _UNSUPPORTED_CONFIG = ("final_logit_softcapping", "logits_scaling", "logit_scale")
 
@@ -65,17 +67,23 @@ class Engine:
     """Decode many requests together on one transformers causal LM."""
 
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 32, name: str | None = None,
-                 fast: bool | None = None, compile: bool = False, fused: bool = True):
-        """`fast`: the fast paths, the same values up to float rounding (None, the default: wherever they apply;
-        False: the reference path, plain F.linear and transformers' sdpa): on the CPU, linears on oneDNN-prepacked
-        weights (packed.py); for every model, decode attention by grouped matmuls (attention.py); and for
-        Llama-family models, prefills, decode steps and gated-LoRA recomputes through fused.py's FusedDecoder: the
-        same arithmetic without transformers' module machinery, q/k/v and gate/up as one matmul each. All of them
-        live on the engine's own view of the model (own.py): the caller's model is left as it was. Process-wide
-        settings are the process owner's: the `reasonmaxxer` command tunes glibc malloc at start (allocator.py).
-        `compile`: decode steps through torch.compile (compiled.py; inside the graph the linears are inductor's)
-        instead of the fused step. `fused`: False keeps the other fast paths but runs transformers' forward for
-        every step (the fused step's A/B)."""
+                 step: str = "fused"):
+        """`step` names the decode path, the one speed switch (STEPS; every path gives the same values up to float
+        rounding, and every identity holds on each):
+        - "reference": transformers' forward with plain F.linear and its sdpa attention (the numerics the recipe's
+          tests and published rollouts use);
+        - "module": transformers' forward, with the linears on oneDNN-prepacked weights on the CPU (packed.py)
+          and decode attention by grouped matmuls (attention.py);
+        - "fused" (default): "module" where for Llama-family models prefills, decode steps and gated-LoRA
+          recomputes run through fused.py's FusedDecoder (the same arithmetic without transformers' module
+          machinery, q/k/v and gate/up one matmul each); other models run the "module" step;
+        - "compiled": "module" with decode steps through torch.compile (compiled.py; inside the graph the linears
+          are inductor's).
+        All of it lives on the engine's own view of the model (own.py): the caller's model is left as it was.
+        Process-wide settings are the process owner's: the `reasonmaxxer` command tunes glibc malloc at start
+        (allocator.py)."""
+        if step not in STEPS:
+            raise ValueError(f"engine step {step!r} is unknown: use one of {', '.join(STEPS)}")
         for key in _UNSUPPORTED_CONFIG:
             if getattr(model.config, key, None) not in (None, 1.0):
                 raise ValueError(f"models with {key} are not supported: their logits are not W_U h")
@@ -84,15 +92,16 @@ class Engine:
             raise ValueError("only full-attention models are supported (no sliding-window layers)")
         model = own_view(model)  # everything below changes the engine's view, never the caller's model
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.fast = fast is not False
+        self.step_name = step
+        self.fast = step != "reference"  # the fast kernels (packed linears, grouped decode attention)
         self.packed = pack_linears(model) if self.fast else 0
         self.grouped_attention = use_decode_attention(model) if self.fast else False
         if not self.fast:
             unpack_linears(model)
             plain_attention(model)
-        self.compiled = CompiledDecoder(model) if compile else None
+        self.compiled = CompiledDecoder(model) if step == "compiled" else None
         self.lora = LoraRouter(model)
-        self.fused = FusedDecoder.of(model, self.lora) if self.fast and fused and not compile else None
+        self.fused = FusedDecoder.of(model, self.lora) if step == "fused" else None
         self.max_batch_size = max_batch_size
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.identity = base_identity(model, tokenizer, name)
@@ -105,27 +114,31 @@ class Engine:
         self._lock = threading.Lock()
         self._waiting: deque[Row] = deque()
         self._cancelled: set[str] = set()
-        self._retired: set[str] = set()
+        self._retired: dict[str, Correction] = {}  # removed, released when no request uses them
         self._rows: list[Row] = []
         self._batch: Batch | None = None
 
+    def describe(self) -> dict[str, Any]:
+        """What this engine runs on: device, dtype, and on the CPU which linear kernels (for a banner)."""
+        kernels = None
+        if self.model.device.type == "cpu":
+            kernels = (f"{self.packed} linears on oneDNN-packed weights" if self.packed else
+                       "linears on F.linear (oneDNN cannot pack this dtype here, or the reference step)")
+        return {"device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
+                "kernels": kernels}
+
     # ---- adapters ------------------------------------------------------------------------------------
     def add_adapter(self, adapter: HeadAdapter | LoraAdapter | Teacher) -> None:
-        """Validate against this model and register under `adapter.name` (AdapterError if unfit). A head
-        adapter is registered with its weights on the model's device (moved once, not on every step). A
-        `Teacher` registers the same way, by name (its vocabulary must be this model's)."""
+        """Validate against this model and register under `adapter.name` (AdapterError if unfit), prepared for this
+        engine by its kind's `Correction` (corrections.py: a head's weights on the model's device, moved once; a
+        teacher's own fast view). Teachers register the same way, by name (their vocabulary must be this model's)."""
         adapter.validate(self.model, self.tokenizer)
-        if isinstance(adapter, Teacher) and self.fast:  # the teacher's fast paths on a view of its own too
-            adapter = dataclasses.replace(adapter, model=own_view(adapter.model))
-            pack_linears(adapter.model)
-            use_decode_attention(adapter.model)
-        if isinstance(adapter, HeadAdapter):
-            adapter = adapter.to(self.model.device)
+        correction = correction_of(adapter)
+        adapter = correction.prepare(self, adapter)
         with self._lock:
             if adapter.name in self.adapters:
                 raise ValueError(f"an adapter named {adapter.name!r} is already loaded: remove it first")
-            if isinstance(adapter, LoraAdapter):
-                self.lora.add(adapter)
+            correction.attach(self, adapter)
             self.adapters[adapter.name] = adapter
 
     def remove_adapter(self, name: str) -> None:
@@ -133,8 +146,7 @@ class Engine:
         with self._lock:
             if name not in self.adapters:
                 raise KeyError(f"no adapter named {name!r} is loaded")
-            self._retired.add(name)
-            del self.adapters[name]
+            self._retired[name] = correction_of(self.adapters.pop(name))
         self._release_retired()
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -157,8 +169,7 @@ class Engine:
             return None
         adapter = self.adapters.get(steering.adapter or "")
         if adapter is None:
-            loaded = ", ".join(sorted(self.adapters)) or "none"
-            raise ValueError(f"unknown adapter {steering.adapter!r}; loaded adapters: {loaded}")
+            raise UnknownAdapter(steering.adapter, self.adapters)
         return adapter
 
     def _check_prompt(self, ids: list[int]) -> None:
@@ -215,7 +226,7 @@ class Engine:
     def _fused_prefill(self, rows: list[Row]) -> bool:
         """Whether `rows` prefill through the fused step: a fused decoder, and no LoRA on every forward (its
         routes are per row, the packed prefill's rows are tokens)."""
-        return self.fused is not None and not any(r.lora_always for r in rows)
+        return self.fused is not None and not any(r.every_forward for r in rows)
 
     def _join_group(self, new: list[Row]) -> list[TokenEvent]:
         """Prefill `new` rows as one batch and merge them in. If their batch fails, each row is tried alone, so
@@ -259,10 +270,10 @@ class Engine:
     def _fired(self, rows: list[Row], h: torch.Tensor) -> torch.Tensor:
         """The gate of every row, on the device: H > tau (tau folds the mode in), or for a row in mode random
         the seeded coin of its position instead (computed on the host, where the request's key lives)."""
-        tau = torch.tensor([r.gate_tau for r in rows], device=h.device)  # (B,)
+        tau = torch.tensor([r.steering.gate_tau for r in rows], device=h.device)  # (B,)
         fired = gate_mask(h, tau)
-        coins = [(i, random_fire(r.request.gate_key, len(r.token_ids), r.random_rate))
-                 for i, r in enumerate(rows) if r.random_rate is not None]
+        coins = [(i, random_fire(r.request.gate_key, len(r.token_ids), r.steering.random_rate))
+                 for i, r in enumerate(rows) if r.steering.random_rate is not None]
         if coins:
             idx = torch.tensor([i for i, _ in coins], device=h.device)
             fired[idx] = torch.tensor([c for _, c in coins], device=h.device)
@@ -275,67 +286,32 @@ class Engine:
         ]
 
     def _steer(self, rows, batch: Batch, hidden, logits: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:
-        """Apply each fired row's adapter. Returns `logits` itself when no row has an adapter to apply.
-
-        Head adapters are applied on the device to every row that uses one, where fired (no host sync); on the
-        CPU, where reading the fired mask is free, to the fired rows only (and not at all in a step with none).
-        Gated LoRA and teacher rows need to know which fired first: one transfer of the fired mask, then one
-        recompute forward for every fired LoRA row (whatever its adapter) and, per teacher, batched forwards for
-        its fired rows (teacher.next_logits)."""
-        heads: dict[tuple[str, int], list[int]] = {}
-        second: list[int] = []  # rows whose correction runs a model: gated LoRA, teachers
+        """Apply each fired row's correction, through its kind's `Correction` (corrections.py). Returns `logits`
+        itself when no row has a correction to apply. Sources that run a model (gated LoRA, teachers) need to know
+        which rows fired first: one transfer of the fired mask, then their fired rows only."""
+        kinds: dict[Correction, list[int]] = {}
         for i, row in enumerate(rows):
-            if row.adapter is None or row.lora_always or (row.gate_tau == math.inf and row.random_rate is None):
+            st = row.steering
+            if row.adapter is None or row.every_forward or (st.gate_tau == math.inf and st.random_rate is None):
                 continue
-            if isinstance(row.adapter, HeadAdapter):
-                heads.setdefault((row.adapter.name, row.cand_k), []).append(i)
-            else:
-                second.append(i)
-        if heads and logits.device.type == "cpu":  # reading the mask costs nothing here: correct fired rows only
-            on = fired.tolist()
-            heads = {key: kept for key, idx in heads.items() if (kept := [i for i in idx if on[i]])}
-        if not heads and not second:
-            return logits
-        if len(heads) == 1 and len(next(iter(heads.values()))) == len(rows):  # one head on every row: no gathers
-            (_name, k), = heads
-            out = logits.scatter_add(1, *self._head_delta(rows[0].adapter, k, hidden, logits, fired))
-        else:
-            out = logits.clone()
-            for (_name, k), idx in heads.items():
-                sel = torch.tensor(idx, device=logits.device)
-                out[sel] = logits[sel].scatter_add(1, *self._head_delta(rows[idx[0]].adapter, k, hidden[sel],
-                                                                         logits[sel], fired[sel]))
-        fired_second = [i for i, f in zip(second, fired[second].tolist(), strict=True) if f] if second else []
-        loras = [i for i in fired_second if isinstance(rows[i].adapter, LoraAdapter)]
-        if loras:
-            out[loras] = self._recompute_current(batch, loras, [rows[i].adapter.name for i in loras])
-        teach = [i for i in fired_second if isinstance(rows[i].adapter, Teacher)]
-        for i, t in zip(teach, teacher_logits([rows[i] for i in teach]), strict=True):  # batched per teacher
-            out[i] = restrict(t.to(logits.device), logits[i], rows[i].cand_k)
+            kinds.setdefault(row.correction, []).append(i)
+        out = logits
+        for correction, idx in kinds.items():
+            if not correction.runs_model:
+                out = correction.steer(self, rows, idx, batch, hidden, logits, fired, out)
+        second = [i for c, idx in kinds.items() if c.runs_model for i in idx]
+        if second:
+            on = dict(zip(second, fired[second].tolist(), strict=True))
+            for correction, idx in kinds.items():
+                if correction.runs_model and (hit := [i for i in idx if on[i]]):
+                    out = correction.steer(self, rows, hit, batch, hidden, logits, fired, out)
         return out
-
-    def _head_delta(self, adapter: HeadAdapter, k: int, hidden, logits, fired) -> tuple[torch.Tensor, torch.Tensor]:
-        """A head adapter's correction of rows (hidden (n, d), logits (n, V), fired (n,)): its top-k candidates
-        (n, k) and their deltas (n, k), 0 where the gate did not fire."""
-        cand = topk_candidates(logits, k)  # (n, k)
-        delta = adapter.delta(hidden, cand, self.lm_head.weight)  # (n, k)
-        return cand, delta * fired[:, None].to(delta.dtype)
-
-    def _recompute_current(self, batch: Batch, idx: list[int], names: list[str]) -> torch.Tensor:
-        """Logits of the current position of rows `idx`, each with its LoRA `names[j]` on, over the base cache:
-        one forward for all of them (the router batches their adapters). -> (len(idx), V)"""
-        sel = torch.tensor(idx, device=batch.mask.device)
-        cache, mask = batch.without_last_column(sel)
-        current, position = batch.last_inputs()
-        with self.lora.route(self._routes(names)):
-            h = step_hidden(self.model, self.fused, current[sel, None], mask, position[sel, None], cache)
-        return self.lm_head(h).float()
 
     def _lora_routes(self, rows: list[Row]) -> dict[str, torch.Tensor]:
         """The router's routes for the rows whose LoRA runs in every forward."""
-        return self._routes([r.adapter.name if r.lora_always else None for r in rows])
+        return self.routes([r.adapter.name if r.every_forward else None for r in rows])
 
-    def _routes(self, names: list[str | None]) -> dict[str, torch.Tensor]:
+    def routes(self, names: list[str | None]) -> dict[str, torch.Tensor]:
         """{adapter: batch rows} for per-row LoRA names (None: no LoRA on that row)."""
         routes: dict[str, list[int]] = {}
         for i, name in enumerate(names):
@@ -373,24 +349,23 @@ class Engine:
     def _release_retired(self) -> None:
         with self._lock:
             in_use = {r.adapter.name for r in [*self._rows, *self._waiting] if r.adapter is not None}
-            for name in self._retired - in_use:
-                self.lora.remove(name)
-            self._retired &= in_use
+            for name in [n for n in self._retired if n not in in_use]:
+                self._retired.pop(name).detach(self, name)
 
     # ---- prompt logprobs (echo) ---------------------------------------------------------------------------
     def prompt_logprobs(self, prompts: list[list[int]], steering: SteeringParams, top_n: int = 0,
-                        source: str = "steered", key: int = 0) -> list[PromptLogprobs]:
+                        key: int = 0) -> list[PromptLogprobs]:
         """Logprobs of every prompt token under `steering`, from one prefill per prompt (prompt_logprobs.py).
         Call it from the thread that steps the engine (the LoRA router is shared); ValueError if it cannot run."""
         self._check_scoring(prompts)
-        return score_prompts(self, prompts, self._adapter_for(steering), steering, top_n, source, key)
+        return score_prompts(self, prompts, self._adapter_for(steering), steering, top_n, key)
 
     def prompt_logprobs_pieces(self, prompts: list[list[int]], steering: SteeringParams, top_n: int = 0,
-                               source: str = "steered", key: int = 0) -> Generator[None, None, list[PromptLogprobs]]:
+                               key: int = 0) -> Generator[None, None, list[PromptLogprobs]]:
         """`prompt_logprobs` as a generator of pieces (CHUNK prompt positions prefilled and scored per `next`) that
         returns the list: the arguments are checked before the first piece (ValueError)."""
         self._check_scoring(prompts)
-        return score_pieces(self, prompts, self._adapter_for(steering), steering, top_n, source, key)
+        return score_pieces(self, prompts, self._adapter_for(steering), steering, top_n, key)
 
     def _check_scoring(self, prompts: list[list[int]]) -> None:
         for ids in prompts:

@@ -20,10 +20,7 @@ import hashlib
 
 import torch
 
-__all__ = ["MODES", "entropy", "gate_mask", "random_fire", "topk_candidates"]
-
-MODES = ("off", "gated", "always", "random")
-
+__all__ = ["entropy", "gate_mask", "random_fire", "topk_candidates"]
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Per-row entropy H(softmax(logits)) in nats, float32. (B, V) -> (B,).

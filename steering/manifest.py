@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-KINDS = ("head", "lora", "teacher")  # a teacher's manifest lives in memory (teacher.py), never in adapter.json
+KINDS = ["head", "lora", "teacher"]  # corrections.register adds a new source's; a teacher's manifest is in memory
 MANIFEST_FILE = "adapter.json"
 
 _IDENTITY_FIELDS = (

@@ -2,7 +2,7 @@
 request is served as, from one prefill. This is what a loglikelihood task (lm-eval's multiple choice)
 measures, so for a steered model it must be the steered model's, by the same gate as generation.
 
-Contract: `score_prompts(engine, prompts, adapter, steering, top_n, source, key)` returns one `PromptLogprobs`
+Contract: `score_prompts(engine, prompts, adapter, steering, top_n, key)` returns one `PromptLogprobs`
 per prompt; `score_pieces(...)` is the same work as a generator that yields after every CHUNK positions
 (their prefill over the cache of the positions before, and their scores) and returns that list (a server runs
 it a piece at a time between decode steps). Token 0 has no logprob (None: nothing predicts it). Token j >= 1
@@ -18,7 +18,7 @@ scored from the position before it:
   j - 1 is recomputed with the LoRA on over the base cache of tokens < j - 1, as gated decoding does.
 - a `Teacher`: at a fired position, the teacher's logits restricted to the base top-k candidates (k = 0:
   all), from one teacher forward over the prompt (run only if some position fires).
-`source` "base" reports the base distribution whatever the steering (`steering.logprobs: "base"`).
+`steering.logprobs` "base" reports the base distribution whatever the steering.
 `fired` counts the scored positions where the correction applied. A prompt is prefilled and scored in chunks
 of CHUNK positions (over the cache of the positions before), so a long prompt never holds (n, V) float32
 logits at once, and a server can run other work between two chunks.
@@ -32,12 +32,11 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import HeadAdapter, LoraAdapter
-from .batch import cache_kwarg, new_cache, step_hidden
-from .gate import entropy, gate_mask, random_fire, topk_candidates
+from .batch import cache_kwarg, new_cache
+from .corrections import PromptChunk, correction_of
+from .gate import entropy, gate_mask, random_fire
 from .request import SteeringParams
-from .rows import GateSettings
 from .sampling import top_logprobs
-from .teacher import Teacher, restrict
 
 __all__ = ["CHUNK", "PromptLogprobs", "score_pieces", "score_prompts"]
 
@@ -57,10 +56,10 @@ class PromptLogprobs:
 
 
 def score_prompts(engine, prompts: list[list[int]], adapter: HeadAdapter | LoraAdapter | None,
-                  steering: SteeringParams, top_n: int, source: str = "steered", key: int = 0) -> list[PromptLogprobs]:
+                  steering: SteeringParams, top_n: int, key: int = 0) -> list[PromptLogprobs]:
     """Prompt logprobs of each prompt under `steering` with its resolved `adapter` (see the module docstring).
     Runs on the engine's thread (the LoRA router is shared state); `engine` is an `Engine`."""
-    pieces = score_pieces(engine, prompts, adapter, steering, top_n, source, key)
+    pieces = score_pieces(engine, prompts, adapter, steering, top_n, key)
     while True:
         try:
             next(pieces)
@@ -69,17 +68,16 @@ def score_prompts(engine, prompts: list[list[int]], adapter: HeadAdapter | LoraA
 
 
 def score_pieces(engine, prompts: list[list[int]], adapter: HeadAdapter | LoraAdapter | None,
-                 steering: SteeringParams, top_n: int, source: str = "steered",
-                 key: int = 0) -> Generator[None, None, list[PromptLogprobs]]:
+                 steering: SteeringParams, top_n: int, key: int = 0) -> Generator[None, None, list[PromptLogprobs]]:
     """`score_prompts` a piece at a time: yields after every CHUNK positions of a prompt; returns the list."""
-    gate = GateSettings.of(steering, adapter)
+    gate = steering.resolved(adapter.manifest if adapter is not None else None)
     out = []
     for ids in prompts:
-        out.append((yield from _score_one(engine, ids, adapter, gate, top_n, source, key)))
+        out.append((yield from _score_one(engine, ids, adapter, gate, top_n, key)))
     return out
 
 
-def _score_one(engine, ids: list[int], adapter, gate: GateSettings, top_n: int, source: str,
+def _score_one(engine, ids: list[int], adapter, gate: SteeringParams, top_n: int,
                key: int) -> Generator[None, None, PromptLogprobs]:
     """One prompt, CHUNK positions per piece: their prefill (over the cache of the positions before) and their
     scores. A prompt of one chunk is prefilled whole (the fused prefill where it applies)."""
@@ -87,16 +85,18 @@ def _score_one(engine, ids: list[int], adapter, gate: GateSettings, top_n: int, 
     with torch.inference_mode():
         x = torch.tensor([ids], dtype=torch.long, device=device)  # (1, n)
     result = PromptLogprobs(list(ids), [None], [None])
-    teacher = _TeacherPrompt(adapter, x) if isinstance(adapter, Teacher) else None
-    cache = None
+    correction = correction_of(adapter) if adapter is not None else None
+    every = correction is not None and correction.every_forward(gate)  # the adapted model over the whole prompt
+    prompt = PromptChunk(x, None, 0)
     for start in range(0, n, CHUNK):
         end = min(start + CHUNK, n)
         with torch.inference_mode():  # not across a yield: the caller's code between pieces is its own
-            cache, hidden = _prefill(engine, x, start, end, cache, adapter, gate)  # hidden: (end - start, d)
+            prompt.cache, hidden = _prefill(engine, x, start, end, prompt.cache, adapter if every else None)
+            prompt.start = start
             rows = min(end, n - 1) - start  # hidden row j predicts token j + 1; the last token predicts nothing
             if rows > 0:
-                lp, top, fired = _score_chunk(engine, x, cache, hidden[:rows], x[0, start + 1:start + 1 + rows],
-                                              start, adapter, gate, top_n, source, key, teacher)
+                lp, top, fired = _score_chunk(engine, prompt, hidden[:rows], x[0, start + 1:start + 1 + rows],
+                                              adapter, correction if not every else None, gate, top_n, key)
                 result.logprobs += lp
                 result.top += top
                 result.fired += fired
@@ -105,11 +105,11 @@ def _score_one(engine, ids: list[int], adapter, gate: GateSettings, top_n: int, 
     return result
 
 
-def _prefill(engine, x: torch.Tensor, start: int, end: int, cache, adapter, gate: GateSettings):
-    """Prefill prompt columns start..end-1 of x (1, n) over `cache` (the columns before; None at 0). Returns the
-    cache and their hidden states (end - start, d), adapted for lora-always."""
+def _prefill(engine, x: torch.Tensor, start: int, end: int, cache, every_forward):
+    """Prefill prompt columns start..end-1 of x (1, n) over `cache` (the columns before; None at 0), with the
+    LoRA `every_forward` on where given. Returns the cache and their hidden states (end - start, d)."""
     device = x.device
-    routes = {adapter.name: torch.zeros(1, dtype=torch.long, device=device)} if gate.lora_always else {}
+    routes = {every_forward.name: torch.zeros(1, dtype=torch.long, device=device)} if every_forward else {}
     if engine.fused is not None and not routes and start == 0 and end == x.shape[1]:  # the fused prefill (fused.py)
         return engine.fused.prefill([x[0].tolist()], every=True)  # every position's hidden state (n, d)
     decoder = engine.model.get_decoder()
@@ -121,62 +121,27 @@ def _prefill(engine, x: torch.Tensor, start: int, end: int, cache, adapter, gate
     return cache, out.last_hidden_state[0]
 
 
-def _score_chunk(engine, x, cache, hidden, targets, start: int, adapter, gate: GateSettings, top_n: int,
-                 source: str, key: int, teacher: _TeacherPrompt | None = None):
-    """Positions start .. start + len(hidden) - 1 (as hidden rows); they predict tokens start + 1 ..."""
-    logits = engine.lm_head(hidden).float()  # (c, V) base (adapted for lora-always)
-    fired = _fired(entropy(logits), gate, start, key)  # (c,) bool
+def _score_chunk(engine, prompt: PromptChunk, hidden, targets, adapter, correction, gate: SteeringParams,
+                 top_n: int, key: int):
+    """Positions start .. start + len(hidden) - 1 (as hidden rows); they predict tokens start + 1 ...
+    `correction` None: nothing applies on top (mode off, or a source already in every forward)."""
+    logits = engine.lm_head(hidden).float()  # (c, V) base (adapted for every-forward sources)
+    fired = _fired(entropy(logits), gate, prompt.start, key)  # (c,) bool
     steered = logits
-    if fired.any() and not gate.lora_always:
+    if fired.any() and correction is not None:
         sel = fired.nonzero()[:, 0]  # (f,)
         steered = logits.clone()
-        if isinstance(adapter, HeadAdapter):
-            cand = topk_candidates(logits[sel], gate.cand_k)  # (f, k)
-            delta = adapter.delta(hidden[sel], cand, engine.lm_head.weight)  # (f, k)
-            steered[sel] = logits[sel].scatter_add(1, cand, delta)
-        elif teacher is not None:
-            steered[sel] = restrict(teacher.logits(start + sel).to(logits.device), logits[sel], gate.cand_k)
-        elif isinstance(adapter, LoraAdapter):
-            for i in sel.tolist():
-                steered[i] = _recompute(engine, x, cache, start + i, adapter.name)
-    n_fired = int(fired.sum())  # lora always: every position (h > -inf)
-    use = logits if source == "base" else steered
+        steered[sel] = correction.score(engine, adapter, prompt, sel, hidden, logits, gate)
+    n_fired = int(fired.sum())  # every-forward: every position (h > -inf)
+    use = logits if gate.logprobs == "base" else steered
     chosen, values, indices = top_logprobs(use, targets, top_n)
     top = [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(indices, values, strict=True)]
     return chosen.tolist(), top, n_fired
 
 
-class _TeacherPrompt:
-    """A teacher's hidden states over one prompt, computed at the first fired position (then reused)."""
-
-    def __init__(self, teacher: Teacher, x: torch.Tensor):
-        self.teacher, self.x, self.hidden = teacher, x, None
-
-    def logits(self, columns: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits at prompt columns `columns` (they predict the next tokens). -> (f, V_t)"""
-        if self.hidden is None:
-            model = self.teacher.model
-            x = self.x.to(model.device)
-            out = model.get_decoder()(input_ids=x, attention_mask=torch.ones_like(x),
-                                      position_ids=torch.arange(x.shape[1], device=model.device)[None])
-            self.hidden = out.last_hidden_state[0]  # (n, d_t)
-        return self.teacher.lm_head(self.hidden[columns.to(self.hidden.device)]).float()
-
-
-def _fired(h: torch.Tensor, gate: GateSettings, start: int, key: int) -> torch.Tensor:
+def _fired(h: torch.Tensor, gate: SteeringParams, start: int, key: int) -> torch.Tensor:
     """Where the correction applies at hidden rows start.. (predicting tokens start+1..). (c,) -> bool (c,)"""
     if gate.random_rate is not None:
         coins = [random_fire(key, -(start + i + 1), gate.random_rate) for i in range(h.shape[0])]
         return torch.tensor(coins, dtype=torch.bool, device=h.device)
     return gate_mask(h, gate.gate_tau)
-
-
-def _recompute(engine, x: torch.Tensor, cache, col: int, name: str) -> torch.Tensor:
-    """Logits at prompt column `col` with LoRA `name` on, over the base cache of columns < col. -> (V,)"""
-    data = [(layer.keys[:, :, :col], layer.values[:, :, :col]) for layer in cache.layers] if col else None
-    device = x.device
-    mask = torch.ones((1, col + 1), dtype=torch.long, device=device)
-    with engine.lora.route({name: torch.zeros(1, dtype=torch.long, device=device)}):
-        h = step_hidden(engine.model, engine.fused, x[:, col:col + 1], mask, torch.tensor([[col]], device=device),
-                        new_cache(data))
-    return engine.lm_head(h).float()[0]

@@ -1,8 +1,12 @@
-"""What goes into the decode engine and what comes out: requests, token events, gate reports.
+"""What goes into the decode engine and what comes out: requests, the steering value, token events, gate reports.
 
 Contract:
-- A `Request` is token ids plus `SamplingParams` (how to sample) and `SteeringParams` (which adapter,
-  `mode` off | gated | always, threshold override, candidate top-k override, whether to trace).
+- A `Request` is token ids plus `SamplingParams` (how to sample) and `SteeringParams` (how to steer).
+- `SteeringParams` is the one steering value: frozen, validated once where it is built (`__post_init__`: HTTP,
+  CLI, Python API and vLLM's `extra_args` all build it, so each refuses a bad field with the same message), and
+  carried unchanged to the gate. `resolved(manifest)` fills what the request left to its adapter (threshold,
+  top-k, mode random's rate) once, where the engine takes the request; `to_json` / `from_json` are its wire form
+  (the HTTP `steering` object's field names; an infinite threshold as "inf"), which vLLM's `extra_args` carry.
 - The engine answers with `TokenEvent`s, one per generated token, in order; the last event of a request
   has `finish_reason` set ("stop", "length", "cancelled", or "error" with `error` saying why the engine
   could not run it) and carries its `GateReport`.
@@ -15,43 +19,108 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import math
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
-from .gate import MODES
+from .modes import DEFAULT_TOP_K, LogprobsSource, Mode, check_steering
 from .sampling import SamplingParams
 
-__all__ = ["Completion", "GateReport", "Request", "SteeringParams", "TokenEvent", "TraceEntry", "random_rate"]
+__all__ = ["Completion", "GateReport", "Request", "SteeringParams", "TokenEvent", "TraceEntry", "UnknownAdapter"]
+
+class UnknownAdapter(ValueError):
+    """A request names an adapter that is not loaded: the one message every backend and the server give."""
+
+    def __init__(self, name: str | None, loaded):
+        super().__init__(f"unknown adapter {name!r}; loaded adapters: {', '.join(sorted(loaded)) or 'none'}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SteeringParams:
-    """Per-request steering. Threshold and top_k default to the adapter's manifest."""
+    """Per-request steering. Threshold, top_k and mode random's rate default to the adapter's manifest
+    (`resolved`). ValueError at construction if a field is invalid (`check_steering`) or mode needs an adapter."""
 
     adapter: str | None = field(default=None, metadata={"help": "registered adapter name"})
-    mode: str = field(default="off", metadata={"help": "off | gated | always"})
+    mode: Mode = field(default="off", metadata={"help": "off | gated | always | random (modes.MODES)"})
     threshold: float | None = field(default=None, metadata={"help": "entropy gate in nats (>= 0, inf ok)"})
     top_k: int | None = field(default=None, metadata={"help": "base top-k candidates a correction may move "
                                                        "(0: a teacher's full distribution)"})
     trace: bool = field(default=False, metadata={"help": "return a per-token trace"})
     rate: float | None = field(default=None, metadata={"help": "mode random: fire probability per token "
                                                         "(default: the adapter's measured fire rate)"})
+    logprobs: LogprobsSource = field(default="steered", metadata={"help": "the distribution logprobs report"})
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"steering mode {self.mode!r} is unknown: use one of {', '.join(MODES)}")
+        check_steering(self.mode, self.threshold, self.top_k, self.rate, self.logprobs, self.trace)
         if self.mode != "off" and not self.adapter:
             raise ValueError(f"steering mode {self.mode!r} needs an adapter: name one, or use mode 'off'")
-        t = self.threshold
-        if t is not None and (not isinstance(t, (int, float)) or math.isnan(t) or t < 0):
-            raise ValueError(f"threshold must be a number >= 0 (nats; inf disables the gate), got {t!r}")
-        if self.rate is not None and not (isinstance(self.rate, (int, float)) and 0 <= self.rate <= 1):
-            raise ValueError(f"steering rate must be a probability in [0, 1], got {self.rate!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
-            raise ValueError(f"steering top_k must be an integer >= 1 (0: a teacher's full distribution), "
-                             f"got {self.top_k!r}")
+        if self.threshold is not None:
+            object.__setattr__(self, "threshold", float(self.threshold))
+
+    def resolved(self, manifest: Any | None) -> SteeringParams:
+        """This steering with what it left to its adapter filled in from the adapter's `manifest` (None: no
+        adapter): the threshold (else +inf), top_k (else DEFAULT_TOP_K), and in mode random the rate (else the
+        adapter's measured fire rate). ValueError where it cannot run: random without a rate; top_k 0 (the full
+        distribution) without a teacher."""
+        gate = manifest.gate if manifest is not None else None
+        threshold = self.threshold if self.threshold is not None else (gate.tau if gate else math.inf)
+        top_k = self.top_k if self.top_k is not None else (manifest.top_k if manifest is not None else DEFAULT_TOP_K)
+        rate = self.rate
+        if self.mode == "random" and rate is None:
+            rate = gate.measured_fire_rate if gate else None
+            if rate is None:
+                raise ValueError("mode random needs a fire rate: pass steering.rate (e.g. the gated arm's measured "
+                                 "fire rate), or use an adapter whose adapter.json records gate.measured_fire_rate")
+        if top_k == 0 and (manifest is None or manifest.kind != "teacher"):
+            raise ValueError("steering top_k 0 (the full distribution) is for teachers only: an adapter corrects "
+                             "the base top-k candidates, so give top_k >= 1")
+        return dataclasses.replace(self, threshold=threshold, top_k=top_k, rate=rate)
+
+    @property
+    def gate_tau(self) -> float:
+        """The mode folded into one threshold (of a resolved value): +inf off and random (never by entropy), the
+        threshold gated, -inf always (fires at every token)."""
+        return {"off": math.inf, "gated": self.threshold, "always": -math.inf, "random": math.inf}[self.mode]
+
+    @property
+    def random_rate(self) -> float | None:
+        """Mode random's coin probability (of a resolved value); None in every other mode."""
+        return self.rate if self.mode == "random" else None
+
+    def report(self) -> GateReport:
+        """An empty gate report for this (resolved) steering: no tokens yet, a trace list if asked (a teacher's
+        correction starts its token count: corrections.py)."""
+        return GateReport(adapter=self.adapter, mode=self.mode,
+                          threshold=self.threshold if self.mode in ("gated", "always") else None,
+                          trace=[] if self.trace else None, rate=self.random_rate)
+
+    def to_json(self) -> dict[str, Any]:
+        """The wire form: the HTTP `steering` object's fields, an infinite threshold as "inf"."""
+        out = dataclasses.asdict(self)
+        if out["threshold"] is not None and math.isinf(out["threshold"]):
+            out["threshold"] = "inf"
+        return out
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "steering") -> SteeringParams:
+        """The value `to_json` wrote (or a client sent); ValueError naming the field to fix."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where} must be an object with the fields {', '.join(_FIELDS)}")
+        unknown = sorted(set(data) - set(_FIELDS))
+        if unknown:
+            raise ValueError(f"{where} has unknown field(s) {', '.join(unknown)}: the fields are {', '.join(_FIELDS)}")
+        values = dict(data)
+        if isinstance(values.get("threshold"), str):  # JSON has no infinity: "inf" travels as a string
+            with contextlib.suppress(ValueError):  # else check_steering names it
+                values["threshold"] = float(values["threshold"])
+        return cls(**values)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(SteeringParams))
 
 
 @dataclass
@@ -69,15 +138,6 @@ class Request:
             return int(self.sampling.seed)
         digest = hashlib.blake2b(self.request_id.encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") >> 1
-
-
-def random_rate(steering: SteeringParams, manifest) -> float:
-    """Mode random's fire probability: the request's `rate`, else the adapter's measured fire rate."""
-    rate = steering.rate if steering.rate is not None else (manifest.gate.measured_fire_rate if manifest else None)
-    if rate is None:
-        raise ValueError("mode random needs a fire rate: pass steering.rate (e.g. the gated arm's measured fire "
-                         "rate), or use an adapter whose adapter.json records gate.measured_fire_rate")
-    return float(rate)
 
 
 @dataclass

@@ -45,7 +45,6 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = field(default=(), metadata={"help": "token ids that end the request"})
     ignore_eos: bool = field(default=False, metadata={"help": "keep going past EOS"})
     logprobs: int | None = field(default=None, metadata={"help": "None: none; n >= 0: chosen + top n"})
-    logprobs_source: str = field(default="steered", metadata={"help": "'steered' or 'base' distribution"})
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,7 +54,6 @@ class SamplingParams:
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be an integer >= 0 (0 = off)"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs must be None or >= 0"),
-            (self.logprobs_source in ("steered", "base"), "logprobs_source must be 'steered' or 'base'"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]
         for ok, message in checks:

@@ -3,8 +3,8 @@
 Contract (DESIGN.md, "Teachers"):
 - `Teacher` holds a transformers causal LM, its name and a `Manifest` of kind "teacher" (its default
   gate: `tau`, the random control's `rate`, the candidate count `top_k`), so that the server lists,
-  admits, meters and reports a teacher exactly as it does an adapter. `load_teacher(spec, ...)` loads
-  one from a known model name or a folder; `Teacher.validate(model, tokenizer)` refuses a teacher whose
+  admits, meters and reports a teacher exactly as it does an adapter. `reasonmaxxer.models.load_teacher(spec,
+  ...)` loads one from a known model name or a folder; `Teacher.validate(model, tokenizer)` refuses a teacher whose
   vocabulary or special tokens differ from the served base's, saying what differs.
 - Where the gate fires (on the base entropy, as for adapters), the next token is drawn from the
   teacher's distribution restricted to the base model's top-k candidates (`restrict`: every other
@@ -24,19 +24,18 @@ Contract (DESIGN.md, "Teachers"):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .batch import forward_hidden, new_cache, prefill_groups
 from .manifest import NAME, AdapterError, GateSpec, Manifest, base_identity
+from .modes import DEFAULT_TOP_K
 
-__all__ = ["PAPER_TAU", "Teacher", "TeacherCursor", "check_vocabulary", "load_teacher", "next_logits", "restrict",
+__all__ = ["PAPER_TAU", "Teacher", "TeacherCursor", "check_vocabulary", "next_logits", "restrict",
            "vocabulary_difference"]
 
 PAPER_TAU = 1.4  # the released recipe's fixed entropy threshold (nats): a teacher's default gate
-DEFAULT_TOP_K = 5  # the paper: RL's token is among the base top-5 at decision points
 
 
 @dataclass
@@ -111,18 +110,6 @@ def vocabulary_difference(base: Any, other: Any) -> str | None:
         extra = sorted(set(sa) ^ set(sb))
         return f"the special tokens differ: {len(extra)} not in both, e.g. {extra[0]!r}"
     return None
-
-
-def load_teacher(spec: str, dtype: str | torch.dtype | None = None, device: str = "auto", name: str | None = None,
-                 tau: float = PAPER_TAU, rate: float | None = None, top_k: int = DEFAULT_TOP_K) -> Teacher:
-    """Load a teacher from a known model name or a model folder; named after it unless `name` is given."""
-    from .models import KNOWN_MODELS, load_model
-
-    if spec not in KNOWN_MODELS and not Path(spec).expanduser().is_dir():
-        raise AdapterError(f"no teacher model at {spec!r}: pass a model folder or one of {', '.join(KNOWN_MODELS)}")
-    model, tokenizer = load_model(spec, dtype=dtype, device=device)
-    default = spec if spec in KNOWN_MODELS else Path(spec).expanduser().resolve().name
-    return Teacher.create(model, tokenizer, name or default, tau=tau, rate=rate, top_k=top_k, path=spec)
 
 
 def restrict(teacher_logits: torch.Tensor, base_logits: torch.Tensor, k: int) -> torch.Tensor:

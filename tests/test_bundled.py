@@ -2,9 +2,9 @@
 
 import pytest
 
+from reasonmaxxer.bundled import bundled_adapters, default_adapter
+from reasonmaxxer.models import DEFAULT_MODEL, load_model
 from reasonmaxxer.steering.adapters import load_adapter
-from reasonmaxxer.steering.models import DEFAULT_MODEL, load_model
-from reasonmaxxer.training.bundled import bundled_adapters, default_adapter
 
 
 def test_the_default_model_has_a_bundled_adapter():

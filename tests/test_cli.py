@@ -5,8 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from reasonmaxxer.models import load_model
 from reasonmaxxer.steering.adapters import HeadAdapter
-from reasonmaxxer.steering.models import load_model
+from reasonmaxxer.training.cli_config import (
+    EngineConfig,
+    FitConfig,
+    ProbeBranchesConfig,
+    ProblemSelection,
+    RolloutsConfig,
+)
+from reasonmaxxer.training.config import FitArgs, ProbeConfig, RolloutConfig
 
 CLI = [sys.executable, "-m", "reasonmaxxer.cli"]
 
@@ -77,11 +87,84 @@ def test_an_abbreviated_flag_is_refused_on_every_subcommand():
 
 def test_a_fitted_adapter_is_named_after_its_folder_unless_named():
     from reasonmaxxer.cli import build_parser
-    from reasonmaxxer.training.cli import _fit_args, name_of_folder
+    from reasonmaxxer.training.cli_config import FitConfig, name_of_folder
 
     parser = build_parser()
     args = parser.parse_args(["fit", "--rollouts", "r.jsonl", "--out", "out/smol-svamp-head"])
-    assert _fit_args(args).name == "smol-svamp-head"
+    assert FitConfig.from_args(args).fit.name == "smol-svamp-head"
     args = parser.parse_args(["fit", "--rollouts", "r.jsonl", "--out", "out/x", "--name", "mine"])
-    assert _fit_args(args).name == "mine"
+    assert FitConfig.from_args(args).fit.name == "mine"
     assert name_of_folder("runs/my adapter (v2)") == "my-adapter-v2-" and name_of_folder("/") == "adapter"
+
+
+def test_every_subcommand_is_one_module_with_add_arguments_and_main():
+    import importlib
+
+    from reasonmaxxer.cli import COMMANDS
+
+    for name, (module, text) in COMMANDS.items():
+        commands = importlib.import_module(module)
+        assert callable(commands.add_arguments) and callable(commands.main), name
+        assert text and "\n" not in text, name
+
+
+def test_the_top_level_help_imports_no_torch():
+    code = ("import sys\nfrom reasonmaxxer.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rollouts" in out.stdout and out.stdout.splitlines()[-1] == "False", out.stdout[-2000:]
+
+
+def _parsed(argv: list[str]):
+    import argparse
+
+    from reasonmaxxer.cli import build_parser
+
+    return build_parser(argv[0]).parse_args(argv, argparse.Namespace(argv=argv))
+
+
+@pytest.fixture()
+def recipe_calls(monkeypatch) -> list:
+    """The presets the paper recipe is applied to, one per call."""
+    from reasonmaxxer.training import recipe
+
+    calls = []
+    monkeypatch.setitem(recipe.RECIPES, "paper", lambda preset: calls.append(preset) or recipe.paper(preset))
+    return calls
+
+
+def test_rollouts_config_is_built_from_its_flags_with_the_recipe_applied_once(recipe_calls):
+    argv = ["rollouts", "--model", "m", "--problems", "p.jsonl", "--limit", "3", "--selection-seed", "5", "--recipe",
+            "paper", "--samples", "4", "--backend", "vllm", "--vllm-args", '{"enforce_eager": true}', "--concurrency",
+            "5", "--stop", "X", "--out", "r.jsonl"]
+    engine = EngineConfig("m", None, "auto", "vllm", False, 5, {"enforce_eager": True})
+    sampling = RolloutConfig(samples=4, temperature=0.6, top_p=0.95, prompt_style="paper", concurrency=5, stop=("X",))
+    problems = ProblemSelection("p.jsonl", limit=3, seed=5)
+    assert RolloutsConfig.from_args(_parsed(argv)) == RolloutsConfig(engine, problems, sampling, "boxed",
+                                                                     Path("r.jsonl"), ("reasonmaxxer", *argv))
+    assert len(recipe_calls) == 1
+
+
+def test_fit_config_is_built_from_its_flags_with_the_recipe_applied_once(recipe_calls):
+    argv = ["fit", "--rollouts", "r.jsonl", "--out", "ad/head", "--recipe", "paper", "--fit-seed", "3", "--seed", "2",
+            "--kind", "lora", "--threshold", "calibrate", "--val-problems", "v.jsonl", "--val-limit", "8",
+            "--tau-sweep", "1.0,1.4", "--fast"]
+    fit = FitArgs(name="head", kind="lora", seed=3, threshold=None, keep_problems=50, trim=0.8, adv_clip=2.5,
+                  kl_weight=0.2, order="curriculum", lr=1e-4, epochs=2, max_steps=149, warmup=50, warmup_cap=False,
+                  accumulation=8, grad_clip=1.0, checkpoint_every=0.15, autocast="bfloat16", rank=32, lora_alpha=64)
+    rollouts = RolloutsConfig(EngineConfig("smollm2-135m-instruct", fast=True), ProblemSelection(None),
+                              RolloutConfig(seed=2, prompt_style="paper"), "boxed", Path("r.jsonl"),
+                              ("reasonmaxxer", *argv))
+    val = ProblemSelection("v.jsonl", limit=8)
+    assert FitConfig.from_args(_parsed(argv)) == FitConfig(rollouts, fit, "ad/head", val, 2, "gated", "transformers",
+                                                           None, (1.0, 1.4), None)
+    assert len(recipe_calls) == 1
+
+
+def test_probe_branches_config_is_built_from_its_flags():
+    argv = ["probe-branches", "--model", "m", "--rollouts", "r.jsonl", "--out", "pb", "--tau", "2.0", "--concurrency",
+            "7", "--backend", "transformers", "--wrong", "3"]
+    assert ProbeBranchesConfig.from_args(_parsed(argv)) == ProbeBranchesConfig(
+        EngineConfig("m", backend="transformers", concurrency=7), "r.jsonl", "pb", 3, 40, 2,
+        ProbeConfig(tau=2.0, concurrency=7), "boxed")

@@ -34,7 +34,7 @@ def _requests(prompts) -> list[Request]:
     sp = lambda seed, **kw: SamplingParams(max_tokens=6, temperature=1.0, seed=seed, **kw)  # noqa: E731
     return [
         Request(prompts[0], sp(1, top_k=20, top_p=0.9, min_p=0.01, logprobs=3)),
-        Request(prompts[1], SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, logprobs_source="base")),
+        Request(prompts[1], SamplingParams(max_tokens=6, temperature=0.0, logprobs=2), SteeringParams(logprobs="base")),
         Request(prompts[2], sp(2), SteeringParams("head", "gated", threshold=0.0, trace=True)),
         Request(prompts[3], sp(3, logprobs=1), SteeringParams("head", "always")),
         Request(prompts[0], sp(4), SteeringParams("lora", "gated", threshold=0.0, trace=True)),

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
+from reasonmaxxer.models import load_model
 from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.engine import Engine
-from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.steering.request import Request, SteeringParams
 from reasonmaxxer.steering.sampling import SamplingParams
 

@@ -42,7 +42,7 @@ def _reference(model, ids):
 
 
 def _scores(engine, ids, top_n=3, source="steered", key=0, **steering):
-    return engine.prompt_logprobs([ids], SteeringParams(**steering), top_n, source, key)[0]
+    return engine.prompt_logprobs([ids], SteeringParams(**steering, logprobs=source), top_n, key)[0]
 
 
 def test_base_equals_a_full_forward_token_for_token(setup, tiny_model):
@@ -151,7 +151,7 @@ def test_prefilled_in_chunks_the_scores_are_the_whole_prompts(setup, monkeypatch
 
     whole = _scores(engine, ids, **steering)
     monkeypatch.setattr(prompt_logprobs, "CHUNK", 4)
-    pieces = engine.prompt_logprobs_pieces([ids], SteeringParams(**steering), 3, "steered", 0)
+    pieces = engine.prompt_logprobs_pieces([ids], SteeringParams(**steering), 3, 0)
     turns = 0
     try:
         while True:

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from reasonmaxxer.steering.adapters import HeadAdapter, load_adapter
 from reasonmaxxer.steering.batch import cache_kwarg
-from reasonmaxxer.steering.engine import Engine
+from reasonmaxxer.steering.engine import STEPS, Engine
 from reasonmaxxer.steering.gate import entropy
 from reasonmaxxer.steering.request import Request, SteeringParams
 from reasonmaxxer.steering.sampling import SamplingParams
@@ -34,8 +34,8 @@ def head(tiny_model, tokenizer):
 def engine(request, tiny_model, tokenizer, head, lora_setup):
     """Every engine test runs on three paths: oneDNN-prepacked linears (packed.py, the CPU default), plain
     F.linear (eager), and decode steps through torch.compile (compiled.py)."""
-    eng = Engine(tiny_model, tokenizer, max_batch_size=8, fast=request.param != "plain",
-                 compile=request.param == "compiled")
+    step = {"packed": "fused", "plain": "reference", "compiled": "compiled"}[request.param]  # Engine(step=)
+    eng = Engine(tiny_model, tokenizer, max_batch_size=8, step=step)
     assert bool(eng.packed) == eng.grouped_attention == (request.param != "plain")
     eng.add_adapter(head)
     eng.add_adapter(load_adapter(lora_setup[0]))
@@ -217,7 +217,7 @@ def test_stop_string_eos_and_length(engine, prompts, tokenizer):
 
 
 def test_logprobs_report_the_chosen_distribution(engine, tiny_model, prompts):
-    out = run(engine, prompts[2], greedy(logprobs=3, logprobs_source="base"))
+    out = run(engine, prompts[2], greedy(logprobs=3), logprobs="base")
     ids = torch.tensor([prompts[2] + out.token_ids])
     with torch.no_grad():
         ref = torch.log_softmax(tiny_model(ids).logits[0, len(prompts[2]) - 1 : -1].float(), -1)
@@ -280,7 +280,7 @@ def _state(model) -> dict:
     }
 
 
-@pytest.mark.parametrize("kind", ["packed", "plain", "module", "compiled"])
+@pytest.mark.parametrize("kind", STEPS)
 def test_building_an_engine_leaves_the_model_as_it_found_it(tokenizer, lora_setup, kind):
     """The engine's packed linears, attention implementation, fused groups, LoRA hooks and eval mode live on its
     own view (own.py). Checked on the state, then on a forward against a copy that never met an engine; the
@@ -290,7 +290,7 @@ def test_building_an_engine_leaves_the_model_as_it_found_it(tokenizer, lora_setu
     model = make_model(tokenizer).train()  # a flag the engine's eval() must not flip on the caller's model
     twin = copy.deepcopy(model).eval()
     before = _state(model)
-    engine = Engine(model, tokenizer, fast=kind != "plain", compile=kind == "compiled", fused=kind != "module")
+    engine = Engine(model, tokenizer, step=kind)
     engine.add_adapter(load_adapter(lora_setup[0]))
     engine.generate([Request([1, 2, 3], greedy(), SteeringParams("tiny-lora", "gated", 0.0))])
     assert _state(model) == before
@@ -299,3 +299,8 @@ def test_building_an_engine_leaves_the_model_as_it_found_it(tokenizer, lora_setu
     x = torch.tensor([[5, 9, 2, 40, 7]])
     with torch.inference_mode():
         assert torch.equal(model(x).logits, twin(x).logits)
+
+
+def test_an_unknown_step_is_refused_with_the_steps_there_are(tiny_model, tokenizer):
+    with pytest.raises(ValueError, match="use one of reference, module, fused, compiled"):
+        Engine(tiny_model, tokenizer, step="turbo")

@@ -59,7 +59,7 @@ def test_packed_and_plain_engines_give_the_same_tokens(tiny_model, tokenizer, pr
     sp = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True, logprobs=0)
     outs = {}
     for packed in (False, True):
-        engine = Engine(tiny_model, tokenizer, fast=packed)
+        engine = Engine(tiny_model, tokenizer, step="fused" if packed else "reference")
         engine.add_adapter(head)
         steering = SteeringParams("head", "gated", threshold=3.0)
         outs[packed] = engine.generate([Request(p, sp, steering) for p in prompts])
@@ -132,7 +132,7 @@ def test_gated_lora_rows_of_two_adapters_recompute_together_as_alone(tiny_model,
 def test_the_compiled_step_does_not_recompile_as_rows_come_and_go(tiny_model, tokenizer, prompts):
     from torch._dynamo.utils import counters
 
-    engine = Engine(tiny_model, tokenizer, max_batch_size=8, compile=True)
+    engine = Engine(tiny_model, tokenizer, max_batch_size=8, step="compiled")
     eager = Engine(tiny_model, tokenizer, max_batch_size=8)
     sp = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     # Two graphs at most: batch size 1 and any larger (dynamo specialises a size of 1); lengths symbolic.
@@ -175,7 +175,7 @@ def test_prefill_groups_split_where_left_padding_passes_the_waste_share():
 def test_rows_of_far_apart_lengths_prefill_apart_and_decode_as_alone(tiny_model, tokenizer, prompts, fast):
     """transformers' forward prefills far-apart lengths in separate groups; the fused prefill packs them all
     without padding (no decoder module call at all). Either way each row decodes as it does alone."""
-    engine = Engine(tiny_model, tokenizer, max_batch_size=8, fast=fast)
+    engine = Engine(tiny_model, tokenizer, max_batch_size=8, step="fused" if fast else "reference")
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     long_prompt = tokenizer("Weng earns $12 an hour for babysitting. " * 5)["input_ids"]
     batch = [prompts[0], long_prompt, prompts[2], long_prompt[:-3]]
@@ -218,7 +218,7 @@ def test_the_cache_keeps_its_spare_room_through_merge_select_and_trim(tiny_model
 
 
 def test_a_failing_compile_falls_back_to_eager_once_with_a_warning(tiny_model, tokenizer, prompts):
-    engine = Engine(tiny_model, tokenizer, compile=True)
+    engine = Engine(tiny_model, tokenizer, step="compiled")
     reference = Engine(tiny_model, tokenizer)
     calls = []
 

@@ -101,7 +101,7 @@ def test_fit_cli_fails_early_and_clearly_on_bad_input(tiny_model, tokenizer, tmp
 
 
 def test_a_fit_that_lowers_the_positive_tokens_is_flagged():
-    from reasonmaxxer.training.cli import collapse_warning
+    from reasonmaxxer.training.fit_cli import collapse_warning
 
     assert collapse_warning({"logp_shift_positive": 0.08, "logp_shift_negative": -0.1, "anchor_kl": 0.004}) is None
     warning = collapse_warning({"logp_shift_positive": -0.497, "logp_shift_negative": -0.808, "anchor_kl": 0.13})
@@ -109,7 +109,7 @@ def test_a_fit_that_lowers_the_positive_tokens_is_flagged():
 
 
 def test_a_fit_with_no_positive_token_at_a_decision_point_says_so_not_that_it_lowered_them():
-    from reasonmaxxer.training.cli import collapse_warning
+    from reasonmaxxer.training.fit_cli import collapse_warning
 
     warning = collapse_warning({"logp_shift_positive": float("nan"), "logp_shift_negative": -0.14, "anchor_kl": 4e-4})
     assert "no positive-advantage token" in warning and "nan" not in warning and "--samples" in warning

@@ -7,8 +7,8 @@ import random
 import subprocess
 import sys
 
+from reasonmaxxer.models import load_model
 from reasonmaxxer.steering.adapters import load_adapter
-from reasonmaxxer.steering.models import load_model
 from reasonmaxxer.training.fit import FitArgs, head_diagnostics, prepare_items, select_problems
 from reasonmaxxer.training.rollouts import load_rollouts
 

@@ -128,9 +128,9 @@ def test_models_that_are_not_llamas_run_transformers_forward(tokenizer):
     window = tiny_qwen2(tokenizer, use_sliding_window=True, sliding_window=8)
     assert "sliding" in FusedDecoder.unsupported(window)
     assert Engine(llama, tokenizer).fused is not None
-    assert Engine(qwen3, tokenizer).fused is None and Engine(llama, tokenizer, fast=False).fused is None
-    assert Engine(llama, tokenizer, compile=True).fused is None  # the compiled step replaces it
-    assert Engine(llama, tokenizer, fused=False).fused is None  # the A/B switch: transformers' forward
+    assert Engine(qwen3, tokenizer).fused is None and Engine(llama, tokenizer, step="reference").fused is None
+    assert Engine(llama, tokenizer, step="compiled").fused is None  # the compiled step replaces it
+    assert Engine(llama, tokenizer, step="module").fused is None  # the A/B switch: transformers' forward
     unpack_linears(llama)
 
 

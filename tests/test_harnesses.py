@@ -129,7 +129,7 @@ def _reference(samples: list[dict]) -> list[list[float]]:
     """lm-eval's pairs scored by transformers in float32, tokenized as lm-eval does (`_encode_pair`)."""
     import torch
 
-    from reasonmaxxer.steering.models import load_model
+    from reasonmaxxer.models import load_model
 
     model, tok = load_model(MODEL, dtype="float32")
     out = []
@@ -156,7 +156,7 @@ def _prompt_fired(url: str) -> float:
 
 
 def test_lm_eval_runs_unchanged_for_the_base_and_the_steered_model(server, data, tmp_path):
-    from reasonmaxxer.steering.models import resolve_model
+    from reasonmaxxer.models import resolve_model
 
     exe = _harness("REASONMAXXER_LM_EVAL", ".venv-lm-eval", "lm_eval")
     tasks = _lm_eval_tasks(data, tmp_path / "tasks")

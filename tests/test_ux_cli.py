@@ -56,7 +56,7 @@ def test_one_name_for_the_completion_budget():
 
 
 def _forbid_model_loads(monkeypatch):
-    from reasonmaxxer.steering import models
+    from reasonmaxxer import models
 
     def loaded(*a, **k):
         raise AssertionError("a model was loaded (or built) before the input was checked")
@@ -123,8 +123,8 @@ def test_an_unknown_model_fails_in_seconds_as_a_process(tmp_path, offline):
 
 def test_an_adapter_for_another_model_fails_before_any_model_loads(monkeypatch, tiny_model, tokenizer, tmp_path,
                                                                  capsys):
+    from reasonmaxxer.models import prepare_model
     from reasonmaxxer.steering.adapters import HeadAdapter
-    from reasonmaxxer.steering.models import prepare_model
 
     prepare_model("smollm2-135m-instruct")  # its config.json is what the adapter is checked against
     _forbid_model_loads(monkeypatch)
@@ -241,8 +241,8 @@ def test_every_subcommand_defaults_to_device_auto_with_one_help():
     """A GPU user's first server, generate, rollouts or fit runs on the GPU: --device is auto everywhere (serve's
     flag falls back to its setting, which is auto), with the same help text."""
     from reasonmaxxer.cli import COMMANDS, build_parser
+    from reasonmaxxer.models import DEVICE_HELP
     from reasonmaxxer.server.settings import Settings
-    from reasonmaxxer.steering.models import DEVICE_HELP
 
     seen = {}
     for name in COMMANDS:
@@ -292,20 +292,20 @@ def test_the_less_used_fit_flags_reach_what_they_set_and_are_documented(tmp_path
     """`--val-question-field`, `--val-answer-field`, `--val-selection-seed`, `--keep-problems`, `--grad-clip`,
     `--fit-seed` and `--top-k` each set what their help says, and docs/fitting.md explains every one."""
     from reasonmaxxer.cli import build_parser
-    from reasonmaxxer.training.cli import _fit_args, _load_problems
+    from reasonmaxxer.training.cli_config import FitConfig
 
     val = tmp_path / "val.jsonl"
     val.write_text("".join(json.dumps({"q": f"{i} + 1?", "a": str(i + 1)}) + "\n" for i in range(20)))
     argv = ["fit", "--rollouts", "r.jsonl", "--out", "x", "--val-problems", str(val), "--val-question-field", "q",
             "--val-answer-field", "a", "--val-selection-seed", "3", "--val-limit", "5", "--keep-problems", "7",
             "--grad-clip", "0.5", "--fit-seed", "11", "--top-k", "8"]
-    args = build_parser("fit").parse_args(argv)
-    fit_args = _fit_args(args)
+    config = FitConfig.from_args(build_parser("fit").parse_args(argv))
+    fit_args = config.fit
     assert (fit_args.keep_problems, fit_args.grad_clip, fit_args.seed, fit_args.top_k) == (7, 0.5, 11, 8)
-    picked = _load_problems(args, prefix="val_")
+    picked = config.val.load()
     assert [p.question for p in picked.problems] != [f"{i} + 1?" for i in range(5)]  # shuffled by the seed
     assert all(p.answer == str(int(p.question.split(" ")[0]) + 1) for p in picked.problems)  # the fields given
-    assert picked.problems == _load_problems(build_parser("fit").parse_args(argv), prefix="val_").problems
+    assert picked.problems == FitConfig.from_args(build_parser("fit").parse_args(argv)).val.load().problems
     docs = (Path(__file__).resolve().parents[1] / "docs" / "fitting.md").read_text()
     for flag in ("--val-question-field", "--val-answer-field", "--val-selection-seed", "--keep-problems",
                  "--grad-clip", "--fit-seed", "--top-k"):

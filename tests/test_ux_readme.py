@@ -29,8 +29,8 @@ def test_the_example_names_the_bundled_adapter_and_no_foreign_threshold():
 
 @pytest.mark.slow
 def test_the_sdk_example_fires_at_a_sensible_rate():
+    from reasonmaxxer.bundled import default_adapter
     from reasonmaxxer.steering.manifest import Manifest
-    from reasonmaxxer.training.bundled import default_adapter
 
     tau = Manifest.load(default_adapter("smollm2-135m-instruct")).gate.tau
     proc, url = start_server([])

@@ -43,7 +43,7 @@ def test_the_banner_names_model_backend_dtype_device_adapters_url_and_auth(tiny_
 
 
 def test_first_run_model_preparation_is_said_in_the_server_log(monkeypatch):
-    from reasonmaxxer.steering import models
+    from reasonmaxxer import models
 
     said: list[str] = []
 
@@ -61,7 +61,7 @@ def test_first_run_model_preparation_is_said_in_the_server_log(monkeypatch):
 def test_an_adapter_for_another_base_of_the_same_shape_is_one_line_and_exit_2(tmp_path):
     """Same architecture, hidden size and vocabulary as SmolLM2 (config.json cannot tell), another fingerprint:
     refused once the model is loaded, still as one line and exit 2, not a lifespan traceback (exit 3)."""
-    from reasonmaxxer.training.bundled import default_adapter
+    from reasonmaxxer.bundled import default_adapter
 
     bundled = default_adapter("smollm2-135m-instruct")
     forged = tmp_path / "other-base"

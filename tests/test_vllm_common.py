@@ -15,34 +15,62 @@ import tomllib
 import torch
 
 from reasonmaxxer.steering import vllm as rv
+from reasonmaxxer.steering.request import SteeringParams
 from reasonmaxxer.steering.vllm.reports import GateCollector, ReportSender
 
 
-def test_xargs_round_trip_keeps_infinite_thresholds():
+def test_xargs_are_the_steering_values_json_and_keep_infinite_thresholds():
     for tau in (math.inf, 1.25, 0.0):
-        x = rv.parse_xargs(rv.make_xargs("r1", "gated", tau, "/a", top_k=3, trace=True))
-        assert x == {"rid": "r1", "mode": "gated", "tau": tau, "adapter": "/a", "kind": "head", "top_k": 3,
-                     "trace": True, "rate": None, "key": 0}
-    assert rv.parse_xargs(rv.make_xargs("r", "always", -math.inf, "/a"))["tau"] == -math.inf
+        st = SteeringParams(adapter="/a", mode="gated", threshold=tau, top_k=3, trace=True)
+        x = rv.parse_xargs(rv.make_xargs("r1", st))
+        assert x == rv.XArgs("r1", st, "head", 0)
+    wire = rv.make_xargs("r", SteeringParams(adapter="/a", mode="gated", threshold=math.inf, top_k=5))[rv.XARGS_KEY]
+    assert wire == {"rid": "r", "kind": "head", "key": 0, **SteeringParams(adapter="/a", mode="gated",
+                    threshold=math.inf, top_k=5).to_json()} and wire["threshold"] == "inf"
     assert rv.parse_xargs(None) is None and rv.parse_xargs({"other": 1}) is None
-    flat = {rv.XARGS_KEY: '{"rid": "h", "mode": "gated", "tau": 1.5, "adapter": "/a"}'}  # vllm_xargs over HTTP
-    assert rv.parse_xargs(flat)["tau"] == 1.5
+    flat = {rv.XARGS_KEY: '{"rid": "h", "mode": "gated", "threshold": 1.5, "top_k": 5, "adapter": "/a"}'}  # over HTTP
+    assert rv.parse_xargs(flat).steering.threshold == 1.5
+
+
+def test_xargs_left_to_the_adapter_take_its_adapter_json(tmp_path):
+    head = tmp_path / "head"
+    _head_adapter(head, tau=1.7, rate=0.05, top_k=4)
+    x = rv.parse_xargs({rv.XARGS_KEY: {"rid": "r", "mode": "gated", "adapter": str(head)}})
+    assert (x.steering.threshold, x.steering.top_k) == (1.7, 4)
+    x = rv.parse_xargs({rv.XARGS_KEY: {"rid": "r", "mode": "random", "adapter": str(head), "key": 3}})
+    assert (x.steering.rate, x.key, x.steering.gate_tau) == (0.05, 3, math.inf)
 
 
 @pytest.mark.parametrize("x, message", [
-    ({"mode": "sometimes", "adapter": "/a"}, "use off, gated, always or random"),
+    ({"mode": "sometimes", "adapter": "/a"}, "use one of off, gated, always, random"),
     ({"mode": "gated"}, "needs an adapter"),
-    ({"mode": "gated", "adapter": "/a", "kind": "lora"}, "cannot be gated"),
+    ({"mode": "gated", "adapter": "/a", "kind": "lora", "threshold": 1}, "cannot be gated"),
     ({"mode": "gated", "adapter": "/a", "kind": "dora"}, "use head or lora"),
-    ({"mode": "gated", "adapter": "/a", "tau": "high"}, "must be a number"),
-    ({"mode": "gated", "adapter": "/a", "tau": -1}, ">= 0"),
-    ({"mode": "gated", "adapter": "/a", "top_k": 0}, "top_k must be >= 1"),
+    ({"mode": "gated", "adapter": "/a", "threshold": "high"}, "must be a number"),
+    ({"mode": "gated", "adapter": "/a", "threshold": -1}, ">= 0"),
+    ({"mode": "gated", "adapter": "/a", "top_k": 0, "threshold": 1}, "has no meaning on vLLM"),
+    ({"mode": "gated", "adapter": "/a", "tau": 1.4}, "unknown field.*tau.*threshold"),
+    ({"mode": "gated", "adapter": "/nowhere"}, "adapter directory '/nowhere'"),
+    ({"mode": "random", "adapter": "/a", "kind": "lora", "rate": 0.1}, "cannot be gated"),
+    ({"mode": "random", "adapter": "/a", "rate": 0.1, "key": "k"}, "key must be an integer"),
     ("gated", "not JSON"),
     (3, "must be an object"),
 ])
 def test_bad_xargs_say_what_to_fix(x, message):
     with pytest.raises(ValueError, match=message):
         rv.parse_xargs({rv.XARGS_KEY: x})
+
+
+def _head_adapter(path: Path, tau: float, rate: float, top_k: int) -> None:
+    """A real head adapter directory (a tiny random one) whose adapter.json records this gate."""
+    from reasonmaxxer.steering.adapters import HeadAdapter
+    from reasonmaxxer.steering.manifest import BaseIdentity, GateSpec, Manifest
+
+    identity = BaseIdentity(name="tiny", architecture="LlamaForCausalLM", hidden_size=8, vocab_size=16,
+                            fingerprint="0" * 16)
+    manifest = Manifest(kind="head", name="h", base_model=identity, gate=GateSpec(tau=tau, measured_fire_rate=rate),
+                        top_k=top_k, params={"rank": 2, "scale": 1.0})
+    HeadAdapter(manifest, torch.zeros(2, 8), torch.zeros(8, 2)).save(path)
 
 
 def test_version_pin(monkeypatch):
@@ -116,9 +144,6 @@ def test_serve_with_vllm_backend_fails_fast_without_vllm():
 
 
 def test_random_mode_xargs_carry_rate_and_key():
-    x = rv.parse_xargs(rv.make_xargs("r", "random", math.inf, "/a", rate=0.04, key=17))
-    assert (x["mode"], x["rate"], x["key"]) == ("random", 0.04, 17)
-    with pytest.raises(ValueError, match="needs rate"):
-        rv.parse_xargs({rv.XARGS_KEY: {"mode": "random", "adapter": "/a"}})
-    with pytest.raises(ValueError, match="cannot be gated"):
-        rv.parse_xargs({rv.XARGS_KEY: {"mode": "random", "adapter": "/a", "kind": "lora", "rate": 0.1}})
+    st = SteeringParams(adapter="/a", mode="random", threshold=math.inf, top_k=5, rate=0.04)
+    x = rv.parse_xargs(rv.make_xargs("r", st, key=17))
+    assert (x.steering.mode, x.steering.rate, x.key) == ("random", 0.04, 17)

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .loss import head_kl, kl_anchor
-from .score_cache import _sequence_key, model_signature, save_atomic
+from .score_cache import model_signature, save_atomic, sequence_key
 from .scoring import Scored
 
 __all__ = ["TARGETS", "candidate_kl", "distill_diagnostics", "head_distill_loss", "lora_distill_loss",
@@ -72,7 +72,7 @@ def teacher_scores(teacher, base, records: Sequence[dict], scored: Sequence[Scor
     out, added = [], 0
     pairs = list(zip(records, scored, strict=True))
     for r, s in tqdm(pairs, desc="teacher scoring", unit="seq", disable=not progress):
-        key = _sequence_key(r["prompt_ids"], r["completion_ids"])
+        key = sequence_key(r["prompt_ids"], r["completion_ids"])
         if key not in stored:
             stored[key] = _teacher_cand(teacher, r["prompt_ids"] + r["completion_ids"], s.cand)
             added += 1

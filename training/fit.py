@@ -24,15 +24,17 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, NamedTuple
 
 import torch
 
 from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.manifest import GateSpec, Manifest, base_identity
 
-from . import loop
+from . import distill, loop
+from .config import FitArgs
+from .fit_lora import fit_lora
 from .loss import group_advantages, head_kl, head_log_probs
 from .score_cache import score_all
 from .scoring import Scored, calibrate_tau
@@ -41,43 +43,6 @@ __all__ = ["FitArgs", "TrainItem", "advantages_of", "fit", "head_diagnostics", "
            "select_problems", "trim_shortest"]
 
 Callback = Callable[[int, Any], float | None]
-
-
-@dataclass
-class FitArgs:
-    kind: str = field(default="head", metadata={"help": "head | lora"})
-    name: str = field(default="adapter", metadata={"help": "registered name of the adapter"})
-    threshold: float | None = field(default=None, metadata={
-        "help": "tau in nats, or calibrate (to --target-fire-rate)"})
-    target_fire_rate: float = field(default=0.03, metadata={"help": "fraction of completion tokens above tau"})
-    keep_problems: int = field(default=50, metadata={"help": "M: mixed problems kept, closest to pass rate 0.5"})
-    adv_clip: float = field(default=2.5, metadata={"help": "advantages clipped to [-clip, clip]"})
-    kl_weight: float = field(default=0.2, metadata={"help": "weight of the KL(base || adapted) anchor"})
-    epochs: int = field(default=1, metadata={"help": "passes over the kept rollouts"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
-    warmup: int = field(default=50, metadata={"help": "linear warm-up steps (see --warmup-cap)"})
-    accumulation: int = field(default=8, metadata={"help": "sequences per optimizer step"})
-    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
-    seed: int = field(default=42, metadata={"help": "seed of init and data order"})
-    top_k: int = field(default=5, metadata={"help": "head: candidates corrected per position"})
-    rank: int = field(default=32, metadata={"help": "head rank, or LoRA r"})
-    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha"})
-    lora_targets: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"))
-    checkpoints: int = field(default=1, metadata={"help": "evenly spaced checkpoints offered to the callback"})
-    trim: float = field(default=1.0, metadata={
-        "help": "keep the globally shortest fraction of the kept problems' rollouts before advantages"})
-    order: str = field(default="shuffle", metadata={
-        "help": "shuffle (seeded, per epoch) | curriculum (|A| x decision density, descending)"})
-    max_steps: int = field(default=0, metadata={
-        "help": "stop after this many optimizer steps, the schedule still sized for --epochs (0: run it all)"})
-    warmup_cap: bool = field(default=True, metadata={
-        "help": "cap the warm-up at a third of the steps (false: the released schedule, warm-up as given)"})
-    checkpoint_every: float = field(default=0.0, metadata={
-        "help": "a checkpoint every this fraction of an epoch; 0: use --checkpoints"})
-    autocast: str = field(default="none", metadata={"help": "lora: none | bfloat16 (autocast of the forwards)"})
-    teacher_target: str = field(default="kl", metadata={
-        "help": "with a teacher: kl (KL(teacher || adapted) on the candidates) | argmax (the teacher's best "
-                "candidate as a hard target)"})
 
 
 @dataclass
@@ -233,28 +198,33 @@ def head_diagnostics(model, items: list[TrainItem], adapter: HeadAdapter) -> dic
 
 
 def _fit_one(model, tokenizer, items, tau: float, args: FitArgs, callback: Callback | None, distil: bool = False):
-    from . import distill
-
     if args.kind == "head":
         loss = (lambda w_u, a, b: distill.head_distill_loss(w_u, a, b, args.kl_weight, args.teacher_target)) \
             if distil else None
         return fit_head(model, tokenizer, items, tau, args, callback, loss)
-    from .fit_lora import fit_lora
-
     loss = (lambda peft, autocast: distill.lora_distill_loss(peft, args.kl_weight, args.teacher_target, autocast)) \
         if distil else None
     return fit_lora(model, tokenizer, items, tau, args, callback, loss)
 
 
 def distill_targets() -> tuple[str, ...]:
-    from .distill import TARGETS
-
-    return TARGETS
+    return distill.TARGETS
 
 
 def _with_teacher(items: list[TrainItem], teacher_logits: list[torch.Tensor]) -> list[TrainItem]:
     """Distillation items: the teacher's candidate logits attached, every rollout weighted 1 (no rewards)."""
     return [replace(it, teacher=t, advantage=1.0) for it, t in zip(items, teacher_logits, strict=True)]
+
+
+class Run(NamedTuple):
+    """One training run of `fit` (one per tau of a sweep)."""
+
+    items: list[TrainItem]
+    tau: float
+    stats: dict[str, Any]  # make_items' data statistics
+    adapter: Any  # the chosen checkpoint's adapter
+    history: list[dict[str, float]]  # the losses, one entry per optimizer step
+    chosen: dict[str, Any]  # the chosen checkpoint: {"step", "value"} (value: the callback's, None without one)
 
 
 def fit(model, tokenizer, records: Sequence[dict], args: FitArgs, callback: Callback | None = None,
@@ -276,20 +246,18 @@ def fit(model, tokenizer, records: Sequence[dict], args: FitArgs, callback: Call
     kept = trim_shortest(selected, args.trim)
     scored = score_all(model, kept, args.top_k, args.kind == "head", score_cache, progress)
     if teacher is not None:
-        from .distill import teacher_scores
-
-        teacher_logits = teacher_scores(teacher, model, kept, scored, args.top_k, score_cache, progress)
+        teacher_logits = distill.teacher_scores(teacher, model, kept, scored, args.top_k, score_cache, progress)
     times["scoring_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    runs = []
+    runs: list[Run] = []
     for threshold in (tau_sweep or [args.threshold]):
         run_args = replace(args, threshold=threshold)
         items, tau, stats = make_items(kept, scored, run_args)
         if teacher is not None:
             items = _with_teacher(items, teacher_logits)
         adapter, history, chosen = _fit_one(model, tokenizer, items, tau, run_args, callback, teacher is not None)
-        runs.append((items, tau, stats, adapter, history, chosen))
-    best = max(runs, key=lambda r: r[5]["value"]) if tau_sweep else runs[0]
+        runs.append(Run(items, tau, stats, adapter, history, chosen))
+    best = max(runs, key=lambda r: r.chosen["value"]) if tau_sweep else runs[0]
     items, tau, stats, adapter, history, chosen = best
     times["train_s"] = time.perf_counter() - t1
     stats.update(selected_sequences=len(selected), trimmed_to=len(kept),
@@ -297,13 +265,12 @@ def fit(model, tokenizer, records: Sequence[dict], args: FitArgs, callback: Call
     if args.kind == "head":
         stats["diagnostics"] = head_diagnostics(model, items, adapter)
         if teacher is not None:
-            from .distill import distill_diagnostics
-
-            stats["diagnostics"].update(distill_diagnostics(model, items, adapter))
+            stats["diagnostics"].update(distill.distill_diagnostics(model, items, adapter))
     report = {"data": stats, "chosen_checkpoint": chosen, "times": times,
               "final": history[-1] if history else None, "steps": len(history)}
     if tau_sweep:
-        report["tau_sweep"] = [{"tau": r[1], "fire_rate": r[2]["fire_rate"], "chosen_checkpoint": r[5]} for r in runs]
+        report["tau_sweep"] = [{"tau": r.tau, "fire_rate": r.stats["fire_rate"], "chosen_checkpoint": r.chosen}
+                               for r in runs]
     calibrated = args.threshold is None and not tau_sweep
     adapter.manifest.gate = GateSpec(tau=tau, target_fire_rate=args.target_fire_rate if calibrated else None,
                                      measured_fire_rate=stats["fire_rate"])

@@ -3,9 +3,11 @@
 Contract:
 - `check_output(path, kind)`: `path` ("file" or "dir") can be written: it is not the other kind, and the
   nearest existing folder above it is writable. ValueError saying what to pass instead.
-- `check_sampling(args)`: the rollout flags are in range, the verifier's extractors exist, and the flags go
-  together (vLLM arguments need a vLLM backend, validation flags need --val-problems); ValueError naming the
-  flag.
+- `check_backends(engine, val_backend)`: no engine flag goes unread (--vllm-args need a vLLM engine, --fast
+  an embedded one); ValueError naming the flag.
+- `check_sampling(rollouts, fit)`: the rollout flags of a `rollouts` (or `fit`: with its `FitConfig`) run are in
+  range, the verifier's extractors exist, and the flags go together (`check_backends`, validation flags need
+  --val-problems); ValueError naming the flag.
 - `plan(problems, samples, max_tokens, done, out, limited)`: the line printed before sampling starts: how
   many sequences, how many already done, the token budget, and a hint when no --limit was given.
 - `warnings(summary, args)`: what a rollout summary says is wrong for a fit (no or few mixed problems, heavy
@@ -17,10 +19,17 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["FEW_MIXED", "HEAVY_TRUNCATION", "check_output", "check_sampling", "interrupted", "plan", "warnings"]
+from .verifier import EXTRACTORS
+
+if TYPE_CHECKING:
+    from .cli_config import EngineConfig, FitConfig, RolloutsConfig
+
+__all__ = ["FEW_MIXED", "HEAVY_TRUNCATION", "check_backends", "check_output", "check_sampling", "interrupted", "plan",
+           "warnings"]
 
 FEW_MIXED = 3  # fewer mixed problems than this: a fit has little to learn from
 HEAVY_TRUNCATION = 0.3  # share of rollouts that hit the token budget
@@ -44,36 +53,40 @@ def check_output(path: str | Path, kind: str = "file") -> None:
         raise ValueError(f"cannot write {path}: {target} is not a writable folder; pass another --out")
 
 
-def check_backends(args: Any) -> None:
+def check_backends(engine: EngineConfig, val_backend: str | None = None) -> None:
     """Engine flags that no engine of the run reads (its --backend, and fit's --val-backend): refused."""
-    backends = {args.backend, getattr(args, "val_backend", args.backend)}
-    if getattr(args, "vllm_args", None) and "vllm" not in backends:
+    backends = {engine.backend, val_backend or engine.backend}
+    if engine.vllm_args and "vllm" not in backends:
         raise ValueError("--vllm-args are vLLM engine arguments: add --backend vllm, or leave them out")
-    if getattr(args, "fast", False) and "transformers" not in backends:
+    if engine.fast and "transformers" not in backends:
         raise ValueError("--fast picks the embedded (transformers) engine's fast paths, and --backend vllm runs "
                          "none: leave --fast out")
 
 
-def check_sampling(args: Any) -> None:
-    """The rollout flags of `args` (after the recipe is resolved): in range, known extractors."""
-    from .verifier import _EXTRACTORS
-
-    checks = [("--samples", args.samples >= 1, "at least 1"), ("--max-tokens", args.max_new_tokens >= 1, "at least 1"),
-              ("--temperature", args.temperature >= 0, "0 (greedy) or more"),
-              ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"), ("--concurrency", args.concurrency >= 1, "at least 1")]
+def check_sampling(rollouts: RolloutsConfig, fit: FitConfig | None = None) -> None:
+    """The rollout settings of a run (the recipe applied): in range, known extractors; `fit`'s validation flags
+    need its --val-problems."""
+    s = rollouts.sampling
+    checks = [("--samples", s.samples >= 1, "at least 1"), ("--max-tokens", s.max_new_tokens >= 1, "at least 1"),
+              ("--temperature", s.temperature >= 0, "0 (greedy) or more"),
+              ("--top-p", 0 < s.top_p <= 1, "in (0, 1]"),
+              ("--concurrency", rollouts.engine.concurrency >= 1, "at least 1")]
     for flag, ok, want in checks:
         if not ok:
             raise ValueError(f"{flag} must be {want}")
-    check_backends(args)
-    given_val = [f"--val-{k.replace('_', '-')}" for k in ("limit", "preset", "question_field", "answer_field")
-                 if getattr(args, f"val_{k}", None) is not None]
-    if given_val and not getattr(args, "val_problems", None):
-        raise ValueError(f"{', '.join(given_val)} select validation problems: add --val-problems FILE")
-    names = [x.strip() for x in args.verifier_fallbacks.split(",") if x.strip()]
-    unknown = [n for n in names if n not in _EXTRACTORS]
+    check_backends(rollouts.engine, fit.val_backend if fit else None)
+    if fit is not None and fit.val.path is None:
+        v = fit.val
+        given_val = [flag for flag, value in (("--val-limit", v.limit), ("--val-preset", v.preset),
+                                              ("--val-question-field", v.question_field),
+                                              ("--val-answer-field", v.answer_field)) if value is not None]
+        if given_val:
+            raise ValueError(f"{', '.join(given_val)} select validation problems: add --val-problems FILE")
+    names = [x.strip() for x in rollouts.verifier_fallbacks.split(",") if x.strip()]
+    unknown = [n for n in names if n not in EXTRACTORS]
     if unknown or not names:
-        raise ValueError(f"--verifier-fallbacks {args.verifier_fallbacks!r}: use names among {', '.join(_EXTRACTORS)}, "
-                         "comma-separated (e.g. boxed,answer_is,last_number)")
+        raise ValueError(f"--verifier-fallbacks {rollouts.verifier_fallbacks!r}: use names among "
+                         f"{', '.join(EXTRACTORS)}, comma-separated (e.g. boxed,answer_is,last_number)")
 
 
 def plan(problems: int, samples: int, max_tokens: int, done: int, out: str | Path, limited: bool) -> str:
@@ -105,7 +118,7 @@ def warnings(summary: dict[str, Any], samples: int, max_tokens: int) -> list[str
     return out
 
 
-def interrupted(out: str | Path, done: int, total: int, command: list[str]) -> str:
+def interrupted(out: str | Path, done: int, total: int, command: Sequence[str]) -> str:
     """The one line printed when a run is stopped with Ctrl-C."""
     return (f"interrupted: {done:,} of {total:,} rollouts are kept in {out}; run the same command to resume: "
             f"{shlex.join(command)}")

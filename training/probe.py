@@ -29,7 +29,7 @@ import json
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,19 +39,11 @@ from tqdm import tqdm
 from reasonmaxxer.steering.request import Request
 from reasonmaxxer.steering.sampling import SamplingParams
 
+from .config import ProbeConfig
 from .rollouts import decode_all
+from .scoring import score_sequence
 
 __all__ = ["Branch", "ProbeConfig", "branch_points", "pick_answers", "pick_positions", "run_probe"]
-
-
-@dataclass
-class ProbeConfig:
-    tau: float = field(default=1.4, metadata={"help": "decision points: completion positions with base H > tau"})
-    positions: int = field(default=3, metadata={"help": "branch points per answer, of each kind"})
-    alternatives: int = field(default=3, metadata={"help": "base alternatives forced at each point"})
-    continuations: int = field(default=2, metadata={"help": "continuations sampled per (point, candidate)"})
-    seed: int = field(default=0, metadata={"help": "seed of the answer, position and continuation draws"})
-    concurrency: int = field(default=64, metadata={"help": "continuations decoded together"})
 
 
 @dataclass(frozen=True)
@@ -183,8 +175,6 @@ def plan(model, records: Sequence[dict], config: ProbeConfig, wrong: int, right:
          progress: bool = True) -> tuple[list[dict], list[Branch]]:
     """Pick the answers and score them teacher-forced under `model` (the base): (answers, branch points).
     Each answer's positions are drawn with its own `random.Random` keyed by (seed, problem, sample)."""
-    from .scoring import score_sequence
-
     answers = pick_answers(records, wrong, right, per_problem, config.seed)
     points: list[Branch] = []
     for a, r in enumerate(tqdm(answers, desc="scoring answers", unit="seq", disable=not progress)):

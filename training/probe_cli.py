@@ -1,31 +1,33 @@
 """`reasonmaxxer probe-branches`: the causal test of the premise (training/probe.py) from the command line.
 
-Contract: `add_command(subparsers)` registers the subcommand; `run_probe_command(args)` checks that the
-rollouts read no evaluation rows and came from `--model`, picks and scores the answers, then decodes every
-branch (vLLM by default) into `--out`/branches.jsonl (resumable; a folder with other settings is refused)
-and returns that path. The summary is made by `reasonmaxxer.clients.probe_report` (the top-level CLI
-chains the two, so neither package imports the other).
+Contract: `add_arguments(parser)` adds the flags; `run_probe_command(config)` (a `ProbeBranchesConfig`, built once
+from the flags) checks that the rollouts read no evaluation rows and came from `--model`, picks and scores the
+answers, then decodes every branch (vLLM by default) into `--out`/branches.jsonl (resumable; a folder with other
+settings is refused) and returns that path. The summary is made by `reasonmaxxer.clients.probe_report`; the
+subcommand (reasonmaxxer/probe_branches_cli.py) chains the two, so neither package imports the other.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from reasonmaxxer.steering.models import resolve_device
+from reasonmaxxer import models
+from reasonmaxxer.steering.manifest import base_identity
 
-from .cli import _device_flag, _fingerprint, _rollout_engine, _verifier, json_object
-from .cli_flags import DTYPE_HELP, fast_flag
+from .cli_config import ProbeBranchesConfig, build_verifier, decode_engine
+from .cli_flags import DTYPE_HELP, device_flag, fast_flag, json_object
+from .config import ProbeConfig
+from .preflight import check_backends
+from .problems import check_not_evaluation
 
-__all__ = ["add_command", "run_probe_command"]
+__all__ = ["add_arguments", "run_probe_command"]
 
 
-def add_command(sub) -> None:
-    from .probe import ProbeConfig
-
-    p = sub.add_parser("probe-branches", help="the causal test of the premise: force base alternatives at "
-                                              "decision points and at random positions, continue, score")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
     p.add_argument("--model", required=True, help="the base model the rollouts came from")
     p.add_argument("--rollouts", required=True, help="rollout JSONL of a training pool (never evaluation rows)")
     p.add_argument("--out", required=True, help="output folder: meta.json, branches.jsonl (resumable), summary")
@@ -42,43 +44,38 @@ def add_command(sub) -> None:
                    help=DTYPE_HELP)
     fast_flag(p)
     p.add_argument("--verifier-fallbacks", default="boxed", help="answer extractors in order (as for rollouts)")
-    _device_flag(p)
-    p.set_defaults(func=run_probe_command)
+    device_flag(p)
 
 
-def run_probe_command(args) -> Path:
+def run_probe_command(config: ProbeBranchesConfig) -> Path:
     """Plan (pick answers, score them), then continue every branch; returns the branches file."""
-    from reasonmaxxer.steering.models import load_model
-
-    from .preflight import check_backends
-    from .probe import ProbeConfig, plan, run_probe
-    from .problems import check_not_evaluation
+    from .probe import plan, run_probe  # torch
     from .rollouts import load_rollouts
 
-    check_backends(args)
-    meta, records = load_rollouts(args.rollouts)
+    engine = config.engine
+    check_backends(engine)
+    meta, records = load_rollouts(config.rollouts)
     check_not_evaluation(meta.get("problems", {}), "the probed rollouts' problem selection")
-    config = ProbeConfig(**{f.name: getattr(args, f.name) for f in fields(ProbeConfig)})
-    out = Path(args.out)
-    settings = {"rollouts": str(Path(args.rollouts).resolve()), "model": meta["model"], "sampling": meta["sampling"],
-                "wrong": args.wrong, "right": args.right, "per_problem": args.per_problem,
-                "config": {k: v for k, v in vars(config).items() if k != "concurrency"}}
+    out = Path(config.out)
+    settings = {"rollouts": str(Path(config.rollouts).resolve()), "model": meta["model"],
+                "sampling": meta["sampling"], "wrong": config.wrong, "right": config.right,
+                "per_problem": config.per_problem,
+                "config": {k: v for k, v in asdict(config.probe).items() if k != "concurrency"}}
     if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()) != settings:
         raise ValueError(f"{out} holds a probe with other settings: pass another --out, or delete it")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
-    if _fingerprint(model, tokenizer, args.model) != meta["model"]["fingerprint"]:
-        raise ValueError(f"{args.rollouts} was made with model {meta['model']['name']!r}, not {args.model!r}")
-    answers, points = plan(model, records, config, args.wrong, args.right, args.per_problem)
+    model, tokenizer = models.load_model(engine.model, dtype=engine.dtype, device=models.resolve_device(engine.device))
+    if base_identity(model, tokenizer, engine.model).fingerprint != meta["model"]["fingerprint"]:
+        raise ValueError(f"{config.rollouts} was made with model {meta['model']['name']!r}, not {engine.model!r}")
+    answers, points = plan(model, records, config.probe, config.wrong, config.right, config.per_problem)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").write_text(json.dumps(settings, indent=2))
-    args.concurrency = config.concurrency
-    if args.backend == "vllm":
+    if engine.backend == "vllm":
         del model
-    engine = _rollout_engine(args, None if args.backend == "vllm" else model, tokenizer)
+    decoder = decode_engine(engine, None if engine.backend == "vllm" else model, tokenizer)
     try:
-        with _verifier(args) as verifier:
-            run_probe(engine, answers, points, meta["sampling"], config, verifier.score, out / "branches.jsonl")
+        with build_verifier(config.verifier_fallbacks) as verifier:
+            run_probe(decoder, answers, points, meta["sampling"], config.probe, verifier.score, out / "branches.jsonl")
     finally:
-        if args.backend == "vllm":
-            engine.close()
+        if engine.backend == "vllm":
+            decoder.close()
     return out / "branches.jsonl"

@@ -1,9 +1,11 @@
 """Recipes: named presets of `rollouts` and `fit` settings; `--recipe paper` is the paper's released recipe.
 
-Contract: `resolve(args, recipe, defaults)` fills every attribute of `args` that is None (the flag was not
-given) from `RECIPES[recipe]`, else from `defaults`; a flag given on the command line always wins. The
-resolved recipe name is kept in `args.recipe`. `ROLLOUT_DEFAULTS` are the plain defaults of the rollout
-flags; the fit flags' plain defaults are `FitArgs`' field defaults.
+Contract: a recipe is a function from a `Preset` (the rollouts' `RolloutConfig`, and for `fit` its `FitArgs`) to
+a `Preset`, made with `dataclasses.replace`; `recipe(name)` is the one named (None: "default", which changes
+nothing), ValueError for an unknown name. The commands apply it once, to the plain defaults (the dataclasses'
+field defaults), and then put the flags given on top, so a flag given on the command line always wins
+(training/cli_config.py). `PAPER_SAMPLING` and `PAPER_FIT` are the values the paper recipe sets (`fit --help` shows
+them).
 
 The paper recipe follows the released code (GitHub farukakgul/ReasonMaxxer @72182e9,
 `examples/qwen25_1p5b/0[2-4]_*.sh`, `scripts/select_mid_pool.py`, `scripts/train_reasonmaxxer.py`):
@@ -19,39 +21,53 @@ schedule as the LoRA.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
-__all__ = ["RECIPES", "ROLLOUT_DEFAULTS", "resolve"]
+from .config import FitArgs, RolloutConfig
 
-ROLLOUT_DEFAULTS: dict[str, Any] = {
-    "samples": 20, "temperature": 0.6, "top_p": 0.95, "prompt_style": "auto", "max_new_tokens": 384,
+__all__ = ["PAPER_FIT", "PAPER_SAMPLING", "RECIPES", "Preset", "recipe"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a recipe sets: the rollouts' sampling and, for `fit`, the fit's arguments (None for `rollouts`)."""
+
+    sampling: RolloutConfig
+    fit: FitArgs | None = None
+
+
+# rollouts (examples/qwen25_1p5b/02_generate_score_3x100x20.sh, reasonmaxxer/eval_lib.py)
+PAPER_SAMPLING: dict[str, Any] = {"samples": 20, "temperature": 0.6, "top_p": 0.95, "prompt_style": "paper"}
+PAPER_FIT: dict[str, Any] = {
+    # selection and trim (03_select_mid50_trim80.sh)
+    "keep_problems": 50, "trim": 0.8,
+    # data and loss (04_train_tau1p4.sh: prepare_training_data --tau_pos/--tau_neg 1.4)
+    "threshold": 1.4, "adv_clip": 2.5, "kl_weight": 0.2, "order": "curriculum",
+    # optimisation (04_train_tau1p4.sh: train_reasonmaxxer.py)
+    "lr": 1e-4, "epochs": 2, "max_steps": 149, "warmup": 50, "warmup_cap": False, "accumulation": 8,
+    "grad_clip": 1.0, "checkpoint_every": 0.15, "autocast": "bfloat16", "rank": 32, "lora_alpha": 64,
 }
 
-RECIPES: dict[str, dict[str, Any]] = {
-    "default": {},
-    "paper": {
-        # rollouts (examples/qwen25_1p5b/02_generate_score_3x100x20.sh, reasonmaxxer/eval_lib.py)
-        "samples": 20, "temperature": 0.6, "top_p": 0.95, "prompt_style": "paper",
-        # selection and trim (03_select_mid50_trim80.sh)
-        "fit_keep_problems": 50, "fit_trim": 0.8,
-        # data and loss (04_train_tau1p4.sh: prepare_training_data --tau_pos/--tau_neg 1.4)
-        "fit_threshold": 1.4, "fit_adv_clip": 2.5, "fit_kl_weight": 0.2, "fit_order": "curriculum",
-        # optimisation (04_train_tau1p4.sh: train_reasonmaxxer.py)
-        "fit_lr": 1e-4, "fit_epochs": 2, "fit_max_steps": 149, "fit_warmup": 50, "fit_warmup_cap": False,
-        "fit_accumulation": 8, "fit_grad_clip": 1.0, "fit_checkpoint_every": 0.15, "fit_autocast": "bfloat16",
-        "fit_rank": 32, "fit_lora_alpha": 64,
-    },
-}
+
+def default(preset: Preset) -> Preset:
+    """The plain defaults: `RolloutConfig`'s and `FitArgs`' own."""
+    return preset
 
 
-def resolve(args: Any, recipe: str | None, defaults: dict[str, Any]) -> Any:
-    """Fill the unset (None) attributes of `args` named in `defaults` from the recipe, else the default."""
-    name = recipe or "default"
+def paper(preset: Preset) -> Preset:
+    """The paper's released recipe (this module's docstring)."""
+    fit = replace(preset.fit, **PAPER_FIT) if preset.fit is not None else None
+    return Preset(replace(preset.sampling, **PAPER_SAMPLING), fit)
+
+
+RECIPES: dict[str, Callable[[Preset], Preset]] = {"default": default, "paper": paper}
+
+
+def recipe(name: str | None) -> Callable[[Preset], Preset]:
+    """The recipe called `name` (None: "default"); ValueError for an unknown one."""
+    name = name or "default"
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}: use one of {', '.join(sorted(RECIPES))}")
-    preset = RECIPES[name]
-    for key, default in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, preset.get(key, default))
-    args.recipe = name
-    return args
+    return RECIPES[name]

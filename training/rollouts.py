@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +33,12 @@ from reasonmaxxer.steering.request import Request, SteeringParams, TokenEvent
 from reasonmaxxer.steering.sampling import SamplingParams
 
 from . import records as records_io
+from .config import RolloutConfig
 from .problems import Problem, ProblemSet
 from .prompts import build_prompt_ids, default_stop, prompt_style_for
 
 __all__ = ["RolloutConfig", "completed", "evaluate", "generate", "load_rollouts", "resume_check", "run_rollouts",
            "summarize"]
-
-
-@dataclass
-class RolloutConfig:
-    samples: int = field(default=20, metadata={"help": "rollouts per problem (K)"})
-    temperature: float = field(default=0.6, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus mass"})
-    max_new_tokens: int = field(default=384, metadata={"help": "completion budget; hitting it scores 0"})
-    seed: int = field(default=0, metadata={"help": "base seed; sample seeds derive from (seed, row, sample)"})
-    prompt_style: str = field(default="auto", metadata={"help": "auto | chat | paper"})
-    concurrency: int = field(default=32, metadata={"help": "requests decoded together"})
-    stop: tuple[str, ...] | None = field(default=None, metadata={
-        "help": "stop strings (excluded from the text); None: the prompt style's (paper: Human:, Assistant:)"})
 
 
 def sample_seed(seed: int, row: int, sample: int) -> int:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .scoring import Scored, score_sequence
 
-__all__ = ["model_signature", "save_atomic", "score_all"]
+__all__ = ["model_signature", "save_atomic", "score_all", "sequence_key"]
 
 _SAMPLE = 1024  # evenly spaced elements of every parameter, beside its sum
 SAVE_EVERY = 100  # sequences scored between saves of the cache file
@@ -46,7 +46,7 @@ def model_signature(model, top_k: int, keep_hidden: bool) -> str:
     return h.hexdigest()[:20]
 
 
-def _sequence_key(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> str:
+def sequence_key(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> str:
     return hashlib.sha256(json.dumps([list(prompt_ids), list(completion_ids)]).encode()).hexdigest()
 
 
@@ -71,7 +71,7 @@ def score_all(model, records: Sequence[dict], top_k: int = 5, keep_hidden: bool 
     """Score every record (`prompt_ids`, `completion_ids`), reusing and extending the cache if given."""
     path = Path(cache_dir) / f"{model_signature(model, top_k, keep_hidden)}.pt" if cache_dir else None
     stored: dict[str, dict] = torch.load(path, weights_only=True) if path and path.exists() else {}
-    keys = [_sequence_key(r["prompt_ids"], r["completion_ids"]) for r in records]
+    keys = [sequence_key(r["prompt_ids"], r["completion_ids"]) for r in records]
     out, added, saved = [], 0, 0
     try:
         for r, key in tqdm(list(zip(records, keys, strict=True)), desc="scoring", unit="seq", disable=not progress):

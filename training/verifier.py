@@ -96,15 +96,16 @@ def _last_number(text: str) -> str | None:
     return numbers[-1].replace(",", "") if numbers else None
 
 
-_EXTRACTORS = {"boxed": last_boxed, "gsm8k": _after_hashes, "answer_is": _answer_is, "last_number": _last_number}
+# Answer extractors by the name `--verifier-fallbacks` gives them, in the order the help lists them.
+EXTRACTORS = {"boxed": last_boxed, "gsm8k": _after_hashes, "answer_is": _answer_is, "last_number": _last_number}
 
 
 def extract_answer(text: str, fallbacks: Sequence[str] = ("boxed",)) -> str | None:
     """The answer found by the first of ``fallbacks`` (extractor names, tried in order) that finds one."""
     for name in fallbacks:
-        if name not in _EXTRACTORS:
-            raise ValueError(f"Unknown answer extractor {name!r}; use any of {', '.join(_EXTRACTORS)}.")
-        found = _EXTRACTORS[name](text)
+        if name not in EXTRACTORS:
+            raise ValueError(f"Unknown answer extractor {name!r}; use any of {', '.join(EXTRACTORS)}.")
+        found = EXTRACTORS[name](text)
         if found:
             return found
     return None

@@ -17,7 +17,7 @@ ARMS="base,$B:gated,$B:gated@1,$B:gated@1.8,$B:always,$B:random"
 EXTRA=()
 if [[ ${LORA:-0} == 1 ]]; then ARMS="$ARMS,$L:always"; EXTRA+=(--adapter "$FIT/$L"); fi
 add_heads
-serve_vllm 8200 out/qwen-serve.log --model qwen2.5-coder-0.5b-instruct --adapter training/bundled/$B "${EXTRA[@]}"
+serve_vllm 8200 out/qwen-serve.log --model qwen2.5-coder-0.5b-instruct --adapter reasonmaxxer/bundled/$B "${EXTRA[@]}"
 .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8200 --problems ../shared/data/gsm8k/test.jsonl \
   --preset gsm8k --limit 300 --samples 1 --arms "$ARMS" --max-tokens 512 --concurrency 32 \
   --out out/ab-qwen-gsm8k-test

@@ -11,7 +11,7 @@ B=qwen2.5-coder-0.5b-instruct-gsm8k-head
 ARMS="base,$B:gated,$B:always,$B:random"
 EXTRA=()
 add_heads
-serve_vllm 8202 out/qwen-svamp-serve.log --model qwen2.5-coder-0.5b-instruct --adapter training/bundled/$B "${EXTRA[@]}"
+serve_vllm 8202 out/qwen-svamp-serve.log --model qwen2.5-coder-0.5b-instruct --adapter reasonmaxxer/bundled/$B "${EXTRA[@]}"
 .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8202 --problems ../shared/data/svamp/test.jsonl \
   --preset svamp --offset 400 --limit 300 --samples 1 --arms "$ARMS" --max-tokens 512 --concurrency 32 \
   --out out/ab-qwen-svamp

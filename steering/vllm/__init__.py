@@ -2,19 +2,25 @@
 (`reports.py`) and the async engine the server drives (`engine.py`).
 
 This module imports nothing from vLLM: it holds what both sides agree on. `XARGS_KEY` is the key of
-`SamplingParams.extra_args` that carries a request's steering; `make_xargs` builds it, `parse_xargs`
-validates it (both sides call it; a bad value is a ValueError, so vLLM's own server answers 400). Over
-vLLM's HTTP API, whose `vllm_xargs` holds flat values only, send the object as a JSON string.
+`SamplingParams.extra_args` that carries a request's steering; `make_xargs` builds it from the steering value
+(`SteeringParams`: its JSON form, the HTTP `steering` object's, with the adapter's directory as `adapter`),
+`parse_xargs` validates it back into that value (both sides call it; a bad value is a ValueError with the
+steering value's own message, so vLLM's own server answers 400). Over vLLM's HTTP API, whose `vllm_xargs` holds
+flat values only, send the object as a JSON string.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-__all__ = ["CPU_ENV", "SUPPORTED_VLLM", "XARGS_KEY", "apply_cpu_env", "check_vllm_version", "make_xargs",
+from reasonmaxxer.steering.manifest import Manifest
+from reasonmaxxer.steering.request import SteeringParams
+
+__all__ = ["CPU_ENV", "SUPPORTED_VLLM", "XARGS_KEY", "XArgs", "apply_cpu_env", "check_vllm_version", "make_xargs",
            "parse_xargs"]
 
 # The vLLM releases the plugin is written for, the one place that says so: it hooks vLLM internals (the logits
@@ -74,52 +80,65 @@ def apply_cpu_env(ranks: int = 1) -> None:
         os.environ.setdefault(key, value)
 
 
-def make_xargs(rid: str, mode: str, tau: float, adapter: str | None, kind: str = "head", top_k: int = 5,
-               trace: bool = False, rate: float | None = None, key: int = 0) -> dict[str, Any]:
-    """`extra_args` for one request (JSON-safe: tau +-inf travels as the strings "inf" / "-inf").
-    Mode random (the control) fires where `gate.random_fire(key, position, rate)` says, ignoring tau."""
-    tau_out: float | str = tau if math.isfinite(tau) else ("inf" if tau > 0 else "-inf")
-    x = {"rid": rid, "mode": mode, "tau": tau_out, "adapter": adapter, "kind": kind, "top_k": top_k, "trace": trace}
-    if mode == "random":
-        x.update(rate=rate, key=key)
-    return {XARGS_KEY: x}
+@dataclass(frozen=True)
+class XArgs:
+    """One request's steering as vLLM carries it: the steering value (its `adapter` the adapter's directory, the
+    workers' registry being the filesystem), plus what travels with it: `rid` (the gate records' key), `kind`
+    ("head" or "lora") and mode random's coin `key`."""
+
+    rid: str
+    steering: SteeringParams
+    kind: Literal["head", "lora"] = "head"
+    key: int = 0
 
 
-def parse_xargs(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The validated steering of a request, or None when it carries none. ValueError says what to fix."""
+def make_xargs(rid: str, steering: SteeringParams, kind: str = "head", key: int = 0) -> dict[str, Any]:
+    """`extra_args` for one request: the steering value's JSON form (`SteeringParams.to_json`, an infinite
+    threshold as "inf") with rid, kind and key beside it. Mode random (the control) fires where
+    `gate.random_fire(key, position, rate)` says, ignoring the threshold."""
+    return {XARGS_KEY: {"rid": rid, "kind": kind, "key": key, **steering.to_json()}}
+
+
+def parse_xargs(extra_args: dict[str, Any] | None) -> XArgs | None:
+    """The validated steering of a request, resolved against its adapter's adapter.json where it left the
+    threshold, top_k or rate to the adapter; None when it carries none. ValueError says what to fix (the steering
+    value's own messages for its fields)."""
     if not extra_args or XARGS_KEY not in extra_args:
         return None
     x = extra_args[XARGS_KEY]
+    where = f"extra_args.{XARGS_KEY}"
     if isinstance(x, str):  # vLLM's HTTP `vllm_xargs` takes flat values only: the object as a JSON string
         try:
             x = json.loads(x)
         except json.JSONDecodeError as e:
-            raise ValueError(f"extra_args.{XARGS_KEY} is a string but not JSON ({e})") from e
+            raise ValueError(f"{where} is a string but not JSON ({e})") from e
     if not isinstance(x, dict):
-        raise ValueError(f"extra_args.{XARGS_KEY} must be an object with rid, mode, tau, adapter, kind, top_k")
-    mode = x.get("mode", "off")
-    if mode not in ("off", "gated", "always", "random"):
-        raise ValueError(f"extra_args.{XARGS_KEY}.mode is {mode!r}: use off, gated, always or random")
-    kind = x.get("kind", "head")
+        raise ValueError(f"{where} must be an object: the steering fields (adapter: a directory, mode, threshold, "
+                         "top_k, trace, rate, logprobs) and rid, kind, key")
+    x = dict(x)
+    rid, kind, key = str(x.pop("rid", "")), x.pop("kind", "head"), x.pop("key", 0)
     if kind not in ("head", "lora"):
-        raise ValueError(f"extra_args.{XARGS_KEY}.kind is {kind!r}: use head or lora")
-    adapter = x.get("adapter")
-    if mode != "off" and not adapter:
-        raise ValueError(f"extra_args.{XARGS_KEY}: mode {mode!r} needs an adapter directory")
-    if kind == "lora" and mode in ("gated", "random"):
-        raise ValueError(f"lora adapters cannot be gated (mode {mode!r}) on vLLM: its LoRA kernels adapt every "
-                         "token of a request; use mode 'always', or the transformers backend for gated lora")
-    rate, key = x.get("rate"), x.get("key", 0)
-    if mode == "random" and not (isinstance(rate, (int, float)) and 0 <= rate <= 1 and isinstance(key, int)):
-        raise ValueError(f"extra_args.{XARGS_KEY}: mode random needs rate in [0, 1] and an integer key")
+        raise ValueError(f"{where}.kind is {kind!r}: use head or lora")
+    if not isinstance(key, int) or isinstance(key, bool):
+        raise ValueError(f"{where}.key must be an integer (mode random's coin), got {key!r}")
+    steering = SteeringParams.from_json(x, where)
+    if kind == "lora" and steering.mode in ("gated", "random"):
+        raise ValueError(f"lora adapters cannot be gated (mode {steering.mode!r}) on vLLM: its LoRA kernels adapt "
+                         "every token of a request; use mode 'always', or the transformers backend for gated lora")
+    if steering.top_k == 0:
+        raise ValueError(f"{where}.top_k 0 (a teacher's full distribution) has no meaning on vLLM, which runs no "
+                         "teachers: give top_k >= 1")
+    unresolved = steering.threshold is None or steering.top_k is None or (steering.mode == "random"
+                                                                          and steering.rate is None)
+    return XArgs(rid, steering.resolved(_manifest(steering.adapter) if unresolved else None), kind, key)
+
+
+@functools.lru_cache(maxsize=256)
+def _manifest(directory: str | None) -> Manifest | None:
+    """The adapter.json of an adapter directory (None without one): its gate's defaults for a request."""
+    if not directory:
+        return None
     try:
-        tau = float(x.get("tau", "inf"))
-        top_k = int(x.get("top_k", 5))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"extra_args.{XARGS_KEY}: tau must be a number and top_k an integer ({e})") from e
-    if math.isnan(tau) or (tau < 0 and mode == "gated"):
-        raise ValueError(f"extra_args.{XARGS_KEY}.tau must be a number >= 0 (nats), got {x.get('tau')!r}")
-    if top_k < 1:
-        raise ValueError(f"extra_args.{XARGS_KEY}.top_k must be >= 1, got {top_k}")
-    return {"rid": str(x.get("rid", "")), "mode": mode, "tau": tau, "adapter": adapter, "kind": kind,
-            "top_k": top_k, "trace": bool(x.get("trace", False)), "rate": rate, "key": key}
+        return Manifest.load(directory)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"adapter directory {directory!r}: {e}") from e

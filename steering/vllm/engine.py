@@ -14,7 +14,7 @@ folder that the workers read (`head`) or vLLM loads as a LoRA (`lora`).
 from __future__ import annotations
 
 import asyncio
-import math
+import dataclasses
 import shutil
 import tempfile
 import uuid
@@ -24,10 +24,10 @@ from typing import Any
 
 from reasonmaxxer.steering.adapters import HeadAdapter, LoraAdapter
 from reasonmaxxer.steering.async_engine import EngineFull
+from reasonmaxxer.steering.corrections import correction_of
 from reasonmaxxer.steering.manifest import AdapterError, check_identity, config_identity
 from reasonmaxxer.steering.prompt_logprobs import PromptLogprobs
-from reasonmaxxer.steering.request import GateReport, Request, TokenEvent, TraceEntry
-from reasonmaxxer.steering.rows import GateSettings
+from reasonmaxxer.steering.request import GateReport, Request, SteeringParams, TokenEvent, TraceEntry, UnknownAdapter
 
 from . import apply_cpu_env, check_vllm_version, make_xargs
 from .reports import GateCollector
@@ -122,14 +122,15 @@ class VllmSteering:
         self.report_timeout = 30.0
 
     def add_adapter(self, adapter: HeadAdapter | LoraAdapter) -> None:
-        if adapter.manifest.kind == "teacher":
+        runs = correction_of(adapter).vllm  # how vLLM runs this kind: our processor, its LoRA kernels, or not
+        if runs is None:
             raise AdapterError(f"teacher {adapter.name!r}: teachers run on the transformers backend only (a vLLM "
                                "logits processor cannot run a second model); serve with --backend transformers, or "
                                "distil the teacher into an adapter with `reasonmaxxer fit --teacher`")
         check_identity(adapter.name, adapter.manifest.base_model, self.identity)
         if adapter.name in self.adapters:
             raise ValueError(f"an adapter named {adapter.name!r} is already loaded: remove it first")
-        if isinstance(adapter, LoraAdapter):
+        if runs == "lora":
             rank = int(adapter.peft_config.get("r", 0))
             if self.lora_rank is None or rank > self.lora_rank:
                 raise ValueError(
@@ -151,36 +152,38 @@ class VllmSteering:
 
     def check(self, request: Request) -> None:
         """Raise ValueError (HTTP 400) if vLLM cannot run this request as asked."""
+        self._resolve(request)
+
+    def _resolve(self, request: Request) -> tuple[SteeringParams, HeadAdapter | LoraAdapter | None]:
+        """The request's steering resolved against its adapter (ValueError where vLLM cannot run it)."""
         st = request.steering
         adapter = self.adapters.get(st.adapter) if st.adapter else None
         if st.adapter and adapter is None:
-            raise ValueError(f"unknown adapter {st.adapter!r}; loaded adapters: {', '.join(self.adapters) or 'none'}")
-        if adapter is not None:  # random's rate; top_k 0 is for teachers, which vLLM never holds
-            GateSettings.of(st, adapter)
-        if isinstance(adapter, LoraAdapter) and st.mode in ("gated", "random"):
+            raise UnknownAdapter(st.adapter, self.adapters)
+        resolved = st.resolved(adapter.manifest if adapter is not None else None)
+        if adapter is not None and correction_of(adapter).vllm == "lora" and st.mode in ("gated", "random"):
             raise ValueError(
                 f"adapter {st.adapter!r} is a lora adapter: on the vLLM backend lora runs through vLLM's LoRA "
                 "kernels, which adapt every token of a request, so it cannot be gated. Use steering.mode "
                 "'always', or serve with --backend transformers for gated lora"
             )
-        if request.sampling.logprobs is not None and st.mode != "off" and request.sampling.logprobs_source != "base":
+        if request.sampling.logprobs is not None and st.mode != "off" and st.logprobs != "base":
             raise ValueError(
                 "on the vLLM backend logprobs come from the base distribution (vLLM computes them before logits "
                 "processors): set steering.logprobs to 'base', or serve with --backend transformers"
             )
+        return resolved, adapter
 
     def _steering(self, request: Request):
         from vllm.lora.request import LoRARequest
 
-        st = request.steering
-        adapter = self.adapters.get(st.adapter) if st.adapter else None
-        gate = GateSettings.of(st, adapter)
+        resolved, adapter = self._resolve(request)
         kind = adapter.manifest.kind if adapter is not None else "head"
-        xargs = make_xargs(request.request_id, st.mode, gate.tau, self._dirs.get(st.adapter or ""), kind,
-                           gate.cand_k, st.trace, gate.random_rate, request.gate_key)
-        report = gate.report(st.trace)
+        wire = dataclasses.replace(resolved, adapter=self._dirs.get(resolved.adapter or ""))  # the workers' name
+        xargs = make_xargs(request.request_id, wire, kind, request.gate_key)
+        report = resolved.report()
         lora = None
-        if isinstance(adapter, LoraAdapter) and st.mode == "always":
+        if adapter is not None and correction_of(adapter).vllm == "lora" and resolved.mode == "always":
             lora = LoRARequest(adapter.name, self._lora_ids[adapter.name], self._dirs[adapter.name])
         return report, xargs, lora
 
@@ -222,6 +225,10 @@ class VllmEngine(VllmSteering):
         return cls(llm, tokenizer, collector, max_waiting, max_seqs, _lora_slot(lora_rank) if lora_rank else None,
                    identity)
 
+    def describe(self) -> dict[str, Any]:
+        """For the banner: vLLM runs the model (its dtype is the engine arguments')."""
+        return {"device": "vLLM", "dtype": None, "kernels": None}
+
     async def ready(self) -> None:
         """Check, before serving, that the gate runs inside vLLM's engine: a one-token request whose steering
         asks for nothing must come back with the processor's record of its token (RuntimeError otherwise)."""
@@ -231,7 +238,7 @@ class VllmEngine(VllmSteering):
         rid = f"ready-{uuid.uuid4().hex}"
         params = SamplingParams(n=1, temperature=0.0, max_tokens=1, ignore_eos=True,
                                 output_kind=RequestOutputKind.FINAL_ONLY,
-                                extra_args=make_xargs(rid, "off", math.inf, None))
+                                extra_args=make_xargs(rid, SteeringParams()))
         prompt = {"prompt_token_ids": [int(self.tokenizer.eos_token_id or 0)]}
         async for _ in self.llm.generate(prompt, params, rid):
             pass
@@ -293,12 +300,12 @@ class VllmEngine(VllmSteering):
                 await self.llm.abort(rid)
                 self.collector.discard(rid)
 
-    async def prompt_logprobs(self, prompts: list[list[int]], steering, top_n: int = 0, source: str = "steered",
+    async def prompt_logprobs(self, prompts: list[list[int]], steering: SteeringParams, top_n: int = 0,
                               key: int = 0) -> list[PromptLogprobs]:
         """Prompt logprobs from vLLM's `prompt_logprobs` (one token generated and dropped per prompt). vLLM
         computes them from the raw logits, before any logits processor: steered ones cannot be exact here,
         so a steered model id asks for `steering.logprobs: "base"` (ValueError otherwise)."""
-        if steering.mode != "off" and source != "base":
+        if steering.mode != "off" and steering.logprobs != "base":
             raise ValueError(
                 "on the vLLM backend prompt logprobs (echo) come from the base model: vLLM computes them before "
                 "logits processors, so a steered model's cannot be exact. Set steering.logprobs to 'base', or "
@@ -318,7 +325,7 @@ class VllmEngine(VllmSteering):
         rid = f"echo-{uuid.uuid4().hex}"
         params = SamplingParams(n=1, temperature=0.0, max_tokens=1, prompt_logprobs=top_n,
                                 output_kind=RequestOutputKind.FINAL_ONLY,
-                                extra_args=make_xargs(rid, "off", math.inf, None))
+                                extra_args=make_xargs(rid, SteeringParams()))
         final = None
         try:
             async for out in self.llm.generate({"prompt_token_ids": list(ids)}, params, rid):

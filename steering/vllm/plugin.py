@@ -14,8 +14,10 @@ Loaded by vLLM, never imported by code that runs without vLLM:
   which output position; the gate itself is one `_Gate` for both. The module imports with either interface
   absent.
   Per-request settings travel in `SamplingParams.extra_args["reasonmaxxer"]` (`vllm_xargs` over HTTP):
-  {"rid": str, "mode": "off"|"gated"|"always"|"random", "tau": float, "adapter": dir or null,
-   "kind": "head"|"lora", "top_k": int, "trace": bool}. Rows without it are not touched and cost nothing (on
+  the steering value's JSON form (`SteeringParams.to_json`: {"adapter": dir, "mode": "off"|"gated"|"always"|
+  "random", "threshold": float or "inf", "top_k": int, "trace": bool, "rate": float, "logprobs": ...}, the
+  threshold, top_k and rate defaulting to the adapter's adapter.json) plus "rid", "kind" ("head"|"lora"),
+  "key". Rows without it are not touched and cost nothing (on
   MRV2 `add_request` declines them, so a batch with none skips the processor). For steered rows it
   computes the base entropy (fp32), fires where entropy > tau (strict; off: never, always: every row),
   and adds scale * W_U[c] (B A h) on the base top-k candidates c of fired `head` rows; it is computed for
@@ -30,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -49,9 +50,11 @@ try:  # Model Runner V2's interface (vLLM >= 0.32)
 except ImportError:
     V2Processor = None
 
+from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.gate import entropy, random_fire, topk_candidates
+from reasonmaxxer.steering.request import SteeringParams
 
-from . import XARGS_KEY, check_vllm_version, parse_xargs
+from . import XARGS_KEY, XArgs, check_vllm_version, parse_xargs
 from .reports import ReportSender
 
 __all__ = ["NOT_LOADED", "PROCESSOR", "GateLogitsProcessor", "HiddenKeepingLogits", "layer_installed", "register"]
@@ -100,23 +103,20 @@ NOT_LOADED = ("reasonmaxxer's vLLM plugin is not loaded in this process, so its 
 
 @dataclass(frozen=True)
 class _Row:
-    """One steered request's settings (parse_xargs's dict), fixed for its life."""
+    """One steered request, fixed for its life: its steering (parse_xargs: the resolved steering value, its
+    adapter a directory) and the adapter's registered name (the metrics' label, read once per request)."""
 
-    rid: str
-    mode: str
-    tau: float
-    adapter: str | None
-    kind: str
-    top_k: int
-    trace: bool
-    rate: float | None  # mode random: the coin's probability
-    key: int  # mode random: the coin's key
-    label: str  # the adapter's registered name (the metrics' label), read once per request, not per step
+    x: XArgs
+    label: str
+
+    @property
+    def steering(self) -> SteeringParams:
+        return self.x.steering
 
     @classmethod
     def of(cls, sampling_params) -> _Row | None:
         x = parse_xargs(sampling_params.extra_args) if sampling_params is not None else None
-        return None if x is None else cls(**x, label=_adapter_name(x["adapter"]))
+        return None if x is None else cls(x, _adapter_name(x.steering.adapter))
 
 
 class _HeadCache:
@@ -128,8 +128,6 @@ class _HeadCache:
 
     def get(self, path: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         if path not in self._items:
-            from reasonmaxxer.steering.adapters import HeadAdapter
-
             a = HeadAdapter.load(path)
             self._items[path] = (a.A.to(self.device), a.B.to(self.device), a.scale)
             while len(self._items) > self.size:
@@ -162,13 +160,13 @@ class _Gate:
         ent = entropy(base)  # (m,)
         fired = ent > plan.tau  # (m,) strict; off and random rows have tau = +inf, always rows -inf
         if plan.random:  # the random-position control: a seeded coin per row instead of the gate
-            coins = [random_fire(plan.rows[j].key, positions[j], plan.rows[j].rate) for j in plan.random]
+            coins = [random_fire(plan.rows[j].x.key, positions[j], plan.rows[j].steering.rate) for j in plan.random]
             fired[plan.random_index] = torch.tensor(coins, device=fired.device)
         base_tok = base.argmax(-1) if plan.any_trace and self.sender is not None else None  # before any change
         for group in plan.heads:
             self._head(logits, base, fired, group, plan)
         if self.sender is not None:
-            meta = [(r.rid, t, r.label, r.mode) for r, t in zip(plan.rows, positions, strict=True)]
+            meta = [(r.x.rid, t, r.label, r.steering.mode) for r, t in zip(plan.rows, positions, strict=True)]
             self.sender.put(meta, ent, fired, base_tok, _event_if_cuda(ent))
         return logits
 
@@ -233,7 +231,7 @@ class GateLogitsProcessor(*_BASES):
         """In vLLM's frontend, at admission: ValueError (HTTP 400 in vLLM's server) for bad steering, and for any
         steering at all where the plugin did not load (it would be served unsteered)."""
         x = parse_xargs(sampling_params.extra_args)
-        if x is not None and x["mode"] != "off" and not layer_installed():
+        if x is not None and x.steering.mode != "off" and not layer_installed():
             raise ValueError(NOT_LOADED + ": this request asks for steering")
 
     # ---- V1 ------------------------------------------------------------------------------------------
@@ -326,22 +324,22 @@ class _Plan:
     def build(cls, rows: list[tuple[int, _Row]], device: torch.device) -> _Plan:
         order = [i for i, _ in rows]
         rs = [r for _, r in rows]
-        taus = [{"off": math.inf, "random": math.inf, "always": -math.inf}.get(r.mode, r.tau) for r in rs]
-        random = [j for j, r in enumerate(rs) if r.mode == "random"]
+        taus = [r.steering.gate_tau for r in rs]
+        random = [j for j, r in enumerate(rs) if r.steering.mode == "random"]
         groups: dict[str, list[int]] = {}
         for j, r in enumerate(rs):
-            if r.kind == "head" and r.mode != "off" and r.adapter:
-                groups.setdefault(r.adapter, []).append(j)
+            if r.x.kind == "head" and r.steering.mode != "off" and r.steering.adapter:
+                groups.setdefault(r.steering.adapter, []).append(j)
         heads = []
         for path, js in groups.items():
-            ks = [rs[j].top_k for j in js]
+            ks = [rs[j].steering.top_k for j in js]
             k = max(ks)
             keep = None
             if len(set(ks)) > 1:
                 keep = torch.arange(k, device=device) < torch.tensor(ks, device=device)[:, None]  # (n, k)
             heads.append(_HeadGroup(path, torch.tensor(js, device=device), k, keep, len(js) == len(rs)))
         return cls(rs, torch.tensor(order, device=device), torch.tensor(taus, dtype=torch.float32, device=device),
-                   heads, any(r.trace for r in rs), order == list(range(len(order))), random,
+                   heads, any(r.steering.trace for r in rs), order == list(range(len(order))), random,
                    torch.tensor(random, dtype=torch.long, device=device))
 
 

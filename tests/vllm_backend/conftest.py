@@ -29,7 +29,7 @@ def collector():
 
 @pytest.fixture(scope="session")
 def smol():
-    from reasonmaxxer.steering.models import load_model, resolve_model
+    from reasonmaxxer.models import load_model, resolve_model
 
     model, tokenizer = load_model("smollm2-135m-instruct", dtype="bfloat16")
     return str(resolve_model("smollm2-135m-instruct")), model, tokenizer
@@ -44,6 +44,6 @@ def chat_ids(smol):
 
 @pytest.fixture(scope="session")
 def bundled():
-    from reasonmaxxer.training.bundled import default_adapter
+    from reasonmaxxer.bundled import default_adapter
 
     return str(default_adapter("smollm2-135m-instruct"))

@@ -37,6 +37,7 @@ def test_a_stock_engine_without_the_plugin_refuses_steered_requests_and_serves_t
     plugin missing: a steered request is refused at admission with the cause; an unsteered one is served."""
     code = f"""
 from vllm import LLM, SamplingParams
+from reasonmaxxer.steering.request import SteeringParams
 from reasonmaxxer.steering.vllm import apply_cpu_env, make_xargs
 from reasonmaxxer.steering.vllm.plugin import PROCESSOR
 apply_cpu_env()
@@ -46,7 +47,7 @@ plain = llm.generate([{{"prompt_token_ids": [1, 2, 3]}}], SamplingParams(max_tok
 assert len(plain[0].outputs[0].token_ids) == 2
 try:
     llm.generate([{{"prompt_token_ids": [1, 2, 3]}}], SamplingParams(max_tokens=2, extra_args=make_xargs(
-        "r", "gated", 1.0, {bundled!r})), use_tqdm=False)
+        "r", SteeringParams({bundled!r}, "gated", 1.0))), use_tqdm=False)
 except Exception as e:
     print("REFUSED", type(e).__name__, e)
 else:
@@ -61,7 +62,7 @@ def test_ready_fails_when_the_processor_does_not_run_in_the_engine(smol):
     """The server's start-up check is a real one: an engine started without our processor fails it."""
     code = f"""
 import asyncio
-from reasonmaxxer.steering.models import load_tokenizer
+from reasonmaxxer.models import load_tokenizer
 from reasonmaxxer.steering.vllm.engine import VllmEngine
 engine = VllmEngine.start({smol[0]!r}, load_tokenizer({smol[0]!r}), extra_args={{
     "logits_processors": [], "dtype": "bfloat16", "max_model_len": 256, "enforce_eager": True}})

@@ -23,6 +23,7 @@ import torch
 
 from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.gate import topk_candidates
+from reasonmaxxer.steering.request import SteeringParams
 from reasonmaxxer.steering.vllm import make_xargs
 
 SLOTS = 8
@@ -52,10 +53,10 @@ def processor(tiny_model):
     return proc
 
 
-def params(mode=None, tau=0.0, adapter=None, rid="r", **kw):
+def params(mode=None, tau=0.0, adapter=None, rid="r", key=0, **kw):
     from vllm import SamplingParams
 
-    x = make_xargs(rid, mode, tau, adapter, **kw) if mode else None
+    x = make_xargs(rid, SteeringParams(adapter, mode, max(tau, 0.0), **kw), key=key) if mode else None
     return SamplingParams(max_tokens=8, extra_args=x)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.gate import topk_candidates
+from reasonmaxxer.steering.request import SteeringParams
 from reasonmaxxer.steering.vllm import make_xargs
 
 TOKENS = 40
@@ -58,7 +59,7 @@ def prompts_of(ids):
 
 def test_infinite_threshold_gives_vllm_greedy(llm, chat_ids, bundled, collector):
     plain = token_ids(llm.generate(prompts_of(chat_ids), greedy()))
-    xs = [make_xargs(f"inf-{i}", "gated", math.inf, bundled) for i in range(len(chat_ids))]
+    xs = [make_xargs(f"inf-{i}", SteeringParams(bundled, "gated", math.inf)) for i in range(len(chat_ids))]
     gated = token_ids(llm.generate(prompts_of(chat_ids), [greedy(x) for x in xs]))
     assert gated == plain
     for i in range(len(chat_ids)):
@@ -81,7 +82,7 @@ def test_always_head_equals_correction_by_hand(llm, chat_ids, strong_head, colle
 
     (w_u,) = llm.apply_model(patch)
     try:
-        out = llm.generate(prompts_of(chat_ids[:1]), greedy(make_xargs("hand", "always", 0.0, strong_head)))
+        out = llm.generate(prompts_of(chat_ids[:1]), greedy(make_xargs("hand", SteeringParams(strong_head, "always"))))
     finally:
         llm.apply_model(lambda m: setattr(m, "compute_logits", type(m).compute_logits.__get__(m)))
     tokens = token_ids(out)[0]
@@ -103,7 +104,8 @@ def test_gate_fired_counts_the_trace_in_a_mixed_batch(llm, chat_ids, bundled, st
                 ("always", 0.0, strong_head), ("gated", 0.3, strong_head), ("gated", math.inf, bundled),
                 ("random", math.inf, strong_head)]
     prompts = [chat_ids[i % len(chat_ids)] for i in range(len(settings))]
-    xs = [make_xargs(f"mix-{i}", m, tau, a, trace=True, rate=0.25, key=i) for i, (m, tau, a) in enumerate(settings)]
+    xs = [make_xargs(f"mix-{i}", SteeringParams(a, m, tau, trace=True, rate=0.25), key=i)
+          for i, (m, tau, a) in enumerate(settings)]
     llm.generate(prompts_of(prompts), [greedy(x) for x in xs])
     fired_any = 0
     for i, (mode, tau, _) in enumerate(settings):
@@ -124,7 +126,7 @@ def test_unsteered_rows_are_untouched_beside_steered_ones(llm, chat_ids, strong_
     batch = prompts_of(chat_ids + chat_ids)
     n = len(chat_ids)
     all_plain = token_ids(llm.generate(batch, [greedy()] * 2 * n))
-    xs = [make_xargs(f"side-{i}", "always", 0.0, strong_head) for i in range(n)]
+    xs = [make_xargs(f"side-{i}", SteeringParams(strong_head, "always")) for i in range(n)]
     mixed = token_ids(llm.generate(batch, [greedy()] * n + [greedy(x) for x in xs]))
     assert mixed[:n] == all_plain[:n]
     assert mixed[n:] != all_plain[n:]
@@ -134,10 +136,12 @@ def test_unsteered_rows_are_untouched_beside_steered_ones(llm, chat_ids, strong_
 
 def test_bad_steering_is_refused_before_it_runs(llm, chat_ids, bundled):
     bad = [
-        ({"reasonmaxxer": {"rid": "x", "mode": "sometimes", "adapter": bundled}}, "use off, gated, always"),
-        ({"reasonmaxxer": {"rid": "x", "mode": "gated", "adapter": "/a", "kind": "lora"}}, "cannot be gated"),
+        ({"reasonmaxxer": {"rid": "x", "mode": "sometimes", "adapter": bundled}}, "use one of off, gated, always"),
+        ({"reasonmaxxer": {"rid": "x", "mode": "gated", "adapter": "/a", "kind": "lora", "threshold": 1}},
+         "cannot be gated"),
         ({"reasonmaxxer": {"rid": "x", "mode": "gated"}}, "needs an adapter"),
-        ({"reasonmaxxer": {"rid": "x", "mode": "gated", "adapter": bundled, "tau": "high"}}, "must be a number"),
+        ({"reasonmaxxer": {"rid": "x", "mode": "gated", "adapter": bundled, "threshold": "high"}},
+         "must be a number"),
     ]
     from vllm.exceptions import VLLMValidationError  # vLLM's server answers it with a 400
 
@@ -172,8 +176,8 @@ def test_greedy_agrees_with_the_transformers_backend(llm, smol, chat_ids, bundle
         steering = SteeringParams(names[path] if mode != "off" else None, mode, tau, trace=True)
         ours = engine.generate([Request(list(p), sp, steering) for p in chat_ids])
         m = load_adapter(path).manifest
-        xs = [make_xargs(f"agree-{s}-{i}", mode, tau if tau is not None else m.gate.tau, path, top_k=m.top_k)
-              for i in range(len(chat_ids))]
+        wire = SteeringParams(path, mode, tau if tau is not None else m.gate.tau, top_k=m.top_k)
+        xs = [make_xargs(f"agree-{s}-{i}", wire) for i in range(len(chat_ids))]
         theirs = token_ids(llm.generate(prompts_of(chat_ids), [greedy(x) for x in xs]))
         for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
             records = collector.take(f"agree-{s}-{i}", TOKENS)

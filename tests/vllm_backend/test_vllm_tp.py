@@ -29,9 +29,10 @@ SCRIPT = r"""
 import json, sys
 if __name__ == "__main__":
     tp, head, model, n = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+    from reasonmaxxer.steering.request import SteeringParams
     from reasonmaxxer.steering.vllm import make_xargs
     from reasonmaxxer.steering.vllm.engine import prepare_start
-    from reasonmaxxer.steering.models import load_tokenizer, resolve_model
+    from reasonmaxxer.models import load_tokenizer, resolve_model
     path = str(resolve_model(model)); tok = load_tokenizer(path)
     collector, kwargs, _ = prepare_start(path, tok, {"tensor_parallel_size": tp, "dtype": "bfloat16",
                                                      "max_model_len": 512, "enforce_eager": True,
@@ -43,7 +44,8 @@ if __name__ == "__main__":
                                    return_dict=False) for q in qs]
     out = {}
     for mode, tau in (("off", 0.0), ("always", 0.0), ("gated", 0.5)):
-        xs = [make_xargs(f"{mode}-{i}", mode, tau, None if mode == "off" else head, trace=True) for i in range(2)]
+        wire = SteeringParams(None if mode == "off" else head, mode, tau, trace=True)
+        xs = [make_xargs(f"{mode}-{i}", wire) for i in range(2)]
         sp = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=2, extra_args=x)
               for x in xs]
         before = collector.received
@@ -60,8 +62,8 @@ if __name__ == "__main__":
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    from reasonmaxxer.models import load_model
     from reasonmaxxer.steering.adapters import HeadAdapter
-    from reasonmaxxer.steering.models import load_model
 
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("tensor parallel 2 needs 2 cores")

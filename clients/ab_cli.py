@@ -1,9 +1,10 @@
 """`reasonmaxxer ab`: compare arms (base, adapters gated / always, a threshold sweep) on held-out problems.
 
-Contract: checks everything it can before writing anything (the server answers, every arm's adapter is
-served, the problem file has the preset's fields), then runs `ab.run_ab` (resumable), and writes
-OUTDIR/ab.json and OUTDIR/report.html. With `--model` it starts `reasonmaxxer serve` itself on a free
-local port and stops it at the end.
+Contract: `add_arguments(parser)` adds the flags; `main(args)` checks everything it can before writing anything
+(the server answers, every arm's adapter is served, the problem file has the preset's fields), then runs
+`ab.run_ab` (resumable), and writes OUTDIR/ab.json and OUTDIR/report.html. With `--model` it starts
+`reasonmaxxer serve` itself on a free local port and stops it at the end. `write_report(records, arms, ...)`
+writes and prints the report (ab-report too).
 """
 
 from __future__ import annotations
@@ -17,14 +18,20 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["add_command"]
+from reasonmaxxer.training.problems import load_problems
+from reasonmaxxer.training.verifier import Verifier
+
+from . import ab
+from .report import markdown, text_table
+
+__all__ = ["add_arguments", "default_arms", "main", "served_models", "write_report"]
 
 
-def add_command(sub) -> None:
-    p = sub.add_parser("ab", help="A/B comparison of steered against base on held-out problems",
-                       description="Send the same prompts with the same seeds to every arm (paired samples), score "
-                       "the answers, and report pass@1, the paired difference against base with McNemar's test, fire "
-                       "rates and failure kinds: a table at the end, OUT/ab.json and OUT/report.html.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
+    p.description = ("Send the same prompts with the same seeds to every arm (paired samples), score the answers, and "
+                     "report pass@1, the paired difference against base with McNemar's test, fire rates and failure "
+                     "kinds: a table at the end, OUT/ab.json and OUT/report.html.")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running server (ours, or any OpenAI-compatible one for a base arm)")
     where.add_argument("--model", metavar="NAME", help="start a server on this model (known name, folder or hub id)")
@@ -63,26 +70,6 @@ def add_command(sub) -> None:
                    help="chat: the chat route with the boxed instruction; paper: the paper's raw prompt on the "
                         "completions route, stops Human: / Assistant: (use the style the adapter was fitted with)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (resumed if it holds the same run)")
-    p.set_defaults(func=run_ab_command)
-
-    p = sub.add_parser("ab-report", help="rewrite ab.json and report.html from an ab folder's samples (no server)")
-    p.add_argument("out", help="an `ab --out` folder; an interrupted run is reported on the samples it has")
-    p.add_argument("--markdown", action="store_true", help="print the per-arm table as Markdown")
-    p.add_argument("--json", action="store_true", help="print the per-arm summary as JSON")
-    p.add_argument("--arms", default=None, metavar="LIST",
-                   help="report only these arms (names as in the folder), e.g. base,X:gated (default: all)")
-    p.set_defaults(func=run_report_command)
-
-    p = sub.add_parser("probe-report", help="summarise a probe-branches folder (also one still running)")
-    p.add_argument("out", help="a `probe-branches --out` folder")
-    p.set_defaults(func=lambda args: _probe_report(args.out))
-
-
-def _probe_report(out: str) -> int:
-    from .probe_report import write_summary
-
-    write_summary(Path(out) / "branches.jsonl")
-    return 0
 
 
 def _free_port() -> int:
@@ -135,10 +122,8 @@ def default_arms(adapters: list[str]) -> str:
 
 
 def _arms_for(args, adapters: list[str]):
-    from .ab import parse_arms
-
     spec = args.arms or default_arms(adapters)
-    arms = parse_arms(spec, [float(t) for t in args.thresholds.split(",") if t.strip()])
+    arms = ab.parse_arms(spec, [float(t) for t in args.thresholds.split(",") if t.strip()])
     if not args.arms:
         print(f"arms (no --arms given: base and every served adapter, gated): {', '.join(a.name for a in arms)}",
               file=sys.stderr)
@@ -151,13 +136,10 @@ def _arms_for(args, adapters: list[str]):
     return arms
 
 
-def run_ab_command(args) -> int:
-    import openai
+def main(args: argparse.Namespace) -> int:
+    """Check, (start a server,) sample every arm, report; Ctrl-C keeps the answers so far (exit 130)."""
+    import openai  # the HTTP client and its models: only when a server is asked
 
-    from reasonmaxxer.training.problems import load_problems
-    from reasonmaxxer.training.verifier import Verifier
-
-    from .ab import AbConfig, parse_arms, run_ab
     from .client import SteeringClient
 
     if args.url and (args.adapter or args.device):
@@ -166,7 +148,7 @@ def run_ab_command(args) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a file: give a folder for ab.json, report.html and the samples")
     if args.arms:  # a malformed --arms is refused before a server is asked or started
-        parse_arms(args.arms, [float(t) for t in args.thresholds.split(",") if t.strip()])
+        ab.parse_arms(args.arms, [float(t) for t in args.thresholds.split(",") if t.strip()])
     problems = load_problems(args.problems, preset=args.preset, question_field=args.question_field,
                              answer_field=args.answer_field, offset=args.offset, limit=args.limit)
     with _server(args) as url:
@@ -180,31 +162,27 @@ def run_ab_command(args) -> int:
         if missing:
             raise ValueError(f"the server at {url} does not serve adapter(s) {missing}; it serves {bases + adapters}")
         model = args.served_model or bases[0]
-        config = AbConfig(samples=args.samples, max_tokens=args.max_tokens, temperature=args.temperature,
+        config = ab.AbConfig(samples=args.samples, max_tokens=args.max_tokens, temperature=args.temperature,
                           top_p=args.top_p, seed=args.seed, concurrency=args.concurrency,
                           prompt_style=args.prompt_style)
         fallbacks = tuple(x.strip() for x in args.verifier_fallbacks.split(",") if x.strip())
         try:
             with Verifier(fallbacks=fallbacks) as verifier:
-                records = run_ab(client, model, problems, arms, config, args.out, verifier.score)
+                records = ab.run_ab(client, model, problems, arms, config, args.out, verifier.score)
         except KeyboardInterrupt:
-            from .ab import load_samples
-
-            print(f"\ninterrupted: {len(load_samples(args.out))} answers are kept in {args.out}; run the same command "
-                  "to resume (`reasonmaxxer ab-report` reports what is there)", file=sys.stderr)
+            print(f"\ninterrupted: {len(ab.load_samples(args.out))} answers are kept in {args.out}; run the same "
+                  "command to resume (`reasonmaxxer ab-report` reports what is there)", file=sys.stderr)
             return 130
-    _summarize(records, arms, model, problems.selection, args.out)
+    write_report(records, arms, model, problems.selection, args.out)
     return 0
 
 
-def _summarize(records, arms, model: str, selection: dict, out: str | Path, style: str = "text") -> None:
-    """Write ab.json, report.html and the plots; print the per-arm table (text, markdown) or JSON."""
-    from .ab import aggregate, write_outputs
-    from .report import markdown, text_table
-
-    summary = aggregate(records, arms)
+def write_report(records, arms, model: str, selection: dict, out: str | Path, style: str = "text") -> None:
+    """Write ab.json, report.html and the plots of an ab folder's `records`; print the per-arm table (`style`:
+    text, markdown) or JSON."""
+    summary = ab.aggregate(records, arms)
     summary["problems"] = {k: selection.get(k) for k in ("path", "preset", "offset", "limit", "count")}
-    write_outputs(summary, out, title=f"ReasonMaxxer A/B: {model} on {Path(str(selection.get('path'))).name}")
+    ab.write_outputs(summary, out, title=f"ReasonMaxxer A/B: {model} on {Path(str(selection.get('path'))).name}")
     if style == "markdown":
         print(markdown(summary), end="")
         return
@@ -215,36 +193,3 @@ def _summarize(records, arms, model: str, selection: dict, out: str | Path, styl
         return
     print(text_table(summary), end="")
     print(f"wrote {Path(out) / 'ab.json'}, {Path(out) / 'report.html'} and {Path(out) / 'plots'}/")
-
-
-def run_report_command(args) -> int:
-    from .ab import Arm, load_samples
-
-    out = Path(args.out)
-    meta_path, samples = out / "meta.json", out / "samples.jsonl"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} not found: give the --out folder of a `reasonmaxxer ab` run")
-    meta = json.loads(meta_path.read_text())
-    records = load_samples(out)
-    if not records:
-        raise ValueError(f"{samples} holds no samples yet: run `reasonmaxxer ab` first")
-    arms = [Arm(**a) for a in meta["arms"]]
-    if args.arms:
-        wanted = [x.strip() for x in args.arms.split(",") if x.strip()]
-        unknown = sorted(set(wanted) - {a.name for a in arms})
-        if unknown:
-            raise ValueError(f"{out} has no arm(s) {unknown}; it has {[a.name for a in arms]}")
-        arms = [a for a in arms if a.name in wanted]
-        records = [r for r in records if r["arm"] in wanted]
-    keys = [{(r["problem_id"], r["sample"]) for r in records if r["arm"] == a.name} for a in arms]
-    complete = set.intersection(*keys)  # an interrupted run: report only the samples every arm has
-    kept = [r for r in records if (r["problem_id"], r["sample"]) in complete]
-    if len(kept) < len(records):
-        print(f"{len(records) - len(kept)} samples left out: not every arm has them "
-              "(an interrupted run, or arms sampled on fewer problems)")
-    if not kept:
-        raise ValueError(f"no (problem, sample) in {samples} has been answered by every arm yet")
-    records = kept
-    style = "markdown" if args.markdown else "json" if args.json else "text"
-    _summarize(records, arms, meta["model"], meta["problems"], out, style)
-    return 0

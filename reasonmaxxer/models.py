@@ -42,6 +42,8 @@ if TYPE_CHECKING:  # torch and transformers are imported where a model is built 
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from reasonmaxxer.steering.teacher import Teacher
+
 Progress = Callable[[str], object]
 Opener = Callable[[], BinaryIO]
 
@@ -449,3 +451,19 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_teacher(spec: str, dtype: str | torch.dtype | None = None, device: str = "auto", name: str | None = None,
+                 tau: float | None = None, rate: float | None = None, top_k: int | None = None) -> Teacher:
+    """Load a teacher (steering/teacher.py) from a known model name or a model folder; named after it unless `name`
+    is given; its default gate `tau` (else the paper's fixed 1.4), random `rate` and `top_k` candidates."""
+    from reasonmaxxer.steering.manifest import AdapterError  # torch, at the model boundary
+    from reasonmaxxer.steering.teacher import PAPER_TAU, Teacher
+
+    if spec not in KNOWN_MODELS and not Path(spec).expanduser().is_dir():
+        raise AdapterError(f"no teacher model at {spec!r}: pass a model folder or one of {', '.join(KNOWN_MODELS)}")
+    model, tokenizer = load_model(spec, dtype=dtype, device=device)
+    default = spec if spec in KNOWN_MODELS else Path(spec).expanduser().resolve().name
+    extra = {"top_k": top_k} if top_k is not None else {}
+    return Teacher.create(model, tokenizer, name or default, tau=PAPER_TAU if tau is None else tau, rate=rate,
+                          path=spec, **extra)
