@@ -74,11 +74,13 @@ def counter(text: str, name: str, adapter: str, mode: str) -> float:
 def test_steering_on_a_stock_server_is_applied_refused_when_bad_and_counted(stock, bundled):
     plain = complete(stock, None)
     assert plain.status_code == 200, plain.text
-    always = {"rid": "s1", "mode": "always", "tau": 0, "adapter": bundled, "kind": "head", "top_k": 5}
+    always = {"rid": "s1", "mode": "always", "threshold": 0, "adapter": bundled, "kind": "head", "top_k": 5}
     steered = complete(stock, always)
     assert steered.status_code == 200, steered.text
     bad = complete(stock, {**always, "mode": "sometimes"})
-    assert bad.status_code == 400 and "use off, gated, always or random" in bad.text
+    assert bad.status_code == 400 and "use one of off, gated, always, random" in bad.text
+    legacy = complete(stock, {**always, "tau": 0})  # the old key is named, with the fields there are
+    assert legacy.status_code == 400 and "unknown field(s) tau" in legacy.text
     name = json.loads((Path(bundled) / "adapter.json").read_text())["name"]
     deadline = time.monotonic() + 30  # the worker counts on a background thread, off the decode step
     while time.monotonic() < deadline:
