@@ -7,22 +7,17 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from test_server import _serve, _state
+from test_server import serving_tiny
 
 from reasonmaxxer.cli import main
 from reasonmaxxer.clients import ab as ab_module
-from reasonmaxxer.server.app import create_app
 
 SCHEMA = json.loads((Path(ab_module.__file__).parent / "ab.schema.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def url(tiny_model, tokenizer):
-    state, settings = _state(tiny_model, tokenizer)
-    server, thread, url = _serve(create_app(settings, state))
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    yield from serving_tiny(tiny_model, tokenizer)
 
 
 @pytest.fixture()

@@ -24,9 +24,8 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_server import _serve, _state
+from test_server import serving_tiny
 
-from reasonmaxxer.server.app import create_app
 from reasonmaxxer.steering import corrections, interfaces
 from reasonmaxxer.steering.adapters import load_adapter
 from reasonmaxxer.steering.async_engine import AsyncEngine
@@ -101,11 +100,7 @@ BAD = [  # (field values, the message every entry point gives)
 
 @pytest.fixture(scope="module")
 def http(tiny_model, tokenizer):
-    state, settings = _state(tiny_model, tokenizer)
-    server, thread, url = _serve(create_app(settings, state))
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    yield from serving_tiny(tiny_model, tokenizer)
 
 
 @pytest.mark.parametrize("fields, message", BAD)

@@ -50,6 +50,16 @@ def _state(tiny_model, tokenizer, step_delay: float = 0.0, **settings):
     return ServerState(s, AsyncEngine(engine, s.max_waiting), tok, "tiny"), s
 
 
+def serving_tiny(tiny_model, tokenizer):
+    """A real uvicorn server on the tiny model with its head adapter: yields its URL, stops it after (the body of a
+    module-scoped fixture)."""
+    state, settings = _state(tiny_model, tokenizer)
+    server, thread, url = _serve(create_app(settings, state))
+    yield url
+    server.should_exit = True
+    thread.join(10)
+
+
 @pytest.fixture(scope="module")
 def live(tiny_model, tokenizer):
     state, settings = _state(tiny_model, tokenizer, step_delay=0.01)

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from test_server import _serve, _state
+from test_server import _serve, _state, serving_tiny
 
 from reasonmaxxer.cli import main
 from reasonmaxxer.clients import ab as ab_module
@@ -16,11 +16,7 @@ from reasonmaxxer.server.app import create_app
 
 @pytest.fixture(scope="module")
 def url(tiny_model, tokenizer):
-    state, settings = _state(tiny_model, tokenizer)
-    server, thread, url = _serve(create_app(settings, state))
-    yield url
-    server.should_exit = True
-    thread.join(10)
+    yield from serving_tiny(tiny_model, tokenizer)
 
 
 @pytest.fixture()
