@@ -102,7 +102,10 @@ def test_the_layout_is_the_faster_one_measured_and_the_banner_says_how():
     assert choose_layout({1: {1: 10.0}, 64: {1: 10.0}}) == 1  # a tie keeps LAYOUTS' first
     assert "1.16x batch 1's layout over 1-32 rows" in Layout(64, us).describe()
     assert Layout(1, {}).describe() == "laid out for batch 1 (fixed)"
+    state = torch.get_rng_state()
+    layout.cache_clear()
     found = layout(torch.float32)
+    assert torch.equal(torch.get_rng_state(), state)  # measuring leaves the process's RNG alone
     assert found.batch in LAYOUTS and set(found.us) == set(LAYOUTS)
     assert all(t > 0 for times in found.us.values() for t in times.values())
     assert found.batch == choose_layout(found.us) and layout(torch.float32) is found  # measured once per process
