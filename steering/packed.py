@@ -91,8 +91,9 @@ def _score(us: dict[int, float]) -> float:
 
 
 def choose_layout(us: dict[int, dict[int, float]]) -> int:
-    """The layout with the least geometric-mean time {layout: {rows: us}} (ties: the first in LAYOUTS order)."""
-    return min(us, key=lambda b: (_score(us[b]), LAYOUTS.index(b) if b in LAYOUTS else len(LAYOUTS)))
+    """The layout with the least geometric-mean time {layout: {rows: us}} (ties: the first in `us`, which `layout`
+    fills in LAYOUTS order)."""
+    return min(us, key=lambda b: _score(us[b]))
 
 
 @functools.cache
@@ -121,11 +122,6 @@ def layout(dtype: torch.dtype) -> Layout:
     return Layout(choose_layout(us), us)
 
 
-def _reorder(w: torch.Tensor, batch: int | None) -> torch.Tensor:
-    """w packed by oneDNN for `batch` rows (None: this process's measured `layout`)."""
-    return torch.ops.mkldnn._reorder_linear_weight(w, layout(w.dtype).batch if batch is None else batch)
-
-
 class _PackedForward:
     """The forward of one packed nn.Linear (an instance attribute, so hooks and PEFT wrapping still apply).
     `batch`: the layout, fixed when the layer is packed (None: this process's measured one)."""
@@ -139,7 +135,7 @@ class _PackedForward:
         w = self.module.weight
         self.source, self.version = w, _version(w)
         with torch.no_grad():
-            self.packed = _reorder(w.detach(), self.batch)
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.batch)
 
     def __deepcopy__(self, memo: dict) -> _PackedForward:  # a copied model repacks its own weights lazily
         new = _PackedForward.__new__(_PackedForward)
@@ -237,7 +233,7 @@ class Linear:
         if self._packed is None or any(a is not w or va != vw
                                        for (a, va), (w, vw) in zip(self._sources, sources, strict=True)):
             with torch.no_grad():
-                self._packed = _reorder(torch.cat([w.detach() for w in ws]), self.batch)
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in ws]), self.batch)
                 self.bias = None if self.layers[0].bias is None else torch.cat([m.bias.detach() for m in self.layers])
             self._sources = sources
         return self._packed

@@ -10,6 +10,7 @@ from test_server import _state
 from reasonmaxxer.serve_cli import check_config
 from reasonmaxxer.server.runner import banner
 from reasonmaxxer.server.settings import Settings
+from reasonmaxxer.steering.packed import layout
 
 from conftest import free_port
 
@@ -32,8 +33,6 @@ def test_the_banner_names_model_backend_dtype_device_adapters_url_and_auth(tiny_
     packed = state.engine.engine.packed
     assert (f"{packed} linears on oneDNN-packed weights" if packed else "linears on F.linear") in text, text
     if packed:  # the layout chosen at start for this CPU, and how (packed.layout)
-        from reasonmaxxer.steering.packed import layout
-
         assert f"laid out for batch {layout(state.engine.engine.model.dtype).batch} (measured: " in text, text
     state, settings = _state(tiny_model, tokenizer, api_key="k", metrics_open=False)
     assert "API key on" in "\n".join(banner(state, settings)) and "behind the key" in "\n".join(banner(state, settings))
