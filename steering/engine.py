@@ -78,8 +78,9 @@ class Engine:
         - "fused" (default): "module" where for Llama-family models prefills, decode steps and gated-LoRA
           recomputes run through fused.py's FusedDecoder (the same arithmetic without transformers' module
           machinery, q/k/v and gate/up one matmul each); other models run the "module" step;
-        - "compiled": "module" with decode steps through torch.compile (compiled.py; inside the graph the linears
-          are inductor's).
+        - "compiled": "fused" with decode steps through torch.compile (compiled.py): for Llama-family models the
+          fused step's arithmetic with the weights frozen (inductor packs the linears and fuses the elementwise
+          work between them); other models: "module" with transformers' decoder compiled.
         All of it lives on the engine's own view of the model (own.py): the caller's model is left as it was.
         Process-wide settings are the process owner's: the `reasonmaxxer` command tunes glibc malloc at start
         (allocator.py)."""
@@ -100,9 +101,9 @@ class Engine:
         if not self.fast:
             unpack_linears(model)
             plain_attention(model)
-        self.compiled = CompiledDecoder(model) if step == "compiled" else None
         self.lora = LoraRouter(model)
-        self.fused = FusedDecoder.of(model, self.lora) if step == "fused" else None
+        self.fused = FusedDecoder.of(model, self.lora) if step in ("fused", "compiled") else None
+        self.compiled = CompiledDecoder(model, self.fused) if step == "compiled" else None
         self.max_batch_size = max_batch_size
         self.max_model_len = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self.identity = base_identity(model, tokenizer, name)

@@ -44,7 +44,7 @@ from .attention import grouped_decode
 from .batch import HEADROOM, GrowingLayer, new_cache
 from .packed import Linear
 
-__all__ = ["FusedDecoder"]
+__all__ = ["FusedDecoder", "StepBias"]
 
 MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -84,7 +84,7 @@ class _Packing:
         return cls(rows.to(device), left.to(device), right.to(device), (starts + n - 1).to(device), width)
 
 
-class _Bias:
+class StepBias:
     """A decode step's additive attention mask (B, 1, 1, W) for buffers W columns wide: 0 where the batch mask
     (B, S) is 1, -inf where it is 0 and on the spare columns S..W-1 (made once per width, per step)."""
 
@@ -101,7 +101,7 @@ class _Bias:
         return bias
 
 
-def _decode_attention(kv, bias: _Bias, scaling: float, q, k, v) -> torch.Tensor:
+def _decode_attention(kv, bias: StepBias, scaling: float, q, k, v) -> torch.Tensor:
     """A decode step's attention: write the new key/value (B, Hkv, D) into the cache layer kv, and attend with
     q (B, H, D) over its whole buffers, the spare columns masked: the buffers are contiguous, so the batched
     matmuls read them in place (on the filled part alone, a view, torch would copy both on every call). -> (B, H D)"""
@@ -178,13 +178,21 @@ class FusedDecoder:
     def __call__(self, input_ids, mask, positions, cache) -> torch.Tensor:
         """One decode step: input_ids (B, 1), mask (B, S), positions (B, 1), cache -> final hidden states (B, d)."""
         x = self.decoder.embed_tokens(input_ids[:, 0])  # (B, d)
-        cos, sin = self._rotary(x, positions)  # (B, 1, D) each
-        bias = _Bias(mask)
-        lora = self.router is not None and self.router.active
+        cos, sin = self.rotary(x, positions)  # (B, 1, D) each
+        bias = StepBias(mask)
+        lora = self.routed()
         while len(cache.layers) < len(self.layers):  # an empty cache (a first token): its layers start now
             cache.layers.append(GrowingLayer())
         for layer, kv in zip(self.layers, cache.layers, strict=True):
-            x = self._layer_step(layer, x, cos, sin, partial(_decode_attention, kv, bias, layer.scaling), lora)
+            x = self.layer_step(layer, x, cos, sin, partial(_decode_attention, kv, bias, layer.scaling), lora)
+        return self.final_norm(x)
+
+    def routed(self) -> bool:
+        """Whether rows are routed to a LoRA now (their deltas join this step's projections)."""
+        return self.router is not None and self.router.active
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's last RMSNorm of x (n, d)."""
         return rms_norm(x, self.decoder.norm)
 
     def prefill(self, prompts: list[list[int]], every: bool = False) -> tuple[DynamicCache, torch.Tensor]:
@@ -200,17 +208,17 @@ class FusedDecoder:
         pack = _Packing.of([len(p) for p in prompts], device)
         ids = torch.tensor([t for p in prompts for t in p], device=device)  # (N,)
         x = self.decoder.embed_tokens(ids)  # (N, d)
-        cos, sin = self._rotary(x, pack.right[:, None])  # (N, 1, D)
+        cos, sin = self.rotary(x, pack.right[:, None])  # (N, 1, D)
         shape = (len(prompts), self.kv_heads, pack.width + HEADROOM, self.head_dim)
         buffers = [(x.new_zeros(shape), x.new_zeros(shape)) for _ in self.layers]
         last = len(self.layers) - 1
         for i, (layer, kv) in enumerate(zip(self.layers, buffers, strict=True)):
             attend = partial(self._prefill_attention, kv, pack, layer.scaling)
-            x = self._layer_step(layer, x, cos, sin, attend, False, keep=pack.ends if i == last and not every else None)
+            x = self.layer_step(layer, x, cos, sin, attend, False, keep=pack.ends if i == last and not every else None)
         cache = new_cache([(k, v, pack.width) for k, v in buffers])
-        return cache, rms_norm(x, self.decoder.norm)  # x: the last tokens' rows only, unless every
+        return cache, self.final_norm(x)  # x: the last tokens' rows only, unless every
 
-    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sign-folded sin (n, 1, D) at positions (n, 1), from the model's own rotary module."""
         cos, sin = self.decoder.rotary_emb(x, positions)  # in the model's dtype
         return cos, sin * self._sign.to(sin.device, sin.dtype)
@@ -229,7 +237,7 @@ class FusedDecoder:
         out = F.scaled_dot_product_attention(*padded, is_causal=True, scale=scaling, enable_gqa=True)  # (B, H, W, D)
         return out.transpose(1, 2)[pack.rows, pack.right].flatten(1)
 
-    def _layer_step(self, layer: _Layer, x, cos, sin, attend, lora: bool, keep=None) -> torch.Tensor:
+    def layer_step(self, layer: _Layer, x, cos, sin, attend, lora: bool, keep=None) -> torch.Tensor:
         """One decoder layer on x (n, d); `attend(q, k, v)` stores the new keys/values and attends. `keep`: the rows
         to go on with after attention (the prefill's last layer needs the prompts' last tokens only). -> (n', d)"""
         n, h, hkv, d = x.shape[0], self.heads, self.kv_heads, self.head_dim

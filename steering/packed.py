@@ -239,7 +239,8 @@ class Linear:
         return self._packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight() if x.device.type == "cpu" and x.dtype == self.layers[0].weight.dtype else None
+        w = (self.weight() if x.device.type == "cpu" and x.dtype == self.layers[0].weight.dtype
+             and not torch.compiler.is_compiling() else None)  # in a graph: inductor's linears (compiled.py)
         if w is not None:
             bias = self.layers[0].bias if len(self.layers) == 1 else self.bias
             return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")

@@ -300,7 +300,7 @@ def test_a_failing_compile_falls_back_to_eager_once_with_a_warning(tiny_model, t
     reference = Engine(tiny_model, tokenizer)
     calls = []
 
-    def broken(**kwargs):
+    def broken(*args, **kwargs):
         calls.append(1)
         raise RuntimeError("inductor: no C++ compiler found\nmore detail")
 

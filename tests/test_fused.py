@@ -11,6 +11,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCau
 from reasonmaxxer.steering.adapters import load_adapter
 from reasonmaxxer.steering.attention import use_decode_attention
 from reasonmaxxer.steering.batch import Batch
+from reasonmaxxer.steering.compiled import CompiledDecoder
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.fused import FusedDecoder
 from reasonmaxxer.steering.lora import LoraRouter
@@ -129,7 +130,9 @@ def test_models_that_are_not_llamas_run_transformers_forward(tokenizer):
     assert "sliding" in FusedDecoder.unsupported(window)
     assert Engine(llama, tokenizer).fused is not None
     assert Engine(qwen3, tokenizer).fused is None and Engine(llama, tokenizer, step="reference").fused is None
-    assert Engine(llama, tokenizer, step="compiled").fused is None  # the compiled step replaces it
+    compiled = Engine(llama, tokenizer, step="compiled")  # the fused prefill, and its decode step compiled
+    assert compiled.fused is not None and compiled.compiled.fused is compiled.fused
+    assert Engine(qwen3, tokenizer, step="compiled").compiled.fused is None  # transformers' decoder compiled
     assert Engine(llama, tokenizer, step="module").fused is None  # the A/B switch: transformers' forward
     unpack_linears(llama)
 
@@ -208,3 +211,42 @@ def test_grouped_projections_take_over_their_layers_packed_copies(tokenizer, pro
     with torch.inference_mode():
         assert torch.allclose(model(torch.tensor([prompts[1]])).logits, want, rtol=1e-4, atol=1e-4)
     unpack_linears(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_compiled_fused_step_equals_the_eager_one(tokenizer, prompts, family, dtype):
+    """The fused step's arithmetic under torch.compile with frozen weights (compiled.py): the same hidden states
+    and the same keys/values written, to rounding, step after step, on the fused prefill's buffers."""
+    model = (make_model(tokenizer) if family == "llama" else tiny_qwen2(tokenizer)).to(dtype)
+    pack_linears(model)
+    use_decode_attention(model)
+    fused = FusedDecoder(model)
+    compiled = CompiledDecoder(model, fused)
+    with torch.inference_mode():
+        eager, _ = Batch.prefill(model, prompts, 0, fused=fused)
+        graph = copy.deepcopy(eager)
+        for t in range(4):
+            eager.tokens = graph.tokens = torch.arange(len(prompts)) * 7 + 3 * t + 5
+            a, b = eager.decode(model, fused), graph.decode(model, compiled)
+            assert compiled.failed is None and b.shape == a.shape and b.dtype == a.dtype and close(a, b, dtype)
+    for x, y in zip(eager.cache.layers, graph.cache.layers, strict=True):
+        assert x._n == y._n and close(x.keys, y.keys, dtype) and close(x.values, y.values, dtype)
+    unpack_linears(model)
+
+
+def test_lora_routed_steps_take_the_eager_fused_step(tiny_model, tokenizer, prompts, tmp_path):
+    """Rows routed to a LoRA get their deltas: the compiled step hands such a step to the eager fused one."""
+    make_lora(tiny_model, tokenizer, tmp_path / "a", name="a", seed=1)
+    router = LoraRouter(tiny_model)
+    router.add(load_adapter(tmp_path / "a"))
+    fused = FusedDecoder(tiny_model, router)
+    compiled = CompiledDecoder(tiny_model, fused)
+    calls = []
+    compiled.compiled = lambda *args: calls.append(1)  # the graph must not be asked for a routed step
+    with router.route({"a": torch.tensor([0, 2])}):
+        (pairs, _, _), (want, _, _) = decode_both(tiny_model, prompts, 3, compiled), \
+            decode_both(tiny_model, prompts, 3, fused)
+    assert not calls and compiled.failed is None
+    for (_, got), (_, ref) in zip(pairs, want, strict=True):
+        assert torch.equal(got, ref)
