@@ -71,9 +71,10 @@ def _flags(p: argparse.ArgumentParser) -> None:
                    help='more vllm engine arguments, e.g. \'{"enable_prefix_caching": false}\'')
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=None, help="requests decoded together")
     p.add_argument("--compile", dest="compile", action="store_true", default=None,
-                   help="transformers backend: run decode steps through torch.compile (compiled at the first "
-                        "steps; eager again, with a warning, if compiling fails); for Llama-family models the "
-                        "default fused step is faster on the CPU (docs/benchmarks.md)")
+                   help="transformers backend: run decode steps through torch.compile (for Llama-family models "
+                        "the fused step with its weights frozen); compiled before the server answers (a minute "
+                        "or more per graph on one core), eager again, with a warning, if compiling fails; the "
+                        "fastest CPU path measured (docs/benchmarks.md)")
     p.add_argument("--max-waiting", dest="max_waiting", type=int, default=None, help="queued sequences before 503")
     p.add_argument("--max-tokens-limit", dest="max_tokens_limit", type=int, default=None,
                    help="largest max_tokens a request may ask for")

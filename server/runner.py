@@ -135,6 +135,8 @@ def banner(state, settings) -> list[str]:
     if device == "cpu":  # which kernels this CPU class got: bf16 speed differs by ISA (steering/cpu.py)
         cpu = describe()
         lines.append(f"  CPU {cpu['cpu']} ({cpu['isa']}), {cpu['threads']} threads: {info.get('kernels')}")
+    if info.get("step"):
+        lines.append(f"  decode step: {info['step']}")
     adapters = state.engine.adapters
     for name in sorted(adapters):
         lines.append("  adapter " + _describe(name, adapters[name]))

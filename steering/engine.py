@@ -54,7 +54,7 @@ from .packed import pack_linears, unpack_linears
 from .prompt_logprobs import PromptLogprobs, score_pieces, score_prompts
 from .request import Completion, Request, SteeringParams, TokenEvent, UnknownAdapter
 from .rows import Row
-from .sampling import sample
+from .sampling import SamplingParams, sample
 from .teacher import Teacher
 
 __all__ = ["STEPS", "Engine"]
@@ -121,14 +121,20 @@ class Engine:
         self._batch: Batch | None = None
 
     def describe(self) -> dict[str, Any]:
-        """What this engine runs on: device, dtype, and on the CPU which linear kernels (for a banner)."""
+        """What this engine runs on: device, dtype, the decode step (STEPS, and how it runs) and on the CPU which
+        linear kernels (for a banner)."""
         kernels = None
         if self.model.device.type == "cpu":
             kernels = (f"{self.packed} linears on oneDNN-packed weights, {packed.layout(self.model.dtype).describe()}"
                        if self.packed else
                        "linears on F.linear (oneDNN cannot pack this dtype here, or the reference step)")
+        step = self.step_name
+        if self.compiled is not None:
+            step += (" (torch.compile of the fused step, weights frozen: inductor packs its linears; compiled at the "
+                     "first decode steps)" if self.compiled.fused is not None else
+                     " (torch.compile of transformers' decoder; compiled at the first decode steps)")
         return {"device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
-                "kernels": kernels}
+                "kernels": kernels, "step": step}
 
     # ---- adapters ------------------------------------------------------------------------------------
     def add_adapter(self, adapter: HeadAdapter | LoraAdapter | Teacher) -> None:
@@ -387,6 +393,16 @@ class Engine:
                 if event.finished:
                     pending.discard(event.request_id)
                 yield event
+
+    def warm_up(self) -> None:
+        """Compile the compiled step's graphs now (batch size 1 and any larger: compiled.py), so that no request
+        waits for them (a minute or more for a real model on one core); nothing for the eager steps."""
+        if self.compiled is None:
+            return
+        sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        prompt = [self.pad_id] * 4
+        self.generate([Request(prompt, sp), Request(prompt, sp)])
+        self.generate([Request(prompt, sp)])
 
     def generate(self, requests: Iterable[Request]) -> list[Completion]:
         """Run `requests` to completion (beside whatever else is running); results in the order given."""

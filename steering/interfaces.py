@@ -79,7 +79,7 @@ class ServingEngine(Protocol):
 
     async def ready(self) -> None: ...  # checks before serving (vLLM: the plugin runs in its engine)
 
-    def describe(self) -> dict[str, Any]: ...  # {"device", "dtype", "kernels"} for the banner
+    def describe(self) -> dict[str, Any]: ...  # {"device", "dtype", "kernels", "step"} for the banner
 
     def stop(self, drain: bool = True) -> None: ...  # stop taking work (drain: let the running finish)
 

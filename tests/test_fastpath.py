@@ -233,6 +233,25 @@ def test_the_compiled_step_does_not_recompile_as_rows_come_and_go(tiny_model, to
     assert [o.token_ids for o in late] == [o.token_ids for o in late_eager]
 
 
+def test_warm_up_compiles_both_graphs_before_any_request(tiny_model, tokenizer, prompts):
+    """The server's `ready` warms the compiled step up: its two graphs (batch size 1 and larger) exist before a
+    request comes, so none waits for a compile; the eager steps have nothing to warm."""
+    from torch._dynamo.utils import counters
+
+    engine = Engine(tiny_model, tokenizer, max_batch_size=8, step="compiled")
+    start = counters["stats"]["unique_graphs"]
+    engine.warm_up()
+    assert counters["stats"]["unique_graphs"] == start + 2 and engine.compiled.failed is None
+    assert engine.num_running == 0 and engine.num_waiting == 0
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    engine.generate([Request(prompts[0], sp)])
+    engine.generate([Request(p, sp) for p in prompts[:3]])
+    assert counters["stats"]["unique_graphs"] == start + 2  # no request compiled anything
+    eager = Engine(tiny_model, tokenizer, max_batch_size=8)
+    eager.warm_up()
+    assert counters["stats"]["unique_graphs"] == start + 2
+
+
 def test_prefill_groups_split_where_left_padding_passes_the_waste_share():
     from reasonmaxxer.steering.batch import prefill_groups
 

@@ -40,7 +40,8 @@ def _serve(app):
 def _state(tiny_model, tokenizer, step_delay: float = 0.0, **settings):
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = TEMPLATE
-    engine = Engine(tiny_model, tok, max_batch_size=8, name="tiny")
+    step = "compiled" if settings.get("compile") else "fused"  # as server/backends.py builds it
+    engine = Engine(tiny_model, tok, max_batch_size=8, name="tiny", step=step)
     if step_delay:  # a decode step as slow as a real model's, so a client can leave mid-generation
         fast_step = engine.step
         engine.step = lambda: (time.sleep(step_delay), fast_step())[1]

@@ -34,6 +34,10 @@ def test_the_banner_names_model_backend_dtype_device_adapters_url_and_auth(tiny_
     assert (f"{packed} linears on oneDNN-packed weights" if packed else "linears on F.linear") in text, text
     if packed:  # the layout chosen at start for this CPU, and how (packed.layout)
         assert f"laid out for batch {layout(state.engine.engine.model.dtype).batch} (measured: " in text, text
+    assert "decode step: fused" in text, text
+    state, settings = _state(tiny_model, tokenizer, compile=True)  # the compiled step says what it is
+    text = "\n".join(banner(state, settings))
+    assert "decode step: compiled (torch.compile of the fused step, weights frozen" in text, text
     state, settings = _state(tiny_model, tokenizer, api_key="k", metrics_open=False)
     assert "API key on" in "\n".join(banner(state, settings)) and "behind the key" in "\n".join(banner(state, settings))
     assert "admin" not in "\n".join(banner(state, settings))
