@@ -23,6 +23,7 @@ request to fail.
 
 from __future__ import annotations
 
+import types
 import warnings
 from functools import partial
 from typing import Any
@@ -71,6 +72,14 @@ def _attend(keys, values, column, bias, scaling: float, q, k, v) -> torch.Tensor
     return grouped_decode(q, keys, values, bias, scaling)
 
 
+def _own_code(fn):
+    """`fn` with a code object of its own. Dynamo keeps compiled graphs per code object and stops compiling one after
+    `recompile_limit` graphs (8); a frozen graph holds its engine's weights, so every engine needs graphs of its own,
+    and a process may hold many engines (tests, benchmarks): each engine's step gets its own code object, whose
+    graphs are freed with it."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 class _FusedStep(nn.Module):
     """The fused decode step as a module over the model's decoder (its parameters are the graph's, for freezing):
     ids (B,), positions (B,), bias (B, 1, 1, W), column (1,), keys and values per layer -> hidden (B, d)."""
@@ -97,7 +106,9 @@ class CompiledDecoder:
         self.decoder = model.get_decoder()
         self.kwarg = cache_kwarg(self.decoder)  # asked of the plain module: the compiled one takes **kwargs
         if fused is not None:
-            self.compiled = torch.compile(_FusedStep(fused))  # dynamic axes: marked
+            step = _FusedStep(fused)
+            step.forward = types.MethodType(_own_code(_FusedStep.forward), step)
+            self.compiled = torch.compile(step)  # dynamic axes: marked
         else:
             self.compiled = torch.compile(self.decoder, dynamic=True)
         self.failed: str | None = None  # why compile was given up, once it was

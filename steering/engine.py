@@ -130,9 +130,8 @@ class Engine:
                        "linears on F.linear (oneDNN cannot pack this dtype here, or the reference step)")
         step = self.step_name
         if self.compiled is not None:
-            step += (" (torch.compile of the fused step, weights frozen: inductor packs its linears; compiled at the "
-                     "first decode steps)" if self.compiled.fused is not None else
-                     " (torch.compile of transformers' decoder; compiled at the first decode steps)")
+            step += (" (torch.compile of the fused step, weights frozen: inductor packs its linears)"
+                     if self.compiled.fused is not None else " (torch.compile of transformers' decoder)")
         return {"device": str(self.model.device), "dtype": str(self.model.dtype).removeprefix("torch."),
                 "kernels": kernels, "step": step}
 

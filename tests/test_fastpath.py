@@ -250,6 +250,10 @@ def test_warm_up_compiles_both_graphs_before_any_request(tiny_model, tokenizer, 
     eager = Engine(tiny_model, tokenizer, max_batch_size=8)
     eager.warm_up()
     assert counters["stats"]["unique_graphs"] == start + 2
+    # Frozen graphs hold their engine's weights: each engine's step has a code object of its own, so dynamo's
+    # per-code recompile limit (8 graphs) never turns a later engine's step silently eager
+    other = Engine(tiny_model, tokenizer, max_batch_size=8, step="compiled")
+    assert other.compiled.compiled._orig_mod.forward.__code__ is not engine.compiled.compiled._orig_mod.forward.__code__
 
 
 def test_prefill_groups_split_where_left_padding_passes_the_waste_share():

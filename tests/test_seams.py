@@ -54,7 +54,7 @@ def test_the_embedded_engines_satisfy_their_protocols(tiny_model, tokenizer):
     front = AsyncEngine(engine)
     try:
         assert isinstance(front, interfaces.ServingEngine)
-        assert set(front.describe()) == {"device", "dtype", "kernels"}
+        assert set(front.describe()) == {"device", "dtype", "kernels", "step"}
     finally:
         front.close(drain=False)
     assert not isinstance(engine, interfaces.ServingEngine)  # the Protocols say something: a bare engine is no server

@@ -227,7 +227,7 @@ class VllmEngine(VllmSteering):
 
     def describe(self) -> dict[str, Any]:
         """For the banner: vLLM runs the model (its dtype is the engine arguments')."""
-        return {"device": "vLLM", "dtype": None, "kernels": None}
+        return {"device": "vLLM", "dtype": None, "kernels": None, "step": None}
 
     async def ready(self) -> None:
         """Check, before serving, that the gate runs inside vLLM's engine: a one-token request whose steering
