@@ -64,9 +64,9 @@ def _prepare(input_ids, mask, positions, cache) -> None:
 
 
 def _attend(keys, values, column, bias, scaling: float, q, k, v) -> torch.Tensor:
-    """The fused step's decode attention, pure: write k and v (B, Hkv, D) into the buffers keys/values
-    (B, Hkv, W, D) at `column` ((1,) int64), attend with q (B, H, D) over the whole buffers (bias (B, 1, 1, W):
-    the spare columns and each row's padding masked). -> (B, H D)"""
+    """The fused step's decode attention on bare buffers (no cache object, so the graph holds it): write k and v
+    (B, Hkv, D) into keys/values (B, Hkv, W, D) in place at `column` ((1,) int64), attend with q (B, H, D) over the
+    whole buffers (bias (B, 1, 1, W): the spare columns and each row's padding masked). -> (B, H D)"""
     keys.index_copy_(2, column, k[:, :, None])
     values.index_copy_(2, column, v[:, :, None])
     return grouped_decode(q, keys, values, bias, scaling)
