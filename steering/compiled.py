@@ -5,7 +5,8 @@ positions (B, 1), the batch's cache) and returns the same hidden states (B, d) a
 rounding of fused kernels. Two graphs, by the model:
 - a Llama-family model (`fused`, fused.py's FusedDecoder, given): the fused step's own arithmetic
   (`FusedDecoder.layer_step`, one definition) compiled with inductor's freezing: the weights become constants,
-  which it packs for oneDNN on the CPU (q/k/v and gate/up concatenated, `cpp.enable_concat_linear`), and it
+  which it packs for its own CPU linears (MKL for float32, oneDNN for bf16; q/k/v and gate/up concatenated,
+  `cpp.enable_concat_linear`), and it
   fuses the elementwise work between them (RMSNorm, rotary, SiLU, residual adds, the attention's softmax) into
   a few C++ loops, with none of eager's per-op dispatch. The new keys and values are written into the cache's
   buffers inside the graph (`index_copy_` at the step's column), attention reads the whole buffers (the spare
@@ -13,7 +14,8 @@ rounding of fused kernels. Two graphs, by the model:
   per-row Python routing). Freezing reads the weights once, at the first compile: the engine's own view of the
   model (own.py) never changes its weights, and nothing else may.
 - any other model: its transformers decoder compiled (the linears inductor's, unfrozen).
-Shapes are dynamic (`dynamic=True`): the batch size and the cache width are symbolic, so two graphs (batch size
+Shapes are dynamic (the batch and cache-width axes marked; `dynamic=True` for transformers' decoder): the batch
+size and the cache width are symbolic, so two graphs (batch size
 1, and any larger: dynamo specialises a size of 1) serve every batch as rows join and leave and as the cache
 grows: no buckets to pad to and no recompiles. Room for the step is reserved in the buffers before it, eagerly.
 Prefills, gated-LoRA recomputes and teacher forwards stay eager. If compiling or running the graph fails, it
