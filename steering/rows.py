@@ -9,6 +9,7 @@ EOS, a stop token id or a stop string; "length" at max_tokens or the model's con
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,6 +35,9 @@ class Row:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.report = self.steering.report()
+        # whether this row reads its base entropy: a finite gate (off, random, always and a +inf threshold
+        # never compare it) or a trace, which reports it
+        self.reads_entropy = math.isfinite(self.steering.gate_tau) or self.report.trace is not None
         self.cursor: TeacherCursor | None = None  # a teacher's lazy KV cache (its Correction's `start`)
         if self.correction is not None:
             self.correction.start(self)

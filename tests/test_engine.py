@@ -88,6 +88,27 @@ def test_threshold_inf_gives_base_tokens(engine, prompts):
             assert gated.report.gate_fired == 0 and gated.report.tokens == N
 
 
+def test_the_entropy_pass_runs_only_where_a_row_reads_it(engine, prompts, monkeypatch):
+    """The gate's pass over the vocabulary runs for a batch with a row that compares its entropy (a finite gate)
+    or reports it (a trace); rows in mode off, always, random or behind a +inf gate skip it, with the same tokens."""
+    from reasonmaxxer.steering import engine as engine_module
+
+    batches = []
+    monkeypatch.setattr(engine_module, "entropy", lambda logits: batches.append(len(logits)) or entropy(logits))
+    base = run(engine, prompts[0], greedy())
+    for steering in ({"adapter": "head", "mode": "gated", "threshold": math.inf}, {"adapter": "head", "mode": "always"},
+                     {"adapter": "head", "mode": "random", "rate": 0.5}):
+        run(engine, prompts[0], greedy(), **steering)
+    assert batches == [] and len(base.token_ids) == N
+    traced = run(engine, prompts[0], greedy(), trace=True)
+    assert traced.token_ids == base.token_ids and len(batches) == N
+    assert [t.entropy for t in traced.report.trace] == pytest.approx(
+        base_entropies(engine.model, prompts[0], base.token_ids), rel=1e-4, abs=1e-4)
+    batches.clear()
+    run(engine, prompts[0], greedy(), adapter="head", mode="gated", threshold=3.5)
+    assert len(batches) == N
+
+
 def test_always_head_equals_correction_by_hand(engine, tiny_model, head, prompts):
     ours = run(engine, prompts[1], greedy(), adapter="head", mode="always")
     assert ours.token_ids == by_hand(tiny_model, prompts[1], N, head_by_hand(tiny_model, head, 5))

@@ -11,6 +11,7 @@ from torch import nn
 
 from reasonmaxxer.steering import packed as packing
 from reasonmaxxer.steering.adapters import HeadAdapter, load_adapter
+from reasonmaxxer.steering.batch import HEADROOM
 from reasonmaxxer.steering.engine import Engine
 from reasonmaxxer.steering.packed import (
     LAYOUTS,
@@ -228,6 +229,10 @@ def test_the_compiled_step_does_not_recompile_as_rows_come_and_go(tiny_model, to
         e.step()
     late = engine.generate(reqs[2:])
     late_eager = eager.generate([Request(r.prompt_ids, r.sampling) for r in reqs[2:]])
+    # Long enough to fill the buffers' spare room (HEADROOM columns) twice: they grow, with no new graph
+    long = SamplingParams(max_tokens=2 * HEADROOM + 3, temperature=0.0, ignore_eos=True)
+    late += engine.generate([Request(p, long) for p in prompts[:2]])
+    late_eager += eager.generate([Request(p, long) for p in prompts[:2]])
     assert counters["stats"]["unique_graphs"] == graphs  # no new graph
     assert engine.compiled.failed is None
     assert [o.token_ids for o in late] == [o.token_ids for o in late_eager]
