@@ -10,9 +10,9 @@ rounding of fused kernels. Two graphs, by the model:
   fuses the elementwise work between them (RMSNorm, rotary, SiLU, residual adds, the attention's softmax) into
   a few C++ loops, with none of eager's per-op dispatch. The new keys and values are written into the cache's
   buffers inside the graph (`index_copy_` at the step's column); attention reads the filled columns alone, as
-  reductions that inductor turns into one loop each (`_attend`). Rows routed to a LoRA take the eager fused step (its deltas are
-  per-row Python routing). Freezing reads the weights once, at the first compile: the engine's own view of the
-  model (own.py) never changes its weights, and nothing else may.
+  reductions that inductor turns into one loop each (`_attend`). Rows routed to a LoRA take the eager fused step
+  (its deltas are per-row Python routing). Freezing reads the weights once, at the first compile: the engine's
+  own view of the model (own.py) never changes its weights, and nothing else may.
 - any other model: its transformers decoder compiled (the linears inductor's, unfrozen).
 Shapes are dynamic (the batch and cache-width axes marked; `dynamic=True` for transformers' decoder): the batch
 size and the cache width are symbolic, so two graphs (batch size

@@ -4,6 +4,7 @@ recipe preset, checkpoint and tau selection on validation, and the guard on eval
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,85 @@ def test_a_tau_sweep_refits_per_tau_from_cached_scores_without_a_forward_pass(ti
     assert sweep[0]["fire_rate"] > sweep[1]["fire_rate"] > sweep[2]["fire_rate"]
     with pytest.raises(ValueError, match="validation split"):
         fit(tiny_model, tokenizer, rollouts, args, progress=False, score_cache=tmp_path, tau_sweep=[2.0])
+
+
+def test_a_stopped_sweep_continues_from_its_last_checkpoint_to_the_uninterrupted_adapter(tiny_model, tokenizer,
+                                                                                       rollouts, tmp_path):
+    """With a checkpoint folder, a tau sweep stopped midway (here: during the second tau's third validation)
+    continues from the last saved training state: the checkpoints before it are not trained or validated again, and
+    the adapter, losses and sweep equal an uninterrupted fit's; a folder of other settings is refused."""
+    args = FitArgs(kind="head", name="cp", rank=4, lr=3e-3, epochs=2, accumulation=2, warmup=1, checkpoints=4)
+    kw = dict(progress=False, score_cache=tmp_path / "scores", tau_sweep=[2.0, 2.5])
+
+    def value(step, adapter):  # a validation value that depends on the adapter: the best checkpoint varies
+        return float(adapter.B.abs().sum() % 1.0)
+
+    calls = []
+    whole, _ = fit(tiny_model, tokenizer, rollouts, args, callback=lambda s, a: calls.append((a.manifest.gate.tau, s))
+                   or value(s, a), **kw)
+    assert len(calls) == 8  # 4 checkpoints x 2 taus
+
+    def stop_at(n):
+        seen = []
+
+        def callback(step, adapter):
+            seen.append((adapter.manifest.gate.tau, step))
+            if len(seen) == n:
+                raise KeyboardInterrupt
+            return value(step, adapter)
+        return callback, seen
+
+    folder = tmp_path / "checkpoints"
+    callback, seen = stop_at(7)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model, tokenizer, rollouts, args, callback=callback, checkpoint_dir=folder, **kw)
+    assert sorted(p.name for p in folder.iterdir()) == ["tau-2.5.pt", "tau-2.pt"]
+    again = []
+    resumed, _ = fit(tiny_model, tokenizer, rollouts, args, callback=lambda s, a: again.append((a.manifest.gate.tau, s))
+                     or value(s, a), checkpoint_dir=folder, **kw)
+    assert again == calls[6:]  # the first tau and two of the second's checkpoints come from the folder
+    assert torch.equal(resumed.A, whole.A) and torch.equal(resumed.B, whole.B)
+    assert resumed.manifest.metrics["tau_sweep"] == whole.manifest.metrics["tau_sweep"]
+    assert resumed.manifest.provenance["losses"] == whole.manifest.provenance["losses"]
+    with pytest.raises(ValueError, match=r"tau-2.pt holds a run with other settings \(args differ\)"):
+        fit(tiny_model, tokenizer, rollouts, replace(args, lr=1e-3), callback=value, checkpoint_dir=folder, **kw)
+
+
+def test_validation_results_in_the_checkpoint_folder_are_not_evaluated_again(tiny_model, tokenizer, tmp_path,
+                                                                             monkeypatch):
+    """fit's validation keeps the base's result and each checkpoint's in --checkpoint-dir: a rerun of the same
+    validation evaluates neither again; another validation (more samples) starts its own."""
+    from reasonmaxxer.cli import build_parser
+    from reasonmaxxer.steering.adapters import HeadAdapter
+    from reasonmaxxer.training import fit_cli, rollouts
+    from reasonmaxxer.training.cli_config import FitConfig
+
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    evaluated = []
+    real = rollouts.evaluate
+    monkeypatch.setattr(rollouts, "evaluate", lambda *a, **k: evaluated.append(k.get("steering", a[4] if len(a) > 4
+                                                                                    else None)) or real(*a, **k))
+
+    def validation(*extra):
+        argv = ["fit", "--rollouts", "r.jsonl", "--out", str(tmp_path / "x"), "--val-problems", str(val),
+                "--val-samples", "1", "--max-new-tokens", "4", "--checkpoint-dir", str(tmp_path / "cp"), *extra]
+        config = FitConfig.from_args(build_parser("fit").parse_args(argv))
+        return fit_cli._validation(config, config.val.load(), tiny_model, tokenizer)
+
+    adapter = HeadAdapter.create(tiny_model, tokenizer, "cp", rank=4, tau=0.5, seed=1)
+    callback, report, _ = validation()
+    first = callback(3, adapter)
+    assert len(evaluated) == 2 and [c["step"] for c in report["checkpoints"]] == [3]
+    evaluated.clear()
+    callback, again, _ = validation()
+    assert evaluated == [] and again["base"] == report["base"] and again["checkpoints"] == report["checkpoints"]
+    assert callback(3, adapter) == first and evaluated == []  # evaluated before the stop: taken from the folder
+    callback(6, adapter)
+    assert len(evaluated) == 1 and [c["step"] for c in again["checkpoints"]] == [3, 6]
+    evaluated.clear()
+    validation("--val-samples", "2")
+    assert len(evaluated) == 1  # another validation: its own base
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="needs ../shared/data")

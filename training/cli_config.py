@@ -99,6 +99,7 @@ class FitConfig:
     score_cache: str | None
     tau_sweep: tuple[float, ...] | None
     teacher: str | None  # a model spec to distil (--teacher)
+    checkpoint_dir: str | None = None  # training states and validation results to resume from
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FitConfig:
@@ -111,7 +112,8 @@ class FitConfig:
         val = ProblemSelection(args.val_problems, args.val_preset, args.val_question_field, args.val_answer_field,
                                args.val_offset, args.val_limit, args.val_selection_seed)
         return cls(rollouts, preset.fit, args.out, val, args.val_samples, args.val_mode, args.val_backend,
-                   args.score_cache, tuple(args.tau_sweep) if args.tau_sweep else None, args.teacher)
+                   args.score_cache, tuple(args.tau_sweep) if args.tau_sweep else None, args.teacher,
+                   args.checkpoint_dir)
 
 
 @dataclass(frozen=True)

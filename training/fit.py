@@ -13,6 +13,9 @@ Contract (DESIGN.md, "The idea"):
 6. At `args.checkpoints` evenly spaced points, `callback(step, adapter)` may score a validation split
    and return a number (higher is better): the best checkpoint is returned (the last one without).
 The returned adapter carries tau, its calibration, provenance and losses in its manifest.
+With a `checkpoint_dir` (head adapters), each run keeps its training state there after every checkpoint
+(`loop.TrainState`, one file per tau: `tau-<tau>.pt`), and a rerun with the same settings and data continues
+each run from its last checkpoint (a finished run's file ends it at once): a long sweep survives being stopped.
 With a `teacher` (a causal LM with the base's tokenizer: `fit --teacher M`), step 1 keeps every problem
 (no rewards are needed), step 4 is skipped, and the decision term is distill.py's: KL(teacher || adapted)
 on the base top-k candidates at each decision point, the same anchor elsewhere.
@@ -20,11 +23,14 @@ on the base top-k candidates at each decision point, the same anchor elsewhere.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -155,9 +161,10 @@ def _head_loss(w_u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kl_weight: f
 
 
 def fit_head(model, tokenizer, items: list[TrainItem], tau: float, args: FitArgs, callback: Callback | None,
-             loss=None):
+             loss=None, state: Path | None = None):
     """Train a head adapter on cached scores; `loss(w_u, a, b)` makes the per-sequence loss (default: the
-    contrastive one, `_head_loss`)."""
+    contrastive one, `_head_loss`); `state`: the file that keeps the run's state at each checkpoint, from which
+    it continues (`loop.TrainState`)."""
     torch.manual_seed(args.seed)
     d = int(model.config.hidden_size)
     w_u = model.get_output_embeddings().weight.detach()
@@ -175,8 +182,14 @@ def fit_head(model, tokenizer, items: list[TrainItem], tau: float, args: FitArgs
         if not best or value is None or (best["value"] is not None and value > best["value"]):
             best.update(step=step, value=value, adapter=adapter)
 
+    def restore(extra: dict) -> None:  # the best checkpoint so far, from a saved state
+        best.update(step=extra["step"], value=extra["value"], adapter=HeadAdapter(manifest, extra["a"], extra["b"]))
+
+    keep = None if state is None else loop.TrainState(
+        state, _run_key(items, tau, args), lambda: {"step": best["step"], "value": best["value"],
+                                                   "a": best["adapter"].A, "b": best["adapter"].B}, restore)
     seq_loss = loss(w_u, a, b) if loss else _head_loss(w_u, a, b, args.kl_weight)
-    history = loop.run([a, b], items, args, seq_loss, on_checkpoint, "fit head")
+    history = loop.run([a, b], items, args, seq_loss, on_checkpoint, "fit head", keep)
     return best["adapter"], history, {"step": best["step"], "value": best["value"]}
 
 
@@ -197,11 +210,23 @@ def head_diagnostics(model, items: list[TrainItem], adapter: HeadAdapter) -> dic
     return {"logp_shift_positive": mean(pos), "logp_shift_negative": mean(neg), "anchor_kl": mean(kls)}
 
 
-def _fit_one(model, tokenizer, items, tau: float, args: FitArgs, callback: Callback | None, distil: bool = False):
+def _run_key(items: list[TrainItem], tau: float, args: FitArgs) -> dict:
+    """What makes a training run the same run (loop.TrainState's key): its settings, tau and its data (each item's
+    problem, sample, token ids and advantage, hashed)."""
+    data = hashlib.sha256(json.dumps([[it.problem_id, it.sample, list(it.ids), float(it.advantage)] for it in items])
+                          .encode()).hexdigest()
+    return {"args": asdict(args), "tau": float(tau), "items": len(items), "data": data}
+
+
+def _fit_one(model, tokenizer, items, tau: float, args: FitArgs, callback: Callback | None, distil: bool = False,
+             checkpoint_dir: str | None = None):
     if args.kind == "head":
         loss = (lambda w_u, a, b: distill.head_distill_loss(w_u, a, b, args.kl_weight, args.teacher_target)) \
             if distil else None
-        return fit_head(model, tokenizer, items, tau, args, callback, loss)
+        state = Path(checkpoint_dir) / f"tau-{tau:.6g}.pt" if checkpoint_dir else None
+        return fit_head(model, tokenizer, items, tau, args, callback, loss, state)
+    if checkpoint_dir:
+        raise ValueError("a checkpoint folder resumes head fits; a LoRA fit restarts: drop --checkpoint-dir")
     loss = (lambda peft, autocast: distill.lora_distill_loss(peft, args.kl_weight, args.teacher_target, autocast)) \
         if distil else None
     return fit_lora(model, tokenizer, items, tau, args, callback, loss)
@@ -229,7 +254,7 @@ class Run(NamedTuple):
 
 def fit(model, tokenizer, records: Sequence[dict], args: FitArgs, callback: Callback | None = None,
         provenance: dict | None = None, progress: bool = True, score_cache: str | None = None,
-        tau_sweep: Sequence[float] | None = None, teacher=None):
+        tau_sweep: Sequence[float] | None = None, teacher=None, checkpoint_dir: str | None = None):
     """The whole fit: select, trim, score (reusing `score_cache` if given), set tau, train, pick the checkpoint.
     With `tau_sweep`, one adapter per tau from the one scoring pass, each with its own checkpoint choice; the
     one with the best validation value is returned and its manifest records the sweep. Returns (adapter, report)."""
@@ -255,7 +280,8 @@ def fit(model, tokenizer, records: Sequence[dict], args: FitArgs, callback: Call
         items, tau, stats = make_items(kept, scored, run_args)
         if teacher is not None:
             items = _with_teacher(items, teacher_logits)
-        adapter, history, chosen = _fit_one(model, tokenizer, items, tau, run_args, callback, teacher is not None)
+        adapter, history, chosen = _fit_one(model, tokenizer, items, tau, run_args, callback, teacher is not None,
+                                            checkpoint_dir)
         runs.append(Run(items, tau, stats, adapter, history, chosen))
     best = max(runs, key=lambda r: r.chosen["value"]) if tau_sweep else runs[0]
     items, tau, stats, adapter, history, chosen = best

@@ -11,11 +11,14 @@ line and exits 2).
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import shlex
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from reasonmaxxer import models
@@ -45,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--score-cache", default=None, metavar="DIR",
                    help="keep the teacher-forced scores here and reuse them: a refit on the same rollouts and "
                         "model skips the scoring pass (head: seconds instead of minutes) (default: none)")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="keep each run's training state here at every checkpoint, and the validation results: "
+                        "the same command run again continues from the last checkpoint instead of starting over "
+                        "(head adapters; small files: a few MB per tau) (default: none)")
     p.add_argument("--tau-sweep", type=taus, default=None, metavar="TAU,TAU,...",
                    help="refit one adapter per tau (e.g. 1.0,1.4,1.8) from one scoring pass; keep the best on "
                         "validation (needs --val-problems); the adapter records the sweep (default: none)")
@@ -87,6 +94,8 @@ def main(args: argparse.Namespace) -> int:
         n = len((inputs.loaded or load_rollouts(path))[1])
         cache = (f"; the scores done so far are cached in {config.score_cache}" if config.score_cache else
                  " (add --score-cache DIR to keep scores across runs)")
+        if config.checkpoint_dir:
+            cache += f"; the training states and validation results so far are in {config.checkpoint_dir}"
         print(f"\ninterrupted: the fit was stopped before it saved {config.out}; the {n:,} rollouts in {path} are "
               f"kept{cache}; run the same command to resume: {shlex.join(config.rollouts.command)}", file=sys.stderr)
         return 130
@@ -166,7 +175,8 @@ def _fit(config: FitConfig, inputs: Inputs) -> int:
         adapter, report = fit(model, tokenizer, records, config.fit, callback=validate,
                               provenance={"model": engine.model, "command": " ".join(["reasonmaxxer", *sys.argv[1:]]),
                                           "rollouts": str(path), "rollout_meta": meta, "teacher": config.teacher},
-                              score_cache=config.score_cache, tau_sweep=config.tau_sweep, teacher=teacher)
+                              score_cache=config.score_cache, tau_sweep=config.tau_sweep, teacher=teacher,
+                              checkpoint_dir=config.checkpoint_dir)
     finally:
         if val_engine is not None and hasattr(val_engine, "close"):
             val_engine.close()
@@ -217,22 +227,53 @@ def _validation(config: FitConfig, val: ProblemSet | None, model, tokenizer):
     sampling = replace(config.rollouts.sampling, samples=config.val_samples, seed=config.rollouts.sampling.seed + 1)
     verifier = build_verifier(config.rollouts.verifier_fallbacks)
     report.update(problems=val.selection, samples=config.val_samples, mode=config.val_mode,
-                  backend=config.val_backend, base=evaluate(engine, val, sampling, verifier.score, progress=True),
-                  checkpoints=[])
+                  backend=config.val_backend)
+    kept = _ValidationLog(config, report)  # with --checkpoint-dir: what a rerun need not evaluate again
+    if "base" not in report:
+        report.update(base=evaluate(engine, val, sampling, verifier.score, progress=True), checkpoints=[])
+        kept.save()
 
     def callback(step: int, adapter) -> float:
+        tau = adapter.manifest.gate.tau
+        done = next((c for c in report["checkpoints"] if c["step"] == step and c["tau"] == tau), None)
+        if done is not None:  # evaluated before the run was stopped, after its last saved state
+            return done["pass@1"]
         engine.add_adapter(adapter)
         try:
             result = evaluate(engine, val, sampling, verifier.score, SteeringParams(adapter.name, config.val_mode),
                               True)
         finally:
             engine.remove_adapter(adapter.name)
-        report["checkpoints"].append({"step": step, "tau": adapter.manifest.gate.tau, **result})
+        report["checkpoints"].append({"step": step, "tau": tau, **result})
+        kept.save()
         print(f"checkpoint {step} (tau {adapter.manifest.gate.tau:.2f}): validation pass@1 {result['pass@1']:.3f} "
               f"(base {report['base']['pass@1']:.3f}), fire rate {result['fire_rate']:.3%}")
         return result["pass@1"]
 
     return callback, report, engine
+
+
+class _ValidationLog:
+    """The validation report kept in --checkpoint-dir (validation.json), written after the base and after each
+    checkpoint: a rerun of the same validation (problems, samples, mode, backend, sampling) takes the base's result
+    and the checkpoints evaluated so far from it instead of evaluating them again. Without the folder: nothing."""
+
+    def __init__(self, config: FitConfig, report: dict):
+        self.report = report
+        self.path = Path(config.checkpoint_dir) / "validation.json" if config.checkpoint_dir else None
+        self.key = json.loads(json.dumps({**report, "sampling": asdict(config.rollouts.sampling)}, default=str))
+        if self.path is not None and self.path.exists():
+            saved = json.loads(self.path.read_text())
+            if saved.get("key") == self.key:
+                report.update(base=saved["base"], checkpoints=saved["checkpoints"])
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps({"key": self.key, "base": self.report["base"],
+                                       "checkpoints": self.report["checkpoints"]}, indent=1, default=str))
+            os.replace(tmp, self.path)
 
 
 def collapse_warning(d: dict[str, float]) -> str | None:

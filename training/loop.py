@@ -12,23 +12,31 @@ Contract:
   steps - 1, as transformers' linear schedule).
 - `checkpoint_steps(n_items, args)`: every `args.checkpoint_every` of an epoch when it is > 0, else
   `args.checkpoints` evenly spaced; the last step run is always one.
-- `run(params, items, args, seq_loss, on_checkpoint, desc)`: AdamW (weight decay 0), linear warm-up then
+- `run(params, items, args, seq_loss, on_checkpoint, desc, state)`: AdamW (weight decay 0), linear warm-up then
   linear decay, gradient accumulation over `args.accumulation` sequences, clipping at `args.grad_clip`;
   `seq_loss(item) -> (loss, decision term, anchor term)`; `on_checkpoint(step)` at each checkpoint step.
   Returns the per-step history (loss, decision, anchor, grad norm, lr).
+- `TrainState(path, key, extra, restore)`: what `run` keeps after each checkpoint step, so a run stopped
+  midway continues from its last checkpoint: the step, the parameters, the optimizer and schedule, the
+  history and the caller's `extra()` (one file, replaced atomically). The data order and the schedule are
+  functions of `args`, so the resumed run takes the steps the uninterrupted one would have. `key` (the run's
+  settings and data) must match the file's: a file of another run is refused, never silently continued.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-__all__ = ["checkpoint_steps", "curriculum_key", "run", "schedule_steps", "train_order"]
+__all__ = ["TrainState", "checkpoint_steps", "curriculum_key", "run", "schedule_steps", "train_order"]
 
 
 def curriculum_key(item: Any) -> tuple:
@@ -76,15 +84,53 @@ def _lr_factor(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def run(params, items: Sequence[Any], args, seq_loss, on_checkpoint: Callable[[int], None], desc: str) -> list[dict]:
+class TrainState:
+    """A training run's state after its last checkpoint, in one file (see the module docstring). `extra()` returns
+    the caller's part (tensors and plain values: e.g. the best checkpoint so far); `restore(extra)` takes it back."""
+
+    def __init__(self, path: str | Path, key: dict, extra: Callable[[], dict], restore: Callable[[dict], None]):
+        self.path, self.key = Path(path), json.loads(json.dumps(key, sort_keys=True, default=str))
+        self.extra, self.restore = extra, restore
+
+    def load(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        if saved["key"] != self.key:
+            differ = sorted(k for k in set(saved["key"]) | set(self.key) if saved["key"].get(k) != self.key.get(k))
+            raise ValueError(f"{self.path} holds a run with other settings ({', '.join(differ)} differ): remove it "
+                             "to start this run over, or give another checkpoint folder")
+        return saved
+
+    def save(self, step: int, params, optimizer, scheduler, history: list[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"key": self.key, "step": step, "params": [p.detach().cpu() for p in params],
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+                    "extra": self.extra()}, tmp)
+        os.replace(tmp, self.path)
+
+
+def run(params, items: Sequence[Any], args, seq_loss, on_checkpoint: Callable[[int], None], desc: str,
+        state: TrainState | None = None) -> list[dict]:
     """The shared optimisation loop; see the module docstring."""
     order = train_order(items, args)
     total, run_steps, warmup = schedule_steps(len(items), args)
     marks = checkpoint_steps(len(items), args)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(total, warmup))
-    history, bar = [], tqdm(total=run_steps, desc=desc, unit="step")
-    for step in range(1, run_steps + 1):
+    history, start = [], 1
+    saved = state.load() if state is not None else None
+    if saved is not None:  # continue after the last checkpoint
+        with torch.no_grad():
+            for p, t in zip(params, saved["params"], strict=True):
+                p.copy_(t)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        history, start = saved["history"], saved["step"] + 1
+        state.restore(saved["extra"])
+    bar = tqdm(total=run_steps, initial=start - 1, desc=desc, unit="step")
+    for step in range(start, run_steps + 1):
         batch = order[(step - 1) * args.accumulation : step * args.accumulation]
         sums = torch.zeros(3)
         for i in batch:
@@ -101,5 +147,7 @@ def run(params, items: Sequence[Any], args, seq_loss, on_checkpoint: Callable[[i
         bar.set_postfix(loss=f"{sums[0]:.4f}", anchor=f"{sums[2]:.5f}")
         if step in marks:
             on_checkpoint(step)
+            if state is not None:
+                state.save(step, params, optimizer, scheduler, history)
     bar.close()
     return history

@@ -12,7 +12,9 @@
 # WORK (default runs/qwen-paper-recipe, committed: DESIGN.md "Run artifacts") holds what resumes a stage: compact
 # rollout records (.jsonl.gz), the fitted head, A/B records, status.log. Score caches are large (hidden states):
 # SCORES (default out/qwen-paper-recipe/scores, not committed) holds them; a fresh clone rescores once.
-# COMMIT_EVERY=SECONDS commits WORK's progress that often while a stage runs, and once when it ends.
+# COMMIT_EVERY=SECONDS commits WORK's progress that often while a stage runs, and once when it ends. The fit keeps
+# each tau's training state and the validation results in WORK/<head>.checkpoints (a few MB): rerun, it continues
+# from the last checkpoint (on a fresh clone after rescoring).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source docs/measure/common.sh
@@ -48,7 +50,7 @@ case $stage in
     .venv-vllm/bin/reasonmaxxer fit --model $M --rollouts "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl.gz" \
       --recipe paper --kind head --name $HEAD --tau-sweep 1.0,1.4,1.8 --val-problems $TRAIN --val-offset 1000 \
       --val-limit 60 --val-samples 1 --val-backend vllm --max-new-tokens 512 --concurrency 64 \
-      --score-cache "$SCORES" --out "$WORK/$HEAD" ;;
+      --score-cache "$SCORES" --checkpoint-dir "$WORK/$HEAD.checkpoints" --out "$WORK/$HEAD" ;;
   ab)
     serve_vllm 8211 "$LOGS/serve-head.log" --model $M --adapter "$WORK/$HEAD"
     ARMS="base,$HEAD:gated,$HEAD:always,$HEAD:random"
