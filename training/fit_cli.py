@@ -246,7 +246,7 @@ def _validation(config: FitConfig, val: ProblemSet | None, model, tokenizer):
             engine.remove_adapter(adapter.name)
         report["checkpoints"].append({"step": step, "tau": tau, **result})
         kept.save()
-        print(f"checkpoint {step} (tau {adapter.manifest.gate.tau:.2f}): validation pass@1 {result['pass@1']:.3f} "
+        print(f"checkpoint {step} (tau {tau:.2f}): validation pass@1 {result['pass@1']:.3f} "
               f"(base {report['base']['pass@1']:.3f}), fire rate {result['fire_rate']:.3%}")
         return result["pass@1"]
 

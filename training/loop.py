@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from .score_cache import save_atomic
 
 __all__ = ["TrainState", "checkpoint_steps", "curriculum_key", "run", "schedule_steps", "train_order"]
 
@@ -103,12 +104,9 @@ class TrainState:
         return saved
 
     def save(self, step: int, params, optimizer, scheduler, history: list[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({"key": self.key, "step": step, "params": [p.detach().cpu() for p in params],
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
-                    "extra": self.extra()}, tmp)
-        os.replace(tmp, self.path)
+        save_atomic({"key": self.key, "step": step, "params": [p.detach().cpu() for p in params],
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+                     "extra": self.extra()}, self.path)
 
 
 def run(params, items: Sequence[Any], args, seq_loss, on_checkpoint: Callable[[int], None], desc: str,
