@@ -37,8 +37,8 @@ from reasonmaxxer.training.verifier import last_boxed
 from .report import plots, render, standalone
 from .stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, percentiles
 
-__all__ = ["FAILURES", "AbConfig", "Arm", "aggregate", "failure_kind", "failure_shares", "fire_rate_histogram",
-           "load_samples", "parse_arms", "run_ab"]
+__all__ = ["FAILURES", "AbConfig", "Arm", "against", "aggregate", "failure_kind", "failure_shares", "fire_rate_histogram",
+           "load_samples", "paired", "parse_arms", "run_ab"]
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 SCHEMA_VERSION = 1
@@ -260,6 +260,28 @@ def _teacher_cost(rows: list[dict[str, Any]]) -> dict[str, float]:
             "teacher_tokens_per_token": sum(spent) / max(1, tokens)}
 
 
+def paired(reference: dict[tuple[str, int], dict[str, Any]], rows: dict[tuple[str, int], dict[str, Any]]
+           ) -> dict[str, Any]:
+    """`rows` against `reference` on the (problem, sample) pairs both answered (each keyed so): the mean paired
+    difference with its problem-clustered bootstrap 95% CI, the exact McNemar p, and the discordant pairs
+    (`fixed`: only `rows` right; `broken`: only `reference` right)."""
+    keys = sorted(set(rows) & set(reference))
+    a, b = [reference[k]["reward"] for k in keys], [rows[k]["reward"] for k in keys]
+    diff, (lo, hi) = paired_bootstrap(a, b, [k[0] for k in keys])
+    return {"pairs": len(keys), "diff": diff, "ci95": [lo, hi], "mcnemar_p": mcnemar_exact(a, b),
+            "fixed": sum(y > x for x, y in zip(a, b)), "broken": sum(x > y for x, y in zip(a, b))}
+
+
+def against(records: list[dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
+    """Every other arm of `records` paired against the arm named `reference` (see `paired`)."""
+    by_arm: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
+    for r in records:
+        by_arm.setdefault(r["arm"], {})[(r["problem_id"], r["sample"])] = r
+    if reference not in by_arm:
+        raise ValueError(f"no arm {reference!r} to compare against; the arms are {sorted(by_arm)}")
+    return {name: paired(by_arm[reference], rows) for name, rows in by_arm.items() if name != reference}
+
+
 def aggregate(records: list[dict[str, Any]], arms: list[Arm], examples: int = 5) -> dict[str, Any]:
     by_arm: dict[str, dict[tuple[str, int], dict[str, Any]]] = {a.name: {} for a in arms}
     for r in records:
@@ -271,11 +293,8 @@ def aggregate(records: list[dict[str, Any]], arms: list[Arm], examples: int = 5)
         stats = {"adapter": arm.adapter, "mode": arm.mode, "threshold": arm.threshold,
                  **_arm_stats(list(rows.values()))}
         if base is not None and arm.name != "base":
-            keys = sorted(set(rows) & set(base))
-            a, b = [base[k]["reward"] for k in keys], [rows[k]["reward"] for k in keys]
-            diff, (lo, hi) = paired_bootstrap(a, b, [k[0] for k in keys])
-            stats["vs_base"] = {"pairs": len(keys), "diff": diff, "ci95": [lo, hi], "mcnemar_p": mcnemar_exact(a, b)}
-            _examples(out, arm.name, keys, base, rows, examples)
+            stats["vs_base"] = paired(base, rows)
+            _examples(out, arm.name, sorted(set(rows) & set(base)), base, rows, examples)
         out["arms"][arm.name] = stats
     return out
 

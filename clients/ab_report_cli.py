@@ -2,7 +2,8 @@
 
 Contract: `add_arguments(parser)` adds the flags; `main(args)` reports the samples of an `ab --out` folder (of
 an interrupted run too: only the (problem, sample) pairs every arm has, saying how many were left out), on all
-its arms or the ones `--arms` names, and prints the per-arm table (text, `--markdown` or `--json`). A folder
+its arms or the ones `--arms` names, and prints the per-arm table (text, `--markdown` or `--json`); with
+`--reference ARM` it writes nothing and prints every other arm paired against ARM instead of base. A folder
 that is not an ab folder, holds no samples or lacks an arm is a FileNotFoundError / ValueError saying so.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from . import ab
 from .ab_cli import write_report
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "reference_table"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the per-arm summary as JSON")
     p.add_argument("--arms", default=None, metavar="LIST",
                    help="report only these arms (names as in the folder), e.g. base,X:gated (default: all)")
+    p.add_argument("--reference", default=None, metavar="ARM",
+                   help="instead of the report, pair every other arm against this one (e.g. a random-position "
+                        "arm) and print the paired differences, McNemar p and discordant pairs; writes nothing")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -53,6 +57,21 @@ def main(args: argparse.Namespace) -> int:
     if not kept:
         raise ValueError(f"no (problem, sample) in {samples} has been answered by every arm yet")
     records = kept
+    if args.reference:
+        print(reference_table(ab.against(records, args.reference), args.reference, args.markdown), end="")
+        return 0
     style = "markdown" if args.markdown else "json" if args.json else "text"
     write_report(records, arms, meta["model"], meta["problems"], out, style)
     return 0
+
+
+def reference_table(pairs: dict[str, dict], reference: str, markdown: bool = False) -> str:
+    """`ab.against`'s result as a table: one row per arm, its paired difference against `reference`."""
+    head = ["arm", "pairs", f"vs {reference} [95% CI]", "McNemar p", "fixed / broken"]
+    rows = [[name, str(p["pairs"]), f"{p['diff']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]",
+             f"{p['mcnemar_p']:.3g}", f"{p['fixed']} / {p['broken']}"] for name, p in pairs.items()]
+    if markdown:
+        lines = [head, ["---"] + ["---:"] * (len(head) - 1), *rows]
+        return "".join("| " + " | ".join(r) + " |\n" for r in lines)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n" for r in [head, *rows])

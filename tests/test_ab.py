@@ -160,6 +160,16 @@ def test_a_folder_pools_paired_samples_across_runs_with_other_arms(url, problems
     assert main(["ab-report", "--markdown", "--arms", "base,tiny-head:always", str(out)]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2 + 2
     assert main(["ab-report", "--arms", "base,nope", str(out)]) == 2
+    written = (out / "ab.json").read_text()
+    capsys.readouterr()
+    assert main(["ab-report", "--reference", "tiny-head:always", "--markdown", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 4 and "vs tiny-head:always" in table[0]  # every other arm against it, base too
+    assert sorted(r.split(" | ")[0].strip("| ") for r in table[2:]) == [
+        "base", "tiny-head:gated", "tiny-head:gated@2.5", "tiny-head:random@0.5"]
+    assert (out / "ab.json").read_text() == written  # a comparison writes nothing
+    assert main(["ab-report", "--reference", "nope", str(out)]) == 2
+    assert "no arm 'nope'" in capsys.readouterr().err
     args[args.index("--max-tokens") + 1] = "9"  # other sampling settings: another run
     assert main(args) == 2
     assert "other sampling settings" in capsys.readouterr().err
@@ -194,3 +204,20 @@ def test_ab_with_the_paper_prompt_uses_the_completions_route_and_reports_failure
     assert "failure taxonomy per arm" in html and "wrong, no box" in html
     # another prompt style is another run: refused, nothing written
     assert main([*args[:-4], "--prompt-style", "chat", "--out", str(out)]) == 2
+
+
+def test_pairing_against_an_arm_is_antisymmetric_and_counts_discordant_pairs():
+    from reasonmaxxer.clients.ab import against
+
+    def rows(arm, rewards):
+        return [{"arm": arm, "problem_id": f"p{i // 2}", "sample": i % 2, "reward": r} for i, r in enumerate(rewards)]
+
+    records = rows("a", [1, 1, 0, 0, 1, 0]) + rows("b", [1, 0, 1, 1, 1, 0]) + rows("c", [0, 0])
+    ab = against(records, "a")
+    assert ab["b"]["pairs"] == 6 and (ab["b"]["fixed"], ab["b"]["broken"]) == (2, 1)
+    assert ab["b"]["diff"] == pytest.approx(1 / 6)
+    assert ab["c"]["pairs"] == 2  # only the pairs both arms answered
+    ba = against(records, "b")["a"]
+    assert (ba["fixed"], ba["broken"]) == (1, 2) and ba["diff"] == pytest.approx(-1 / 6)
+    assert ba["mcnemar_p"] == ab["b"]["mcnemar_p"] == 1.0
+    assert ba["ci95"] == pytest.approx([-x for x in reversed(ab["b"]["ci95"])])
