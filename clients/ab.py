@@ -37,8 +37,8 @@ from reasonmaxxer.training.verifier import last_boxed
 from .report import plots, render, standalone
 from .stats import bootstrap_mean, mcnemar_exact, paired_bootstrap, percentiles
 
-__all__ = ["FAILURES", "AbConfig", "Arm", "against", "aggregate", "failure_kind", "failure_shares", "fire_rate_histogram",
-           "load_samples", "paired", "parse_arms", "run_ab"]
+__all__ = ["FAILURES", "AbConfig", "Arm", "against", "aggregate", "failure_kind", "failure_shares",
+           "fire_rate_histogram", "load_samples", "paired", "parse_arms", "run_ab"]
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 SCHEMA_VERSION = 1
@@ -269,7 +269,8 @@ def paired(reference: dict[tuple[str, int], dict[str, Any]], rows: dict[tuple[st
     a, b = [reference[k]["reward"] for k in keys], [rows[k]["reward"] for k in keys]
     diff, (lo, hi) = paired_bootstrap(a, b, [k[0] for k in keys])
     return {"pairs": len(keys), "diff": diff, "ci95": [lo, hi], "mcnemar_p": mcnemar_exact(a, b),
-            "fixed": sum(y > x for x, y in zip(a, b)), "broken": sum(x > y for x, y in zip(a, b))}
+            "fixed": sum(y > x for x, y in zip(a, b, strict=True)),
+            "broken": sum(x > y for x, y in zip(a, b, strict=True))}
 
 
 def against(records: list[dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:

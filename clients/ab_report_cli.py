@@ -74,4 +74,4 @@ def reference_table(pairs: dict[str, dict], reference: str, markdown: bool = Fal
         lines = [head, ["---"] + ["---:"] * (len(head) - 1), *rows]
         return "".join("| " + " | ".join(r) + " |\n" for r in lines)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n" for r in [head, *rows])
+    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in [head, *rows])
