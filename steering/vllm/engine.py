@@ -117,6 +117,7 @@ class VllmSteering:
         self.max_model_len = max_model_len
         self.adapters: dict[str, HeadAdapter | LoraAdapter] = {}
         self._dirs: dict[str, str] = {}
+        self._saved = 0  # adapters written so far: each gets a folder of its own (the workers cache by folder)
         self._lora_ids: dict[str, int] = {}
         self._folder = tempfile.mkdtemp(prefix="reasonmaxxer-vllm-adapters-")
         self.report_timeout = 30.0
@@ -138,7 +139,10 @@ class VllmSteering:
                     f">= {rank}: pass it with --adapter at start-up (or --vllm-lora-rank {rank})"
                 )
             self._lora_ids[adapter.name] = max(self._lora_ids.values(), default=0) + 1
-        path = Path(self._folder) / f"{adapter.name}-{len(self._dirs)}"
+        # Never a folder used before: the workers cache adapters by folder, so a name removed and added again
+        # with other weights (a fit's next checkpoint) must not reach them under a folder they already hold.
+        path = Path(self._folder) / f"{adapter.name}-{self._saved}"
+        self._saved += 1
         adapter.save(path)
         self._dirs[adapter.name] = str(path)
         self.adapters[adapter.name] = adapter
@@ -148,6 +152,7 @@ class VllmSteering:
         if name not in self.adapters:
             raise KeyError(f"no adapter named {name!r} is loaded")
         del self.adapters[name]
+        self._dirs.pop(name, None)
         self._lora_ids.pop(name, None)
 
     def check(self, request: Request) -> None:

@@ -80,3 +80,41 @@ def test_fit_scores_its_checkpoints_on_vllm(smol, tmp_path, collector):
     assert validation["backend"] == "vllm" and validation["mode"] == "gated"
     assert [c["step"] for c in validation["checkpoints"]] == [2, 3] and validation["base"]["samples"] == 2
     assert all(c["tau"] == 1.0 and c["samples"] == 2 for c in validation["checkpoints"])
+
+
+def test_an_adapter_added_again_under_its_name_runs_its_new_weights(smol, monkeypatch):
+    """A fit's validation adds each checkpoint under the adapter's one name and removes it after: every add must
+    reach the workers as the weights given then, never a folder they already loaded and cached (the third add
+    once reused the second's folder, so checkpoints after the second were scored with the second's weights)."""
+    from reasonmaxxer.steering.adapters import HeadAdapter
+    from reasonmaxxer.steering.request import Request, SteeringParams
+    from reasonmaxxer.steering.sampling import SamplingParams
+    from reasonmaxxer.steering.vllm.offline import VllmOfflineEngine
+
+    path, model, tokenizer = smol
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    engine = VllmOfflineEngine.start(path, tokenizer, {"enforce_eager": True, "max_model_len": 1024,
+                                                       "dtype": "bfloat16"}, name="smollm2-135m-instruct")
+    prompt = tokenizer("The capital of France is")["input_ids"]
+
+    def always(adapter) -> list[int]:
+        engine.add_adapter(adapter)
+        try:
+            rid = engine.submit(Request(prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True),
+                                        SteeringParams(adapter.name, "always")))
+            ids: list[int] = []
+            while engine.has_work:
+                ids += [e.token_id for e in engine.step() if e.request_id == rid and e.token_id is not None]
+            return ids
+        finally:
+            engine.remove_adapter(adapter.name)
+
+    try:
+        first, second = (HeadAdapter.create(model, tokenizer, "ckpt", rank=8, tau=1.0, b_std=2.0, seed=s)
+                         for s in (1, 2))
+        a = always(first)
+        b = always(second)
+        assert a != b  # the two heads steer differently: else nothing below is tested
+        assert always(first) == a and always(second) == b and always(first) == a
+    finally:
+        engine.close()
