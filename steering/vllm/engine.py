@@ -117,7 +117,7 @@ class VllmSteering:
         self.max_model_len = max_model_len
         self.adapters: dict[str, HeadAdapter | LoraAdapter] = {}
         self._dirs: dict[str, str] = {}
-        self._saved = 0  # adapters written so far: each gets a folder of its own (the workers cache by folder)
+        self._added = 0  # adds so far: each gets a folder and a LoRA id never used before (see add_adapter)
         self._lora_ids: dict[str, int] = {}
         self._folder = tempfile.mkdtemp(prefix="reasonmaxxer-vllm-adapters-")
         self.report_timeout = 30.0
@@ -138,11 +138,13 @@ class VllmSteering:
                     f"LoRA adapter {adapter.name!r} (rank {rank}) needs vLLM started with LoRA enabled for rank "
                     f">= {rank}: pass it with --adapter at start-up (or --vllm-lora-rank {rank})"
                 )
-            self._lora_ids[adapter.name] = max(self._lora_ids.values(), default=0) + 1
-        # Never a folder used before: the workers cache adapters by folder, so a name removed and added again
-        # with other weights (a fit's next checkpoint) must not reach them under a folder they already hold.
-        path = Path(self._folder) / f"{adapter.name}-{self._saved}"
-        self._saved += 1
+        # Never a folder or LoRA id used before: the workers cache heads by folder and vLLM caches LoRAs by id, so
+        # a name removed and added again with other weights (a fit's next checkpoint) must not reach them under
+        # a key they already hold.
+        self._added += 1
+        if runs == "lora":
+            self._lora_ids[adapter.name] = self._added
+        path = Path(self._folder) / f"{adapter.name}-{self._added}"
         adapter.save(path)
         self._dirs[adapter.name] = str(path)
         self.adapters[adapter.name] = adapter

@@ -82,19 +82,24 @@ def test_fit_scores_its_checkpoints_on_vllm(smol, tmp_path, collector):
     assert all(c["tau"] == 1.0 and c["samples"] == 2 for c in validation["checkpoints"])
 
 
-def test_an_adapter_added_again_under_its_name_runs_its_new_weights(smol, monkeypatch):
+@pytest.mark.parametrize("kind", ["head", "lora"])
+def test_an_adapter_added_again_under_its_name_runs_its_new_weights(smol, monkeypatch, tmp_path, kind):
     """A fit's validation adds each checkpoint under the adapter's one name and removes it after: every add must
-    reach the workers as the weights given then, never a folder they already loaded and cached (the third add
-    once reused the second's folder, so checkpoints after the second were scored with the second's weights)."""
-    from reasonmaxxer.steering.adapters import HeadAdapter
+    reach the workers as the weights given then, never a key they already loaded and cached (a head's folder, a
+    LoRA's id: the third add of a head once reused the second's folder, and every re-added LoRA the id 1, so
+    checkpoints were scored with earlier weights)."""
+    from reasonmaxxer.steering.adapters import HeadAdapter, load_adapter
     from reasonmaxxer.steering.request import Request, SteeringParams
     from reasonmaxxer.steering.sampling import SamplingParams
     from reasonmaxxer.steering.vllm.offline import VllmOfflineEngine
 
+    from conftest import make_lora
+
     path, model, tokenizer = smol
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     engine = VllmOfflineEngine.start(path, tokenizer, {"enforce_eager": True, "max_model_len": 1024,
-                                                       "dtype": "bfloat16"}, name="smollm2-135m-instruct")
+                                                       "dtype": "bfloat16"}, name="smollm2-135m-instruct",
+                                     lora_rank=8 if kind == "lora" else None)
     prompt = tokenizer("The capital of France is")["input_ids"]
 
     def always(adapter) -> list[int]:
@@ -110,8 +115,13 @@ def test_an_adapter_added_again_under_its_name_runs_its_new_weights(smol, monkey
             engine.remove_adapter(adapter.name)
 
     try:
-        first, second = (HeadAdapter.create(model, tokenizer, "ckpt", rank=8, tau=1.0, b_std=2.0, seed=s)
-                         for s in (1, 2))
+        if kind == "head":
+            first, second = (HeadAdapter.create(model, tokenizer, "ckpt", rank=8, tau=1.0, b_std=2.0, seed=s)
+                             for s in (1, 2))
+        else:
+            for s in (1, 2):
+                make_lora(model.float(), tokenizer, tmp_path / str(s), name="ckpt", seed=s, r=8)
+            first, second = (load_adapter(tmp_path / str(s)) for s in (1, 2))
         a = always(first)
         b = always(second)
         assert a != b  # the two heads steer differently: else nothing below is tested
