@@ -273,20 +273,24 @@ def paired(reference: dict[tuple[str, int], dict[str, Any]], rows: dict[tuple[st
             "broken": sum(x > y for x, y in zip(a, b, strict=True))}
 
 
-def against(records: list[dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
-    """Every other arm of `records` paired against the arm named `reference` (see `paired`)."""
+def _by_arm(records: list[dict[str, Any]]) -> dict[str, dict[tuple[str, int], dict[str, Any]]]:
+    """`records` by arm, each arm's keyed by (problem, sample)."""
     by_arm: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
     for r in records:
         by_arm.setdefault(r["arm"], {})[(r["problem_id"], r["sample"])] = r
+    return by_arm
+
+
+def against(records: list[dict[str, Any]], reference: str) -> dict[str, dict[str, Any]]:
+    """Every other arm of `records` paired against the arm named `reference` (see `paired`)."""
+    by_arm = _by_arm(records)
     if reference not in by_arm:
         raise ValueError(f"no arm {reference!r} to compare against; the arms are {sorted(by_arm)}")
     return {name: paired(by_arm[reference], rows) for name, rows in by_arm.items() if name != reference}
 
 
 def aggregate(records: list[dict[str, Any]], arms: list[Arm], examples: int = 5) -> dict[str, Any]:
-    by_arm: dict[str, dict[tuple[str, int], dict[str, Any]]] = {a.name: {} for a in arms}
-    for r in records:
-        by_arm.setdefault(r["arm"], {})[(r["problem_id"], r["sample"])] = r
+    by_arm = {a.name: {} for a in arms} | _by_arm(records)
     out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "arms": {}, "disagreements": [], "differences": []}
     base = by_arm.get("base")
     for arm in arms:
