@@ -9,16 +9,23 @@ add_heads() {
   done
 }
 
-# serve_vllm PORT LOG [serve flags...]: start `reasonmaxxer serve --backend vllm` in the background, stop it
-# when the script exits, and wait until it answers /health (failing if it dies first).
-serve_vllm() {
-  local port=$1 log=$2
-  shift 2
-  .venv-vllm/bin/reasonmaxxer serve --backend vllm --port "$port" --max-model-len 2048 --max-batch-size 32 \
-    --log-level warning "$@" > "$log" 2>&1 &
+# serve_with REASONMAXXER PORT LOG [serve flags...]: start `REASONMAXXER serve` (the CLI of a venv) in the
+# background, stop it when the script exits, and wait until it answers /health (failing if it dies first).
+serve_with() {
+  local cli=$1 port=$2 log=$3
+  shift 3
+  "$cli" serve --port "$port" "$@" > "$log" 2>&1 &
   SERVER=$!
   [[ -n ${TRACKED:-} ]] || trap 'kill $SERVER' EXIT  # else end_stage stops it
   until curl -sf "localhost:$port/health" > /dev/null; do kill -0 $SERVER; sleep 5; done
+}
+
+# serve_vllm PORT LOG [serve flags...]: serve_with the vLLM backend (its venv, its CPU settings).
+serve_vllm() {
+  local port=$1 log=$2
+  shift 2
+  serve_with .venv-vllm/bin/reasonmaxxer "$port" "$log" --backend vllm --max-model-len 2048 --max-batch-size 32 \
+    --log-level warning "$@"
 }
 
 # track_stage WORK STAGE: log the stage's start and end (its exit code) in WORK/status.log; with COMMIT_EVERY=SECONDS,

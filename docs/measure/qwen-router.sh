@@ -27,11 +27,9 @@ AB=$WORK/ab-gsm8k-test-300-499
 CALIB=$WORK/qwen05-gsm8k-train200-259-chat1.jsonl.gz
 mkdir -p "$WORK" "$LOGS"
 
-serve() {  # $1 model, then serve flags; waits for /health (failing if the server dies first)
-  .venv/bin/reasonmaxxer serve --model "$1" --device "${DEVICE:-cpu}" --port "$PORT" --max-batch-size 32 \
-    --max-tokens-limit 1024 --log-level warning "${@:2}" > "$LOGS/serve-$1.log" 2>&1 &
-  SERVER=$!
-  until curl -sf "localhost:$PORT/health" > /dev/null; do kill -0 $SERVER; sleep 5; done
+serve() {  # $1 model, then serve flags (the transformers backend: vLLM cannot run a teacher)
+  serve_with .venv/bin/reasonmaxxer "$PORT" "$LOGS/serve-$1.log" --model "$1" --device "${DEVICE:-cpu}" \
+    --max-batch-size 32 --max-tokens-limit 1024 --log-level warning "${@:2}"
 }
 ab() {  # $1 arms, $2 out folder
   .venv/bin/reasonmaxxer ab --url "http://127.0.0.1:$PORT" --problems ../shared/data/gsm8k/test.jsonl \

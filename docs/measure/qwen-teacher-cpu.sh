@@ -26,11 +26,8 @@ TEST=../shared/data/gsm8k/test.jsonl
 mkdir -p "$WORK"
 
 serve() {  # $1 model, then extra serve flags; waits until healthy, stops on exit
-  .venv/bin/reasonmaxxer serve --model "$1" --device "${DEVICE:-cpu}" --port $PORT --max-batch-size 48 --max-tokens-limit 1024 "${@:2}" \
-    > "$WORK/server-$1.log" 2>&1 &
-  SERVER=$!
-  trap 'kill $SERVER 2>/dev/null || true' EXIT
-  until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do sleep 5; done
+  serve_with .venv/bin/reasonmaxxer "$PORT" "$WORK/server-$1.log" --model "$1" --device "${DEVICE:-cpu}" \
+    --max-batch-size 48 --max-tokens-limit 1024 "${@:2}"
 }
 ab() {  # $1 arms, $2 out folder
   .venv/bin/reasonmaxxer ab --url "http://127.0.0.1:$PORT" --problems $TEST --preset gsm8k --offset $OFFSET \
