@@ -15,8 +15,9 @@ from pathlib import Path
 
 from . import ab
 from .ab_cli import write_report
+from .report import reference_table
 
-__all__ = ["add_arguments", "main", "reference_table"]
+__all__ = ["add_arguments", "main"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,14 +65,3 @@ def main(args: argparse.Namespace) -> int:
     write_report(records, arms, meta["model"], meta["problems"], out, style)
     return 0
 
-
-def reference_table(pairs: dict[str, dict], reference: str, markdown: bool = False) -> str:
-    """`ab.against`'s result as a table: one row per arm, its paired difference against `reference`."""
-    head = ["arm", "pairs", f"vs {reference} [95% CI]", "McNemar p", "fixed / broken"]
-    rows = [[name, str(p["pairs"]), f"{p['diff']:+.3f} [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]",
-             f"{p['mcnemar_p']:.3g}", f"{p['fixed']} / {p['broken']}"] for name, p in pairs.items()]
-    if markdown:
-        lines = [head, ["---"] + ["---:"] * (len(head) - 1), *rows]
-        return "".join("| " + " | ".join(r) + " |\n" for r in lines)
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in [head, *rows])

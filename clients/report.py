@@ -16,7 +16,7 @@ import html
 import math
 from typing import Any
 
-__all__ = ["markdown", "nice_ticks", "plots", "render", "standalone", "text_table"]
+__all__ = ["markdown", "nice_ticks", "plots", "reference_table", "render", "standalone", "text_table"]
 
 W, H, PAD = 640, 260, 48
 LABELS = 110  # room under the bars for the arms' names, written at a slant
@@ -200,14 +200,19 @@ def _failure_cells(a: dict[str, Any]) -> list[str]:
     return [f"{f[k]:.3f}" if k in f else "-" for k in ("wrong_boxed", "wrong_unboxed", "truncated")]
 
 
+def _vs_cells(vs: dict[str, Any] | None) -> tuple[str, str]:
+    """A paired comparison's cells: difference [95% CI], McNemar p ("-" without one)."""
+    if not vs:
+        return "-", "-"
+    return f'{vs["diff"]:+.3f} [{vs["ci95"][0]:+.3f}, {vs["ci95"][1]:+.3f}]', f'{vs["mcnemar_p"]:.3g}'
+
+
 def _table(arms: dict[str, Any]) -> str:
     rows = ["<tr><th>arm</th><th>n</th><th>pass@1 [95% CI]</th><th>vs base [95% CI]</th><th>McNemar p</th>"
             "<th>fire rate</th><th>wrong, boxed</th><th>wrong, no box</th><th>truncated</th>"
             "<th>tokens/answer</th><th>tokens/s</th><th>latency p50/p90 (s)</th></tr>"]
     for name, a in arms.items():
-        vs = a.get("vs_base")
-        diff = f'{vs["diff"]:+.3f} [{vs["ci95"][0]:+.3f}, {vs["ci95"][1]:+.3f}]' if vs else "-"
-        p = f'{vs["mcnemar_p"]:.3g}' if vs else "-"
+        diff, p = _vs_cells(a.get("vs_base"))
         lat = a["latency_s"]
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{a['n']}</td>"
                     f"<td>{a['pass_at_1']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]</td><td>{diff}</td>"
@@ -222,9 +227,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = ["| arm | n | pass@1 [95% CI] | vs base [95% CI] | McNemar p | fire rate | wrong, boxed | wrong, no box "
              "| truncated | tokens/answer |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, a in summary["arms"].items():
-        vs = a.get("vs_base")
-        diff = f'{vs["diff"]:+.3f} [{vs["ci95"][0]:+.3f}, {vs["ci95"][1]:+.3f}]' if vs else "-"
-        p = f'{vs["mcnemar_p"]:.3g}' if vs else "-"
+        diff, p = _vs_cells(a.get("vs_base"))
         lines.append(f"| {name} | {a['n']} | {a['pass_at_1']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}] | "
                      f"{diff} | {p} | {a['fire_rate_mean']:.3f} | " + " | ".join(_failure_cells(a))
                      + f" | {a['tokens_per_answer']:.0f} |")
@@ -262,15 +265,29 @@ def text_table(summary: dict[str, Any]) -> str:
     head = ["arm", "n", "pass@1 [95% CI]", "vs base [95% CI]", "McNemar p", "fire rate", "truncated"]
     rows = [head]
     for name, a in summary["arms"].items():
-        vs = a.get("vs_base")
         rows.append([name, str(a["n"]), f"{a['pass_at_1']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]",
-                     f'{vs["diff"]:+.3f} [{vs["ci95"][0]:+.3f}, {vs["ci95"][1]:+.3f}]' if vs else "-",
-                     f'{vs["mcnemar_p"]:.3g}' if vs else "-", f"{a['fire_rate_mean']:.2%}",
+                     *_vs_cells(a.get("vs_base")), f"{a['fire_rate_mean']:.2%}",
                      f"{(a.get('failures') or {}).get('truncated', 0.0):.1%}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return _aligned(rows)
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    """Rows (the first a header) as aligned plain text: the first column left, the rest right, a rule under the
+    header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]]) + "\n"
+
+
+def reference_table(pairs: dict[str, dict[str, Any]], reference: str, as_markdown: bool = False) -> str:
+    """`ab.against`'s result as a table: one row per arm, its paired difference against `reference`."""
+    head = ["arm", "pairs", f"vs {reference} [95% CI]", "McNemar p", "fixed / broken"]
+    rows = [[name, str(p["pairs"]), *_vs_cells(p), f"{p['fixed']} / {p['broken']}"] for name, p in pairs.items()]
+    if not as_markdown:
+        return _aligned([head, *rows])
+    lines = [head, ["---"] + ["---:"] * (len(head) - 1), *rows]
+    return "".join("| " + " | ".join(r) + " |\n" for r in lines)
 
 
 def plots(summary: dict[str, Any]) -> dict[str, str]:
