@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="report only these arms (names as in the folder), e.g. base,X:gated (default: all)")
     p.add_argument("--reference", default=None, metavar="ARM",
                    help="instead of the report, pair every other arm against this one (e.g. a random-position "
-                        "arm) and print the paired differences, McNemar p and discordant pairs; writes nothing")
+                        "arm) and print the paired differences, McNemar p and discordant pairs; writes nothing "
+                        "(default: none: the report, against base)")
 
 
 def main(args: argparse.Namespace) -> int:
