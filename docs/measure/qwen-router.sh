@@ -23,12 +23,15 @@ M=qwen2.5-coder-0.5b-instruct
 T=qwen2.5-coder-1.5b-instruct
 PORT=${PORT:-8302}
 RATE_TARGET=0.10
+# One dtype for every stage and arm, whatever CPU a stage lands on: the run began on an AVX2-only CPU (float32, its
+# preferred dtype); an AVX-512 CPU would pick bfloat16 and the arms would differ in numerics, not only in routing.
+DTYPE=${DTYPE:-float32}
 AB=$WORK/ab-gsm8k-test-300-499
 CALIB=$WORK/qwen05-gsm8k-train200-259-chat1.jsonl.gz
 mkdir -p "$WORK" "$LOGS"
 
 serve() {  # $1 model, then serve flags (the transformers backend: vLLM cannot run a teacher)
-  serve_with .venv/bin/reasonmaxxer "$PORT" "$LOGS/serve-$1.log" --model "$1" --device "${DEVICE:-cpu}" \
+  serve_with .venv/bin/reasonmaxxer "$PORT" "$LOGS/serve-$1.log" --model "$1" --dtype "$DTYPE" --device "${DEVICE:-cpu}" \
     --max-batch-size 32 --max-tokens-limit 1024 --log-level warning "${@:2}"
 }
 ab() {  # $1 arms, $2 out folder
@@ -42,19 +45,19 @@ stage=${1:?stage: calibrate, gated, random, alone or report}
 [[ $stage == report ]] || track_stage "$WORK" "$stage"
 case $stage in
   calibrate)
-    .venv/bin/reasonmaxxer rollouts --model $M --device "${DEVICE:-cpu}" --problems ../shared/data/gsm8k/train.jsonl \
+    .venv/bin/reasonmaxxer rollouts --model $M --dtype "$DTYPE" --device "${DEVICE:-cpu}" --problems ../shared/data/gsm8k/train.jsonl \
       --preset gsm8k --offset 200 --limit 60 --samples 1 --prompt-style chat --max-tokens 512 --temperature 0.6 \
       --top-p 0.95 --concurrency 32 --out "$CALIB"
-    .venv/bin/python - "$CALIB" "$RATE_TARGET" "$WORK/tau.json" <<'EOF'
+    .venv/bin/python - "$CALIB" "$RATE_TARGET" "$WORK/tau.json" "$DTYPE" <<'EOF'
 import json, sys
 import torch
 from reasonmaxxer import models
 from reasonmaxxer.training.rollouts import load_rollouts
 from reasonmaxxer.training.score_cache import score_all
 from reasonmaxxer.training.scoring import calibrate_tau
-path, target, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+path, target, out, dtype = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
 meta, records = load_rollouts(path)
-model = models.load_model(meta["model"]["name"])[0]
+model = models.load_model(meta["model"]["name"], dtype=dtype)[0]
 with torch.inference_mode():
     h = torch.cat([s.completion_entropy for s in score_all(model, records, keep_hidden=False)])
 tau = calibrate_tau(h, target)

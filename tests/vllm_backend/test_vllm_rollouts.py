@@ -48,7 +48,10 @@ def test_rollouts_on_vllm_write_resume_and_match_the_model(smol, tmp_path, colle
 
 @pytest.mark.skipif(not DATA.is_file(), reason=f"no SVAMP file at {DATA} (see ../shared/data/MANIFEST.md)")
 def test_fit_scores_its_checkpoints_on_vllm(smol, tmp_path, collector):
-    """`fit --val-backend vllm`: the validation split decoded by vLLM with each head checkpoint, gated."""
+    """`fit --val-backend vllm`: the validation split decoded by vLLM with each head checkpoint, gated, in the
+    fit's --dtype (given here as the one the machine would not pick, so that a validation engine ignoring it fails:
+    a run moved to another CPU class keeps its numerics)."""
+    from reasonmaxxer import models
     from reasonmaxxer.steering.engine import Engine
     from reasonmaxxer.steering.manifest import base_identity
     from reasonmaxxer.steering.request import Request
@@ -68,14 +71,17 @@ def test_fit_scores_its_checkpoints_on_vllm(smol, tmp_path, collector):
         lines += [{"problem_id": p.id, "sample": k, "prompt_ids": prompt, "completion_ids": c.token_ids,
                    "reward": float(k % 2 == 0), "truncated": False} for k, c in enumerate(done)]
     out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    dtype = "float32" if models.preferred_dtype_here() == "bfloat16" else "bfloat16"
     cmd = [sys.executable, "-m", "reasonmaxxer.cli", "fit", "--model", "smollm2-135m-instruct", "--rollouts", str(out),
-           "--kind", "head", "--name", "v-head", "--threshold", "1.0", "--rank", "4", "--accumulation", "4",
-           "--warmup", "1", "--checkpoints", "2", "--val-problems", str(DATA), "--val-offset", "300", "--val-limit",
-           "2", "--val-samples", "1", "--max-new-tokens", "16", "--val-backend", "vllm", "--concurrency", "4",
+           "--dtype", dtype, "--kind", "head", "--name", "v-head", "--threshold", "1.0", "--rank", "4",
+           "--accumulation", "4", "--warmup", "1", "--checkpoints", "2", "--val-problems", str(DATA), "--val-offset",
+           "300", "--val-limit", "2", "--val-samples", "1", "--max-new-tokens", "16", "--val-backend", "vllm",
+           "--concurrency", "4",
            "--vllm-args", '{"enforce_eager": true, "max_model_len": 1024}', "--out", str(tmp_path / "ad")]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert f"dtype=torch.{dtype}" in run.stdout + run.stderr  # vLLM's engine config line
     validation = json.loads((tmp_path / "ad" / "adapter.json").read_text())["metrics"]["validation"]
     assert validation["backend"] == "vllm" and validation["mode"] == "gated"
     assert [c["step"] for c in validation["checkpoints"]] == [2, 3] and validation["base"]["samples"] == 2
