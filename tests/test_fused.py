@@ -57,6 +57,17 @@ def close(a, b, dtype):
     return torch.allclose(a.float(), b.float(), **tol)
 
 
+def close_in_norm(a, b, dtype):
+    """a and b equal to rounding as wholes: float32 element by element (`close`), bf16 within 2% relative error
+    in norm. Where a compiled graph rounds once and the eager step after each op, a bf16 key or value a layer deep
+    can part by a few ulps in single elements (on an AMD EPYC with AVX-512 BF16: 0.125 in one of 2,176 values, with
+    0.6% in norm); a wrong column, row or layer parts by O(1) (keys shifted by one column: 130% in norm)."""
+    if dtype == torch.float32:
+        return close(a, b, dtype)
+    a, b = a.float(), b.float()
+    return bool((a - b).norm() <= 0.02 * a.norm())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("packed", [True, False])
@@ -231,7 +242,7 @@ def test_the_compiled_fused_step_equals_the_eager_one(tokenizer, prompts, family
             a, b = eager.decode(model, fused), graph.decode(model, compiled)
             assert compiled.failed is None and b.shape == a.shape and b.dtype == a.dtype and close(a, b, dtype)
     for x, y in zip(eager.cache.layers, graph.cache.layers, strict=True):
-        assert x._n == y._n and close(x.keys, y.keys, dtype) and close(x.values, y.values, dtype)
+        assert x._n == y._n and close_in_norm(x.keys, y.keys, dtype) and close_in_norm(x.values, y.values, dtype)
     unpack_linears(model)
 
 
