@@ -74,10 +74,14 @@ QUESTIONS = [
 ]
 
 
-def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+def chat_prompts(tokenizer, n: int, mixed: bool = False) -> list[list[int]]:
+    """n chat-templated prompts, each one question (55-78 tokens for SmolLM2), or with `mixed` 1 + (i mod 8) of
+    them in prompt i (78 to 255 tokens for SmolLM2): lengths as varied as a server's joined requests."""
     out = []
     for i in range(n):
-        messages = [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] + " Put the answer in \\boxed{}."}]
+        count = 1 + i % len(QUESTIONS) if mixed else 1
+        text = " ".join(QUESTIONS[(i + j) % len(QUESTIONS)] for j in range(count))
+        messages = [{"role": "user", "content": text + " Put the answer in \\boxed{}."}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         out.append(list(ids))
     return out
@@ -232,7 +236,7 @@ def paired_ratios(times: dict[str, list[float]]) -> dict[str, float]:
 
 def measure(model, tokenizer, engine, streams: int, args, llm=None, extra: dict | None = None) -> dict:
     """Interleaved repeats (the order rotates each repeat); ratios are medians of per-repeat ratios."""
-    prompts = chat_prompts(tokenizer, streams)
+    prompts = chat_prompts(tokenizer, streams, args.mixed)
     tau = calibrate(engine, prompts, args.new_tokens, args.fire_rate)
     off, gated = SteeringParams(), SteeringParams(adapter="bench-head", mode="gated", threshold=tau)
     tau_lora = calibrate(engine, prompts, args.new_tokens, args.fire_rate, adapter="bench-lora") if args.lora else None
@@ -294,6 +298,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fire-rate", type=float, default=0.03)
+    parser.add_argument("--mixed", action="store_true",
+                        help="prompts of mixed lengths (1 to 8 questions each: 78-255 tokens for SmolLM2) instead "
+                             "of one question each (55-78 tokens)")
     parser.add_argument("--lora", action="store_true", help="add the LoRA arms (always and gated)")
     parser.add_argument("--lora-alpha", type=float, default=2.0,
                         help="the random LoRA's alpha at rank 16 (2: an update 1/8 of B A, near the base as a "
@@ -341,7 +348,7 @@ def main() -> None:
     if args.json:
         payload = {"machine": machine, "model": args.model, "dtype": args.dtype, "device": args.device,
                    "fire_target": args.fire_rate,
-                   "new_tokens": args.new_tokens, "repeats": args.repeats,
+                   "new_tokens": args.new_tokens, "repeats": args.repeats, "mixed": args.mixed,
                    "vllm_prefix_cache": args.vllm_prefix_cache if args.vllm else None,
                    "vllm_dtype": args.vllm_dtype if args.vllm else None, "results": rows}
         with open(args.json, "w") as f:
@@ -353,7 +360,8 @@ def print_table(args, rows: list[dict], machine: dict) -> None:
     vllm = f", vLLM in {args.vllm_dtype}" if args.vllm else ""
     print(f"\n{header(machine)}")
     print(f"model {args.model} ({args.dtype}{vllm}, {args.device}, {torch.get_num_threads()} threads), "
-          f"{args.new_tokens} new tokens/stream, median of {args.repeats}; tau calibrated per row for "
+          f"{args.new_tokens} new tokens/stream{', mixed-length prompts' if args.mixed else ''}, median of "
+          f"{args.repeats}; tau calibrated per row for "
           f"{args.fire_rate:.0%} of base tokens")
     arms = list(rows[0]["tokens_per_s"])
     ratios = [name for name, _, _ in RATIOS if name in rows[0]]  # every ratio of this run, in RATIOS' order
