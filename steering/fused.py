@@ -199,9 +199,9 @@ class FusedDecoder:
 
     def prefill(self, prompts: list[list[int]], every: bool = False) -> tuple[DynamicCache, torch.Tensor]:
         """Prefill prompts packed end to end, so that no matmul computes padding (each prompt attends causally to
-        itself). Returns the batch's cache, left-padded
-        to the longest prompt (zeros in the padding, batch.HEADROOM spare columns), and the final hidden state at
-        each prompt's last token (B, d), or with `every`, at every token of the packing (N, d). Not for a forward
+        itself). Returns the batch's cache, left-padded to the longest prompt (zeros in the padding,
+        batch.HEADROOM spare columns), and the final hidden state at each prompt's last token (B, d), or with
+        `every`, at every token of the packing (N, d). Not for a forward
         with LoRA routes in force (the router's routes are rows; here a row is many tokens): run transformers'
         forward for those."""
         if self.router is not None and self.router.active:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import argparse
 
 __all__ = ["EngineConfig", "FitConfig", "ProbeBranchesConfig", "ProblemSelection", "RolloutsConfig", "build_engine",
-           "build_verifier", "decode_engine", "name_of_folder"]
+           "build_verifier", "decode_engine", "name_of_folder", "vllm_engine"]
 
 
 @dataclass(frozen=True)
@@ -188,15 +188,22 @@ def decode_engine(engine: EngineConfig, model, tokenizer):
     """The engine of `engine.backend`, `engine.concurrency` sequences at a time: vLLM (which loads the weights
     itself: `model` may be None) or the embedded one on `model`. The caller closes a vLLM engine."""
     if engine.backend == "vllm":
-        from reasonmaxxer.steering.vllm.offline import VllmOfflineEngine  # vLLM
-
-        engine_args = {"dtype": engine.dtype or models.preferred_dtype_here(), "max_num_seqs": engine.concurrency,
-                       **(engine.vllm_args or {})}
-        return VllmOfflineEngine.start(str(models.resolve_model(engine.model)), tokenizer, engine_args,
-                                       name=engine.model)
+        return vllm_engine(engine, tokenizer)
     # The reference numerics (fast=False) unless --fast: by default rollouts stay the ones the recipe's tests and
     # results were made with.
     return build_engine(engine, model, tokenizer, engine.concurrency)
+
+
+def vllm_engine(engine: EngineConfig, tokenizer, lora_rank: int | None = None):
+    """vLLM's offline engine on `engine.model`, in `engine.dtype` (else the preferred dtype of the device vLLM
+    runs on), `engine.concurrency` sequences at a time, with `engine.vllm_args` over those; LoRA slots of
+    `lora_rank`. The caller closes it."""
+    from reasonmaxxer.steering.vllm.offline import VllmOfflineEngine  # vLLM
+
+    engine_args = {"dtype": engine.dtype or models.preferred_dtype_here(), "max_num_seqs": engine.concurrency,
+                   **(engine.vllm_args or {})}
+    return VllmOfflineEngine.start(str(models.resolve_model(engine.model)), tokenizer, engine_args,
+                                   name=engine.model, lora_rank=lora_rank)
 
 
 def build_verifier(fallbacks: str) -> Verifier:

@@ -25,7 +25,7 @@ from reasonmaxxer import models
 from reasonmaxxer.steering.manifest import base_identity
 
 from . import preflight, rollouts_cli
-from .cli_config import FitConfig, build_engine, build_verifier
+from .cli_config import FitConfig, build_engine, build_verifier, vllm_engine
 from .cli_flags import add_fit_arg_flags, add_model_flags, add_problem_flags, add_recipe_flag, add_rollout_flags, taus
 from .problems import ProblemSet, check_not_evaluation
 
@@ -203,15 +203,10 @@ def _val_engine(config: FitConfig, model, tokenizer):
     --dtype where given (else the preferred dtype of the device it runs on)."""
     engine, kind = config.rollouts.engine, config.fit.kind
     if config.val_backend == "vllm":
-        from reasonmaxxer.steering.vllm.offline import VllmOfflineEngine  # vLLM
-
         if kind == "lora" and config.val_mode != "always":
             raise ValueError("vLLM serves LoRA adapters always-on only: use --val-mode always or --val-backend "
                              "transformers")
-        extra = {"dtype": engine.dtype or models.preferred_dtype_here(), "max_num_seqs": engine.concurrency,
-                 **(engine.vllm_args or {})}
-        return VllmOfflineEngine.start(str(models.resolve_model(engine.model)), tokenizer, extra, name=engine.model,
-                                       lora_rank=config.fit.rank if kind == "lora" else None)
+        return vllm_engine(engine, tokenizer, lora_rank=config.fit.rank if kind == "lora" else None)
     val_model = model if kind == "head" else models.load_model(engine.model, dtype=engine.dtype)[0]
     return build_engine(engine, val_model, tokenizer)
 

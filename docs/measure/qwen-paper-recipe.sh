@@ -33,8 +33,8 @@ export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 # numerics across machines. Set DTYPE for a new run (a different WORK) only.
 DTYPE=${DTYPE:-float32}
 rollouts() {  # $1 offset, $2 limit, $3 samples, $4 out
-  .venv-vllm/bin/reasonmaxxer rollouts --model $M --dtype "$DTYPE" --backend vllm --recipe paper --samples "$3" --problems $TRAIN \
-    --offset "$1" --limit "$2" --max-new-tokens 512 --concurrency 64 --out "$4"
+  .venv-vllm/bin/reasonmaxxer rollouts --model $M --dtype "$DTYPE" --backend vllm --recipe paper --samples "$3" \
+    --problems $TRAIN --offset "$1" --limit "$2" --max-new-tokens 512 --concurrency 64 --out "$4"
 }
 stage=${1:?stage: rollouts, probe, taxonomy, fit or ab}
 track_stage "$WORK" "$stage"
@@ -42,9 +42,9 @@ case $stage in
   rollouts) rollouts 0 150 20 "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl.gz" ;;
   probe)
     rollouts 150 150 2 "$WORK/qwen05-gsm8k-train150-299-paper2.jsonl.gz"
-    .venv-vllm/bin/reasonmaxxer probe-branches --model $M --dtype "$DTYPE" --rollouts "$WORK/qwen05-gsm8k-train150-299-paper2.jsonl.gz" \
-      --wrong 40 --right 40 --per-problem 2 --tau 1.4 --positions "${POSITIONS:-2}" --alternatives 3 \
-      --continuations 2 --out "$WORK/probe" ;;
+    .venv-vllm/bin/reasonmaxxer probe-branches --model $M --dtype "$DTYPE" \
+      --rollouts "$WORK/qwen05-gsm8k-train150-299-paper2.jsonl.gz" --wrong 40 --right 40 --per-problem 2 \
+      --tau 1.4 --positions "${POSITIONS:-2}" --alternatives 3 --continuations 2 --out "$WORK/probe" ;;
   taxonomy)
     serve_vllm 8210 "$LOGS/serve-base.log" --model $M --dtype "$DTYPE" --no-bundled-adapter
     for style in chat paper; do  # PAPER_SAMPLES=2 makes the paper folder the ab stage's base arm
@@ -54,10 +54,11 @@ case $stage in
         --concurrency 32 --out "$WORK/ab-gsm8k-test-$style-x$samples"
     done ;;
   fit)
-    .venv-vllm/bin/reasonmaxxer fit --model $M --dtype "$DTYPE" --rollouts "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl.gz" \
-      --recipe paper --kind head --name $HEAD --tau-sweep 1.0,1.4,1.8 --val-problems $TRAIN --val-offset 1000 \
-      --val-limit 60 --val-samples 1 --val-backend vllm --max-new-tokens 512 --concurrency 64 \
-      --score-cache "$SCORES" --checkpoint-dir "$WORK/$HEAD.checkpoints" --out "$WORK/$HEAD" ;;
+    .venv-vllm/bin/reasonmaxxer fit --model $M --dtype "$DTYPE" \
+      --rollouts "$WORK/qwen05-gsm8k-train0-149-paper20.jsonl.gz" --recipe paper --kind head --name $HEAD \
+      --tau-sweep 1.0,1.4,1.8 --val-problems $TRAIN --val-offset 1000 --val-limit 60 --val-samples 1 \
+      --val-backend vllm --max-new-tokens 512 --concurrency 64 --score-cache "$SCORES" \
+      --checkpoint-dir "$WORK/$HEAD.checkpoints" --out "$WORK/$HEAD" ;;
   ab)
     serve_vllm 8211 "$LOGS/serve-head.log" --model $M --dtype "$DTYPE" --adapter "$WORK/$HEAD"
     ARMS="base,$HEAD:gated,$HEAD:always,$HEAD:random"

@@ -31,8 +31,8 @@ CALIB=$WORK/qwen05-gsm8k-train200-259-chat1.jsonl.gz
 mkdir -p "$WORK" "$LOGS"
 
 serve() {  # $1 model, then serve flags (the transformers backend: vLLM cannot run a teacher)
-  serve_with .venv/bin/reasonmaxxer "$PORT" "$LOGS/serve-$1.log" --model "$1" --dtype "$DTYPE" --device "${DEVICE:-cpu}" \
-    --max-batch-size 32 --max-tokens-limit 1024 --log-level warning "${@:2}"
+  serve_with .venv/bin/reasonmaxxer "$PORT" "$LOGS/serve-$1.log" --model "$1" --dtype "$DTYPE" \
+    --device "${DEVICE:-cpu}" --max-batch-size 32 --max-tokens-limit 1024 --log-level warning "${@:2}"
 }
 ab() {  # $1 arms, $2 out folder
   .venv/bin/reasonmaxxer ab --url "http://127.0.0.1:$PORT" --problems ../shared/data/gsm8k/test.jsonl \
@@ -45,9 +45,9 @@ stage=${1:?stage: calibrate, gated, random, alone or report}
 [[ $stage == report ]] || track_stage "$WORK" "$stage"
 case $stage in
   calibrate)
-    .venv/bin/reasonmaxxer rollouts --model $M --dtype "$DTYPE" --device "${DEVICE:-cpu}" --problems ../shared/data/gsm8k/train.jsonl \
-      --preset gsm8k --offset 200 --limit 60 --samples 1 --prompt-style chat --max-tokens 512 --temperature 0.6 \
-      --top-p 0.95 --concurrency 32 --out "$CALIB"
+    .venv/bin/reasonmaxxer rollouts --model $M --dtype "$DTYPE" --device "${DEVICE:-cpu}" \
+      --problems ../shared/data/gsm8k/train.jsonl --preset gsm8k --offset 200 --limit 60 --samples 1 \
+      --prompt-style chat --max-tokens 512 --temperature 0.6 --top-p 0.95 --concurrency 32 --out "$CALIB"
     .venv/bin/python - "$CALIB" "$RATE_TARGET" "$WORK/tau.json" "$DTYPE" <<'EOF'
 import json, sys
 import torch

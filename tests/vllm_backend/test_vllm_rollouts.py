@@ -76,8 +76,8 @@ def test_fit_scores_its_checkpoints_on_vllm(smol, tmp_path, collector):
            "--dtype", dtype, "--kind", "head", "--name", "v-head", "--threshold", "1.0", "--rank", "4",
            "--accumulation", "4", "--warmup", "1", "--checkpoints", "2", "--val-problems", str(DATA), "--val-offset",
            "300", "--val-limit", "2", "--val-samples", "1", "--max-new-tokens", "16", "--val-backend", "vllm",
-           "--concurrency", "4",
-           "--vllm-args", '{"enforce_eager": true, "max_model_len": 1024}', "--out", str(tmp_path / "ad")]
+           "--concurrency", "4", "--vllm-args", '{"enforce_eager": true, "max_model_len": 1024}',
+           "--out", str(tmp_path / "ad")]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
